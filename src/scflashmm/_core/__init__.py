@@ -1,0 +1,1 @@
+"""Numeric core: numpy/scipy only (no anndata, no pandas)."""

@@ -1,0 +1,1 @@
+"""scflashmm.pl."""
