@@ -5,13 +5,15 @@ accumulated in one pass over the cells, then REML/ML is fit by Fisher scoring fo
 """
 
 from . import datasets, get, pl, tl
-from ._core.reml import LMMFit
-from ._core.sumstats import SummaryStats
-from ._lowlevel import contrast_matrix, lmm, lmm_fit, lmm_test, summary_stats
+from ._core.reml import ConvergenceWarning, DegenerateFeatureWarning, LMMFit, lmm, lmm_fit
+from ._core.sumstats import SummaryStats, summary_stats
+from ._lmm_test import contrast_matrix, lmm_test
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvergenceWarning",
+    "DegenerateFeatureWarning",
     "LMMFit",
     "SummaryStats",
     "contrast_matrix",
