@@ -1,7 +1,9 @@
-"""Load the FLASHMM 1.3.0 reference cases in tests/data/reference (see its README.md).
+"""Load the FLASHMM 1.3.0 reference cases of ``tests/data/reference`` (see its README.md).
 
-Arrays are returned in scflashmm's orientation: genes first for per-gene outputs, cells x genes
-for Y. Long-form arrays (cov, FIM) are reshaped to (genes, rows, cols).
+``load_case(name)`` returns a dict of arrays/tables in FLASHMM's orientation (covariates x genes),
+``case_adata(name)`` an AnnData (cells x genes, raw values; counts for count cases) whose ``obs``
+holds the factor columns as categoricals with the R level order of ``spec.json``.
+Everything is cached: treat the returned objects as read-only (``case_adata`` returns a copy).
 """
 
 from __future__ import annotations
@@ -13,76 +15,126 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.io
-import scipy.sparse as sp
+from scipy import sparse
 
-DATA = Path(__file__).parent / "data"
-REFERENCE = DATA / "reference"
-CASES = sorted(p.name for p in REFERENCE.iterdir() if p.is_dir())
-
-
-def _matrix(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, index_col=0)
+REFERENCE = Path(__file__).parent / "data" / "reference"
+CASES = sorted(p.name for p in REFERENCE.iterdir() if (p / "spec.json").exists())
+ALTERNATIVES = {"two-sided": "two.sided", "less": "less", "greater": "greater"}
 
 
-def _long(path: Path, genes: list[str], rows: list[str]) -> np.ndarray:
-    """Long form gene,row,col,value (row fastest) -> (genes, rows, rows)."""
-    table = pd.read_csv(path)
-    values = table["value"].to_numpy().reshape(len(genes), len(rows), len(rows))
-    return values.transpose(0, 2, 1)  # R column-major: row index fastest
+def case_path(name: str) -> Path:
+    """Folder of a case; ``name`` may be the full name or its letter prefix (``"b"``)."""
+    for case in CASES:
+        if case == name or case.split("_", 1)[0] == name:
+            return REFERENCE / case
+    msg = f"No reference case {name!r}; available: {CASES}"
+    raise KeyError(msg)
+
+
+def _csv(path: Path, **kw) -> pd.DataFrame:
+    return pd.read_csv(path, index_col=0, **kw)
+
+
+def _long_to_array(path: Path, genes: list[str], names: list[str]) -> np.ndarray:
+    """Long gene,row,col,value (row fastest, R column-major) -> (m, p, p) array [gene, row, col]."""
+    df = pd.read_csv(path)
+    m, p = len(genes), len(names)
+    # order is row fastest, then col, then gene: reshape to [gene, col, row]
+    assert len(df) == m * p * p
+    assert list(df["gene"].iloc[:: p * p]) == genes
+    assert list(df["row"].iloc[:p]) == names
+    return df["value"].to_numpy(dtype=float).reshape(m, p, p).transpose(0, 2, 1)
 
 
 @cache
 def load_case(name: str) -> dict:
-    """Inputs and FLASHMM outputs of one reference case (cached; do not modify in place)."""
-    folder = REFERENCE / name
-    spec = json.loads((folder / "spec.json").read_text())
-    genes = (folder / "genes.txt").read_text().split()
-    cells = (folder / "cells.txt").read_text().split()
-    counts = sp.csr_array(scipy.io.mmread(folder / "Y.mtx").T.tocsr())
-    dtypes = {c: str for c, kind in spec["obs_columns"].items() if kind in ("character", "factor")}
-    obs = pd.read_csv(folder / "obs.csv", index_col=0, dtype=dtypes)
-    X = _matrix(folder / "X.csv")
-    Z = _matrix(folder / "Z.csv")
-    covariates = list(X.columns)
-    case = {
-        "name": name,
+    """All inputs and FLASHMM outputs of one case.
+
+    Keys: ``name``, ``path``, ``spec``, ``genes``, ``cells``, ``Y`` (CSR cells x genes, raw:
+    counts for count cases), ``obs`` (categoricals for factor columns, R level order), ``X``,
+    ``Z`` (DataFrames, R column names), ``coef``/``se``/``t``/``p`` (covariates x genes),
+    ``theta``/``se_theta``/``dlogL`` (var1..vark, var0 x genes), ``logLik``/``niter`` (Series),
+    ``df`` (int), ``cov`` ((m, p, p), R X column order), ``test_default``, and when present
+    ``contrast`` (covariates x contrasts), ``test_contrast`` (dict alternative -> table),
+    ``RE``, ``FIM_beta``, ``FIM_theta``, ``ss`` (dict XX, XY, ZX, ZY, ZZ, Ynorm, n).
+    """
+    path = case_path(name)
+    spec = json.loads((path / "spec.json").read_text())
+    genes = (path / "genes.txt").read_text().split()
+    cells = (path / "cells.txt").read_text().split()
+    Y = sparse.csr_matrix(scipy.io.mmread(path / "Y.mtx").T, dtype=np.float64)
+    character = [c for c, cls in spec["obs_columns"].items() if cls in ("character", "factor")]
+    obs = _csv(path / "obs.csv", dtype=dict.fromkeys(character, str))
+    obs.index = obs.index.astype(str)
+    for col, levels in spec["factor_levels"].items():
+        if col in obs.columns:
+            obs[col] = pd.Categorical(obs[col], categories=levels)
+    assert list(obs.index) == cells
+    out = {
+        "name": path.name,
+        "path": path,
         "spec": spec,
         "genes": genes,
         "cells": cells,
-        "counts": counts,
-        "Y": _transform(counts, spec["is_counts"]),
+        "Y": Y,
         "obs": obs,
-        "X": X.to_numpy(dtype=np.float64),
-        "Z": Z.to_numpy(dtype=np.float64),
-        "covariates": covariates,
-        "d": spec["d"],
-        "df": int((folder / "df.txt").read_text()),
+        "X": _csv(path / "X.csv"),
+        "Z": _csv(path / "Z.csv"),
+        "df": int((path / "df.txt").read_text().strip()),
+        "test_default": _csv(path / "test_default.csv"),
     }
-    for what in ("coef", "se", "t", "p", "theta", "se_theta", "dlogL"):
-        case[what] = _matrix(folder / f"{what}.csv").T.to_numpy(dtype=np.float64)
-    case["logLik"] = _matrix(folder / "logLik.csv")["logLik"].to_numpy(dtype=np.float64)
-    case["niter"] = _matrix(folder / "niter.csv")["niter"].to_numpy(dtype=np.float64)
-    case["cov"] = _long(folder / "cov.csv", genes, covariates)
-    if (folder / "RE.csv").exists():
-        case["re"] = _matrix(folder / "RE.csv").T.to_numpy(dtype=np.float64)
-        case["fim_beta"] = _long(folder / "FIM_beta.csv", genes, covariates)
-        k1 = len(spec["d"]) + 1
-        case["fim_theta"] = _long(folder / "FIM_theta.csv", genes, [""] * k1)
-    ss = {k: _matrix(folder / f"ss_{k}.csv").to_numpy(dtype=np.float64) for k in ("XX", "XY", "ZX", "ZY", "ZZ")}
-    ss["Ynorm"] = _matrix(folder / "ss_Ynorm.csv")["Ynorm"].to_numpy(dtype=np.float64)
-    ss["n"] = int((folder / "ss_n.txt").read_text())
-    case["ss"] = ss
-    case["test_default"] = _matrix(folder / "test_default.csv")
-    if (folder / "contrast.csv").exists():
-        case["contrast"] = _matrix(folder / "contrast.csv")
-        case["test_contrast"] = {
-            alt: _matrix(folder / f"test_contrast_{alt}.csv") for alt in ("two.sided", "less", "greater")
+    for stem in ("coef", "se", "t", "p", "theta", "se_theta", "dlogL"):
+        out[stem] = _csv(path / f"{stem}.csv")
+    out["logLik"] = _csv(path / "logLik.csv")["logLik"]
+    out["niter"] = _csv(path / "niter.csv")["niter"]
+    x_names = list(out["X"].columns)
+    out["cov"] = _long_to_array(path / "cov.csv", genes, x_names)
+    if (path / "contrast.csv").exists():
+        out["contrast"] = _csv(path / "contrast.csv")
+        out["test_contrast"] = {
+            alt: _csv(path / f"test_contrast_{r_alt}.csv") for alt, r_alt in ALTERNATIVES.items()
         }
-    return case
+    if (path / "RE.csv").exists():
+        out["RE"] = _csv(path / "RE.csv")
+    for fim, names in (("FIM_beta", x_names), ("FIM_theta", list(out["theta"].index))):
+        if (path / f"{fim}.csv").exists():
+            out[fim] = _long_to_array(path / f"{fim}.csv", genes, names)
+    ss = {}
+    for stem in ("XX", "XY", "ZX", "ZY", "ZZ"):
+        ss[stem] = _csv(path / f"ss_{stem}.csv")
+    ss["Ynorm"] = _csv(path / "ss_Ynorm.csv").iloc[:, 0]
+    ss["n"] = int((path / "ss_n.txt").read_text().strip())
+    out["ss"] = ss
+    return out
 
 
-def _transform(counts: sp.csr_array, is_counts: bool) -> sp.csr_array:
-    Y = counts.astype(np.float64)
-    if is_counts:
-        Y.data = np.log2(1 + Y.data)
-    return Y
+def case_adata(name: str, *, layout: str = "csr"):
+    """AnnData of a case: ``X`` cells x genes (``layout`` "csr", "csc" or "dense"), obs, var.
+
+    The values are the raw ones (counts for count cases: fit them with ``is_counts=True``).
+    """
+    import anndata as ad
+
+    case = load_case(name)
+    Y = case["Y"]
+    if layout == "csc":
+        Y = Y.tocsc()
+    elif layout == "dense":
+        Y = Y.toarray()
+    elif layout != "csr":
+        msg = f"unknown layout {layout!r}"
+        raise ValueError(msg)
+    return ad.AnnData(
+        X=Y.copy(),
+        obs=case["obs"].copy(),
+        var=pd.DataFrame(index=pd.Index(case["genes"], dtype=str)),
+    )
+
+
+def r_to_formulaic_expr(expr: str, mapping: dict[str, str]) -> str:
+    """Rewrite a contrast expression over R names into one over formulaic names."""
+    import re
+
+    keys = sorted(mapping, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(k) for k in keys))
+    return pattern.sub(lambda m: mapping[m.group(0)], expr)
