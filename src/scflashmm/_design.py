@@ -178,7 +178,9 @@ def _materialize(parsed, data: pd.DataFrame, formula: str, *, what: str, output:
     from formulaic.errors import FormulaicError
 
     try:
-        return model_matrix(parsed, data, na_action="raise", output=output)
+        # non-finite results (log of 0 ...) are reported by the caller with the column named
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return model_matrix(parsed, data, na_action="raise", output=output)
     except (FormulaicError, ValueError, TypeError, NameError) as exc:
         msg = f"Cannot evaluate the {what} {formula!r}: {_clean_formulaic_message(exc)}"
         raise ValueError(msg) from exc
@@ -255,8 +257,8 @@ def _check_rank(X: np.ndarray, names: list[str], formula: str) -> None:
         cols = ", ".join(repr(names[j]) for j in involved)
         msg = (
             f"The fixed design {formula!r} is rank deficient (rank {p - len(null)} < {p} "
-            f"columns): the columns {cols} are linearly dependent. Remove a term or use "
-            "an intercept-free parametrisation (e.g. '~0+...')."
+            f"columns): the columns {cols} are linearly dependent (confounded), so their "
+            "effects cannot be told apart. Remove or recode one of the terms involved."
         )
         raise ValueError(msg)
 
