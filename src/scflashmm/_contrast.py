@@ -128,7 +128,7 @@ class _Parser:
             return vector
         if value == "(":
             inner = self._sum()
-            if self._take()[1] != ")":
+            if self._peek() is None or self._take()[1] != ")":
                 raise self._error("missing ')'")
             return inner
         raise self._error(f"unexpected {value!r}")

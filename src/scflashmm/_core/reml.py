@@ -222,7 +222,7 @@ def lmm(
         cov_theta = np.linalg.pinv(fim)
         out["theta"][genes] = s
         out["dlogL"][genes] = dl
-        out["se_theta"][genes] = np.sqrt(np.diagonal(cov_theta, axis1=1, axis2=2))
+        out["se_theta"][genes] = _sqrt_or_nan(np.diagonal(cov_theta, axis1=1, axis2=2))
         out["niter"][genes] = niter
         out["logLik"][genes] = (
             -(n - pres) * (1 + np.log(2 * np.pi * s[:, k])) / 2 + kernel.logdet(state, s) / 2
@@ -483,7 +483,7 @@ def _gls(xvx: np.ndarray, rhs: np.ndarray, s0: np.ndarray) -> dict[str, np.ndarr
     cov = (C + C.transpose(0, 2, 1)) * (s0[:, None, None] / 2)
     return {
         "coef": coef,
-        "se": np.sqrt(np.diagonal(cov, axis1=1, axis2=2)),
+        "se": _sqrt_or_nan(np.diagonal(cov, axis1=1, axis2=2)),
         "cov": cov,
         "fim_beta": (xvx + xvx.transpose(0, 2, 1)) / (2 * s0[:, None, None]),
     }
@@ -495,6 +495,12 @@ def _batched_inverse(A: np.ndarray) -> np.ndarray:
         return np.linalg.inv(A)
     except np.linalg.LinAlgError:
         return np.linalg.pinv(A)
+
+
+def _sqrt_or_nan(variance: np.ndarray) -> np.ndarray:
+    """Square root; NaN where a variance is negative (unconstrained estimates, as in FLASHMM)."""
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(variance)
 
 
 def _trace(A: np.ndarray) -> np.ndarray:
