@@ -1,0 +1,156 @@
+"""``get.flashmm_df``: the results of :func:`scflashmm.tl.flashmm_de` as a long tidy table."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .._core.inference import bh_adjust, check_alternative, contrast_estimates, t_pvalue
+from .._lmm_test import contrast_matrix
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["flashmm_df"]
+
+COLUMNS = ["variable", "contrast", "log_fc", "sd", "t_value", "p_value", "adj_p_value", "converged"]
+
+
+def flashmm_df(
+    adata: AnnData,
+    *,
+    key: str = "flashmm",
+    term: str | Sequence[str] | None = None,
+    contrast: str | Sequence[str] | None = None,
+    alternative: str = "two-sided",
+) -> pd.DataFrame:
+    """Tidy table of the tests of :func:`scflashmm.tl.flashmm_de`, one row per gene and term.
+
+    Parameters
+    ----------
+    adata
+        AnnData on which :func:`~scflashmm.tl.flashmm_de` was run (subsetting genes afterwards
+        is fine: the rows follow ``adata.var_names``).
+    key
+        The ``key_added`` used for the fit.
+    term
+        Design column(s) to report: an exact column name (``"cls[1]:trt[T.B]"``), else a
+        pattern matched anywhere in the names, as a substring or a regular expression
+        (``":trt"`` gives every interaction with ``trt``). Default: every design column,
+        unless ``contrast`` is given.
+    contrast
+        Contrast(s) to report: names given to ``flashmm_de(contrasts=...)``, or new expressions
+        over the design columns, which are computed here from the stored covariance.
+    alternative
+        ``"two-sided"``, ``"less"`` (effect < 0) or ``"greater"`` (effect > 0); p-values are
+        recomputed from the t values with the fit's degrees of freedom.
+
+    Returns
+    -------
+    Columns ``variable`` (gene), ``contrast`` (design column or contrast name), ``log_fc``
+    (the estimate: a log2 fold change when the fit used ``log2(1 + counts)``), ``sd`` (its
+    standard error), ``t_value``, ``p_value``, ``adj_p_value`` (Benjamini-Hochberg within each
+    term/contrast, over the genes present; NaN p-values are not counted) and ``converged``.
+    The column names follow pertpy's differential-expression schema. Terms come in the order
+    asked (design order by default); within a term rows are sorted by p-value, NaN last.
+    """
+    alternative = check_alternative(alternative)
+    info = _get_info(adata, key)
+    x_columns = [str(c) for c in info["x_columns"]]
+    df = int(info["df"])
+    converged = adata.varm[f"{key}_diag"]["converged"].to_numpy(dtype=bool)
+    genes = adata.var_names
+
+    blocks = []
+    if term is not None or contrast is None:
+        coef = adata.varm[f"{key}_coef"]
+        se = adata.varm[f"{key}_se"]
+        t = adata.varm[f"{key}_t"]
+        for name in _select_terms(term, x_columns):
+            blocks.append(
+                _block(genes, name, coef[name], se[name], t[name], df, alternative, converged)
+            )
+    if contrast is not None:
+        stored = [str(c) for c in info.get("contrast_names", [])]
+        for name in [contrast] if isinstance(contrast, str) else list(contrast):
+            if name in stored:
+                est = adata.varm[f"{key}_contrast_coef"][name]
+                se_c = adata.varm[f"{key}_contrast_se"][name]
+                t_c = adata.varm[f"{key}_contrast_t"][name]
+            else:
+                est, se_c, t_c = _new_contrast(adata, key, name, x_columns, stored)
+            blocks.append(_block(genes, name, est, se_c, t_c, df, alternative, converged))
+    return pd.concat(blocks, ignore_index=True)[COLUMNS]
+
+
+def _get_info(adata: AnnData, key: str) -> dict:
+    if key not in adata.uns or f"{key}_coef" not in adata.varm:
+        msg = (
+            f"No flashmm results under key {key!r}: run scflashmm.tl.flashmm_de(adata, ...,"
+            f" key_added={key!r}) first."
+        )
+        raise KeyError(msg)
+    return adata.uns[key]
+
+
+def _select_terms(term: str | Sequence[str] | None, x_columns: list[str]) -> list[str]:
+    if term is None:
+        return list(x_columns)
+    selected: list[str] = []
+    for pattern in [term] if isinstance(term, str) else list(term):
+        if pattern in x_columns:
+            hits = [pattern]
+        else:
+            hits = [c for c in x_columns if pattern in c]
+            if not hits:
+                try:
+                    regex = re.compile(pattern)
+                except re.error:
+                    regex = None
+                if regex is not None:
+                    hits = [c for c in x_columns if regex.search(c)]
+        if not hits:
+            msg = f"No design column matches term {pattern!r}; the columns are {x_columns}."
+            raise ValueError(msg)
+        selected.extend(h for h in hits if h not in selected)
+    return selected
+
+
+def _new_contrast(adata: AnnData, key: str, expression: str, x_columns: list[str], stored):
+    try:
+        cmat = contrast_matrix({expression: expression}, x_columns)
+    except ValueError as exc:
+        known = f" Stored contrasts: {stored}." if stored else ""
+        msg = f"{expression!r} is neither a stored contrast nor a valid expression: {exc}{known}"
+        raise ValueError(msg) from exc
+    if f"{key}_cov" not in adata.varm:
+        msg = f"Cannot compute contrast {expression!r}: varm[{key + '_cov'!r}] is missing."
+        raise KeyError(msg)
+    coef = adata.varm[f"{key}_coef"][x_columns].to_numpy(dtype=np.float64)
+    cov = np.asarray(adata.varm[f"{key}_cov"], dtype=np.float64)
+    est, se = contrast_estimates(coef, cov, cmat.to_numpy(dtype=np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = est / se
+    return est[:, 0], se[:, 0], t[:, 0]
+
+
+def _block(genes, name, est, se, t, df, alternative, converged) -> pd.DataFrame:
+    t = np.asarray(t, dtype=np.float64)
+    p = t_pvalue(t, df, alternative)
+    table = pd.DataFrame(
+        {
+            "variable": np.asarray(genes, dtype=object),
+            "contrast": name,
+            "log_fc": np.asarray(est, dtype=np.float64),
+            "sd": np.asarray(se, dtype=np.float64),
+            "t_value": t,
+            "p_value": p,
+            "adj_p_value": bh_adjust(p),
+            "converged": converged,
+        }
+    )
+    return table.sort_values("p_value", kind="stable", na_position="last")
