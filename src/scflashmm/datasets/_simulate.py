@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 # Cells x genes entries drawn per chunk. Each chunk has its own random stream, so the
 # result depends on this constant (and on the seed) but not on the number of threads.
-_CHUNK_ENTRIES = 1 << 20
+_CHUNK_ENTRIES = 1 << 21
 _LETTERS = string.ascii_uppercase
 
 
@@ -243,7 +243,7 @@ def simulate_rnaseq(
         matrix, gene_names_ref, cell_names_ref = _unpack_counts(counts)
         n_ref_cells, n_ref_genes = matrix.shape
         if n_ref_cells < 2:
-            msg = f"counts must have at least 2 cells (rows) to estimate variances, got {n_ref_cells}."
+            msg = f"counts needs at least 2 cells (rows) to estimate variances, got {n_ref_cells}."
             raise ValueError(msg)
         mu_ref, var_ref, libsize_ref = _moments(matrix)
         del matrix
@@ -283,10 +283,14 @@ def simulate_rnaseq(
             n_treatments=n_treatments,
             samples_nested=samples_nested,
         )
-        meta.index = cell_names_ref if cell_names_ref is not None else _default_names("Cell", n_ref_cells)
+        if cell_names_ref is None:
+            cell_names_ref = _default_names("Cell", n_ref_cells)
+        meta.index = cell_names_ref
     else:
         meta = _check_obs(obs, n_ref_cells, cell_names_ref, counts_given=counts is not None)
-    meta["libsize"] = libsize_ref if adjust_library_size else np.full(n_ref_cells, libsize_ref.mean())
+    if not adjust_library_size:
+        libsize_ref = np.full(n_ref_cells, libsize_ref.mean())
+    meta["libsize"] = libsize_ref
 
     # --- genes and cells to simulate -------------------------------------------------------
     if keep.size != n_genes:
@@ -297,7 +301,7 @@ def simulate_rnaseq(
     size = size_ref[genes]
     if n_ref_cells != n_cells:
         rows = rng.choice(n_ref_cells, n_cells, replace=n_ref_cells < n_cells)
-        meta = meta.iloc[rows]
+        meta = meta.iloc[rows].copy()
         meta.index = _default_names("Cell", n_cells)
     for col in ("sam", "cls", "trt"):
         meta[col] = _r_factor(meta[col])
@@ -311,7 +315,7 @@ def simulate_rnaseq(
         raise ValueError(msg)
     treatment = str(treatment)
     if len(trt_levels) == 1:
-        logger.info("Only one condition, %r: its DE genes are confounded with cell type.", treatment)
+        logger.info("Only one condition, %r: DE is confounded with cell type.", treatment)
 
     # --- DE genes --------------------------------------------------------------------------
     n_de_default = n_clusters if n_de_genes is None else n_de_genes
@@ -404,7 +408,7 @@ def simulate_rnaseq(
     if isinstance(seed, int | np.integer):
         params["seed"] = int(seed)
     if p_de_genes_per_cluster is not None:
-        params["p_de_genes_per_cluster"] = {c: float(p) for c, p in zip(clusters, prob, strict=True)}
+        params["p_de_genes_per_cluster"] = dict(zip(clusters, map(float, prob), strict=True))
     uns = {
         "simulate_rnaseq": {
             "treatment": treatment,
@@ -473,7 +477,7 @@ def _check_scalars(
             msg = f"{name} must be an integer >= {minimum}, got {value!r}."
             raise ValueError(msg)
     if n_treatments > len(_LETTERS):
-        msg = f"n_treatments must be at most {len(_LETTERS)} (treatments are letters), got {n_treatments}."
+        msg = f"n_treatments must be at most {len(_LETTERS)} (letters), got {n_treatments}."
         raise ValueError(msg)
 
 
@@ -533,18 +537,25 @@ def _random_metadata(
     samples_nested: bool,
 ) -> pd.DataFrame:
     """Cells assigned at random to cell types, treatments and samples (as R's simuRNAseq)."""
-    cls = pd.Categorical.from_codes(rng.integers(0, n_clusters, n), categories=[str(k + 1) for k in range(n_clusters)])
+    cls_labels = [str(k + 1) for k in range(n_clusters)]
+    cls = pd.Categorical.from_codes(rng.integers(0, n_clusters, n), categories=cls_labels)
     trt_labels = list(_LETTERS[:n_treatments])
     trt_codes = rng.integers(0, n_treatments, n)
     trt = pd.Categorical.from_codes(trt_codes, categories=trt_labels)
     if samples_nested:
         if n_samples < n_treatments:
-            msg = f"With nested samples, n_samples ({n_samples}) must be >= n_treatments ({n_treatments})."
+            msg = (
+                f"With nested samples, n_samples ({n_samples}) must be >= n_treatments "
+                f"({n_treatments})."
+            )
             raise ValueError(msg)
-        n_sam_trt = 1 + rng.multinomial(n_samples - n_treatments, np.full(n_treatments, 1.0 / n_treatments))
+        equal = np.full(n_treatments, 1.0 / n_treatments)
+        n_sam_trt = 1 + rng.multinomial(n_samples - n_treatments, equal)
         offsets = np.concatenate([[0], np.cumsum(n_sam_trt)[:-1]])
-        sam_codes = offsets[trt_codes] + np.floor(rng.random(n) * n_sam_trt[trt_codes]).astype(np.int64)
-        sam_labels = [f"{t}{i + 1}" for t, k in zip(trt_labels, n_sam_trt, strict=True) for i in range(k)]
+        sam_codes = offsets[trt_codes] + rng.integers(0, n_sam_trt[trt_codes])
+        sam_labels = [
+            f"{t}{i + 1}" for t, k in zip(trt_labels, n_sam_trt, strict=True) for i in range(k)
+        ]
     else:
         sam_codes = rng.integers(0, n_samples, n)
         sam_labels = [f"S{i + 1}" for i in range(n_samples)]
@@ -552,7 +563,9 @@ def _random_metadata(
     return pd.DataFrame({"sam": sam, "cls": cls, "trt": trt})
 
 
-def _check_obs(obs: object, n_ref_cells: int, cell_names: pd.Index | None, *, counts_given: bool) -> pd.DataFrame:
+def _check_obs(
+    obs: object, n_ref_cells: int, cell_names: pd.Index | None, *, counts_given: bool
+) -> pd.DataFrame:
     if not isinstance(obs, pd.DataFrame):
         msg = f"obs must be a pandas DataFrame, got {type(obs).__name__}."
         raise ValueError(msg)
@@ -588,11 +601,13 @@ def _r_factor(values: pd.Series) -> pd.Series:
     return values.astype(pd.CategoricalDtype(sorted(values.unique())))
 
 
-def _per_cluster(values: Sequence[float] | Mapping[str, float], clusters: list[str], name: str) -> np.ndarray:
+def _per_cluster(
+    values: Sequence[float] | Mapping[str, float], clusters: list[str], name: str
+) -> np.ndarray:
     if isinstance(values, Mapping):
         unknown = [k for k in values if str(k) not in clusters]
         if unknown:
-            msg = f"{name} has labels that are not cell types (cls): {unknown}; cell types are {clusters}."
+            msg = f"{name} has labels that are not cell types (cls): {unknown}; cls: {clusters}."
             raise ValueError(msg)
         given = {str(k): v for k, v in values.items()}
         out = np.array([given.get(c, 0) for c in clusters], dtype=np.float64)
@@ -648,7 +663,9 @@ class _GrowableCSR:
         self.nnz = 0
         self.row = 0
 
-    def append(self, row_nnz: np.ndarray, data: np.ndarray, indices: np.ndarray, capacity_hint: int) -> None:
+    def append(
+        self, row_nnz: np.ndarray, data: np.ndarray, indices: np.ndarray, capacity_hint: int
+    ) -> None:
         end = self.nnz + data.size
         if end > self.data.size:
             new_cap = max(end, capacity_hint, int(self.data.size * 1.1) + 1)
