@@ -1,0 +1,77 @@
+"""Time `scflashmm.lmm` on summary statistics against the plain per-gene implementation.
+
+    python benchmarks/bench_solver.py            # the three configurations of the core issue
+    python benchmarks/bench_solver.py --quick    # fewer genes
+
+Configurations: (a) 20,000 genes, p = 21, q = 25, k = 1; (b) the same plus a second component
+of 20 levels (k = 2); (c) 2,000 genes, p = 61, q = 259, k = 1 (the tuberculosis T-cell atlas
+shape). The per-gene implementation (tests/core/test_reml.py::plain_lmm, a direct transcription
+of DESIGN.md) is timed on a sample of genes and extrapolated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "core"))
+from test_reml import plain_lmm  # noqa: E402
+
+import scflashmm  # noqa: E402
+from scflashmm import SummaryStats  # noqa: E402
+
+
+def make_stats(n_genes: int, p: int, d: tuple[int, ...], n_cells: int, seed: int = 0) -> SummaryStats:
+    """Summary statistics of simulated data with real random effects, built gene block by block."""
+    rng = np.random.default_rng(seed)
+    n_cls = p - 1
+    cls = rng.integers(0, n_cls, n_cells)
+    X = np.column_stack([np.log(rng.gamma(5, 400, n_cells)), np.eye(n_cls)[cls]])
+    Z = np.hstack([np.eye(q)[rng.integers(0, q, n_cells)] for q in d])
+    parts = {"XY": [], "ZY": [], "Ynorm": []}
+    for lo in range(0, n_genes, 2000):
+        g = min(2000, n_genes - lo)
+        Y = X @ rng.normal(0, 0.3, (p, g)) + Z @ rng.normal(0, 0.3, (Z.shape[1], g)) + rng.normal(size=(n_cells, g))
+        parts["XY"].append(X.T @ Y)
+        parts["ZY"].append(Z.T @ Y)
+        parts["Ynorm"].append((Y**2).sum(0))
+    return SummaryStats(
+        XX=X.T @ X, XY=np.hstack(parts["XY"]), ZX=Z.T @ X, ZY=np.hstack(parts["ZY"]), ZZ=Z.T @ Z,
+        Ynorm=np.concatenate(parts["Ynorm"]), n=n_cells,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    scale = 10 if args.quick else 1
+    configs = [
+        ("a", 20_000 // scale, 21, (25,), 20_000),
+        ("b", 20_000 // scale, 21, (25, 20), 20_000),
+        ("c", 2_000 // scale, 61, (259,), 30_000),
+    ]
+    print("| case | genes | p | d | scflashmm s | genes/s | plain genes/s (sample) | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, m, p, d, n in configs:
+        stats = make_stats(m, p, d, n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            scflashmm.lmm(stats, list(d))
+            fast = time.perf_counter() - t0
+            sample = 20
+            small = SummaryStats(stats.XX, stats.XY[:, :sample], stats.ZX, stats.ZY[:, :sample], stats.ZZ, stats.Ynorm[:sample], stats.n)
+            t0 = time.perf_counter()
+            plain_lmm(small, list(d))
+            plain = (time.perf_counter() - t0) / sample
+        print(f"| {name} | {m} | {p} | {d} | {fast:.2f} | {m / fast:,.0f} | {1 / plain:,.0f} | {plain * m / fast:,.0f}x |")
+
+
+if __name__ == "__main__":
+    main()
