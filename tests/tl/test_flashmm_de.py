@@ -286,7 +286,7 @@ def test_fit_on_a_view_of_cells():
 
 def test_raw_counts_warning():
     adata = case_adata("b")
-    with pytest.warns(UserWarning, match=r"adata.X holds only non-negative integers"):
+    with pytest.warns(UserWarning, match=r"adata.X looks like raw counts"):
         sfm.tl.flashmm_de(adata, "~0+log(libsize)+cls+cls:trt", "sam")
     adata.X = adata.X.log1p()
     with warnings.catch_warnings():

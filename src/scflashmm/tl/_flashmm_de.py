@@ -13,7 +13,7 @@ from scipy import sparse
 
 from .._core.inference import contrast_estimates, t_pvalue
 from .._core.reml import lmm
-from .._core.sumstats import DEFAULT_CHUNK_SIZE, SummaryStats, prepare_chunk
+from .._core.sumstats import DEFAULT_CHUNK_SIZE, SummaryStats, prepare_chunk, summary_stats
 from .._design import make_design
 from .._lmm_test import contrast_matrix
 
@@ -71,7 +71,8 @@ def flashmm_de(
         Layer to fit; default ``adata.X``.
     is_counts
         Fit ``log2(1 + y)`` as ``flashmm(is.counts=TRUE)``, applied to the stored values chunk by
-        chunk. With False, a warning is given when the data hold only non-negative integers.
+        chunk. With False, a warning is given when the data look like raw counts (the first two
+        million stored values are all non-negative integers).
     method
         ``"REML"`` or ``"ML"``.
     contrasts
@@ -199,7 +200,7 @@ def flashmm_de(
     )
     if integer_valued and not is_counts:
         msg = (
-            f"{source} holds only non-negative integers, which looks like raw counts, but "
+            f"{source} looks like raw counts (non-negative integers), but "
             "is_counts=False fits them untransformed. Pass is_counts=True to fit log2(1 + y) "
             "as FLASHMM does, or normalise and log-transform first."
         )
@@ -302,30 +303,46 @@ def _locate_nonfinite(chunk: Any) -> tuple[int, int]:
 
 
 class _Checker:
-    """Finite check with cell and gene named; tracks whether all values are integers >= 0."""
+    """Looks at chunks of the data: names the cell and gene of a non-finite value when the pass
+    fails, and tracks whether the first values seen are all integers >= 0 (raw counts?)."""
 
-    def __init__(self, obs_names, var_names, source: str):
+    #: stored values inspected for the raw-counts heuristic (a bounded cost per fit)
+    SAMPLE = 2_000_000
+
+    def __init__(self, obs_names, var_names, source: str, *, look_for_counts: bool):
         self.obs_names, self.var_names, self.source = obs_names, var_names, source
-        self.integer_valued = True
+        self.integer_valued = look_for_counts
         self.any_nonzero = False
+        self.seen = 0
 
-    def __call__(self, chunk: Any, row0: int, col0: int) -> None:
+    def __call__(self, chunk: Any) -> None:
+        if not self.integer_valued or self.seen >= self.SAMPLE:
+            return
+        values = _values(chunk).ravel()[: self.SAMPLE - self.seen]
+        self.seen += values.size
+        if values.dtype.kind not in "biuf" or not values.size:
+            return
+        if values.min() < 0 or (values.dtype.kind == "f" and (values != np.round(values)).any()):
+            self.integer_valued = False
+        elif values.max() > 0:
+            self.any_nonzero = True
+
+    def error(self, exc: ValueError, chunk: Any, row0: int, col0: int) -> ValueError:
+        """The error to raise when the pass failed on ``chunk``."""
         values = _values(chunk)
-        if values.dtype.kind not in "biuf":
-            msg = f"{self.source} must be numeric, got dtype {values.dtype}."
-            raise ValueError(msg)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             r, c = _locate_nonfinite(chunk)
             msg = (
                 f"{self.source} contains NaN or infinite values, e.g. cell "
                 f"{self.obs_names[row0 + r]!r}, gene {self.var_names[col0 + c]!r}."
             )
-            raise ValueError(msg)
-        if self.integer_valued and values.size:
-            if values.min() < 0 or (values.dtype.kind == "f" and (values != np.round(values)).any()):
-                self.integer_valued = False
-            elif values.max() > 0:
-                self.any_nonzero = True
+        else:
+            msg = f"{self.source}: {exc}"
+        return ValueError(msg)
+
+    @property
+    def looks_like_counts(self) -> bool:
+        return self.integer_valued and self.any_nonzero
 
 
 def _progress_bar(total: int, unit: str, progress: bool | None, n_chunks: int):
@@ -358,7 +375,7 @@ def _accumulate(
         msg = f"chunk_size must be a positive integer, got {chunk_size!r}."
         raise ValueError(msg)
     size = int(size)
-    check = _Checker(obs_names, var_names, source)
+    check = _Checker(obs_names, var_names, source, look_for_counts=not is_counts)
     p = X.shape[1]
     XX = X.T @ X
     ZX = np.asarray(Z.T @ X)
@@ -366,49 +383,45 @@ def _accumulate(
     XY = np.zeros((p, m))
     ZY = np.zeros((Z.shape[1], m))
     Ynorm = np.zeros(m)
-    try:
-        if _is_csc(Y):
-            # column slices of CSC are cheap and row slices are not: blocks of genes holding
-            # about as many entries as a chunk of `size` cells
-            block = max(1, (size * m) // n)
-            starts = range(0, m, block)
-            with _progress_bar(m, "genes", progress, len(starts)) as bar:
-                for j0 in starts:
-                    chunk = Y[:, j0 : j0 + block]
-                    check(chunk, 0, j0)
-                    chunk = sparse.csc_matrix(prepare_chunk(chunk, is_counts=is_counts))
-                    j1 = j0 + chunk.shape[1]
-                    rows = chunk.T.tocsr()  # genes x cells
-                    XY[:, j0:j1] = np.asarray(rows @ X).T
-                    ZY[:, j0:j1] = (rows @ Z).toarray().T
-                    Ynorm[j0:j1] = np.asarray(chunk.multiply(chunk).sum(axis=0)).ravel()
-                    bar.update(j1 - j0)
-        else:
-            starts = range(0, n, size)
-            with _progress_bar(n, "cells", progress, len(starts)) as bar:
-                for i0 in starts:
-                    chunk = Y[i0 : i0 + size]
-                    check(chunk, i0, 0)
-                    chunk = prepare_chunk(chunk, is_counts=is_counts, offset=i0)
-                    i1 = i0 + chunk.shape[0]
-                    Xc, Zc = X[i0:i1], Z[i0:i1]
-                    if sparse.issparse(chunk):
-                        ct = sparse.csr_matrix(chunk.T)  # genes x cells
-                        XY += np.asarray(ct @ Xc).T
-                        ZY += (ct @ Zc).toarray().T
-                        Ynorm += np.asarray(chunk.multiply(chunk).sum(axis=0)).ravel()
-                    else:
-                        XY += Xc.T @ chunk
-                        ZY += np.asarray(Zc.T @ chunk)
-                        Ynorm += np.einsum("ij,ij->j", chunk, chunk)
-                    bar.update(i1 - i0)
-    except ValueError as exc:
-        text = str(exc)
-        if not text.startswith(source):
-            text = f"{source}: {text}"
-        raise ValueError(text) from exc
+    if _is_csc(Y):
+        # column slices of CSC are cheap and row slices are not: blocks of genes holding
+        # about as many entries as a chunk of `size` cells
+        block = max(1, (size * m) // n)
+        starts = range(0, m, block)
+        with _progress_bar(m, "genes", progress, len(starts)) as bar:
+            for j0 in starts:
+                chunk = Y[:, j0 : j0 + block]
+                check(chunk)
+                try:
+                    prepared = sparse.csc_matrix(prepare_chunk(chunk, is_counts=is_counts))
+                except ValueError as exc:
+                    raise check.error(exc, chunk, 0, j0) from exc
+                j1 = j0 + prepared.shape[1]
+                rows = prepared.T  # CSR, genes x cells
+                XY[:, j0:j1] = np.asarray(rows @ X).T
+                ZY[:, j0:j1] = (rows @ Z).toarray().T
+                genes = np.repeat(np.arange(j1 - j0), np.diff(prepared.indptr))
+                Ynorm[j0:j1] = np.bincount(genes, weights=prepared.data**2, minlength=j1 - j0)
+                bar.update(j1 - j0)
+    else:
+        starts = range(0, n, size)
+        with _progress_bar(n, "cells", progress, len(starts)) as bar:
+            for i0 in starts:
+                chunk = Y[i0 : i0 + size]
+                check(chunk)
+                i1 = i0 + chunk.shape[0]
+                try:
+                    part = summary_stats(
+                        X[i0:i1], chunk, Z[i0:i1], chunk_size=i1 - i0, is_counts=is_counts
+                    )
+                except ValueError as exc:
+                    raise check.error(exc, chunk, i0, 0) from exc
+                XY += part.XY
+                ZY += part.ZY
+                Ynorm += part.Ynorm
+                bar.update(i1 - i0)
     stats = SummaryStats(XX=XX, XY=XY, ZX=ZX, ZY=ZY, ZZ=ZZ, Ynorm=Ynorm, n=n)
-    return stats, check.integer_valued and check.any_nonzero
+    return stats, check.looks_like_counts
 
 
 # --------------------------------------------------------------------------------------------
