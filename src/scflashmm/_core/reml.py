@@ -437,7 +437,6 @@ class _DenseKernel:
         rrep, M, M0 = self._m_m0(s)
         u = np.einsum("gi,gij->gj", zry, M)
         zvz = self.ZR @ M0
-        zv2z = zvz @ M0
         rest = self.n - self.pres - self.q
         dl = np.empty((s.shape[0], k + 1))
         fim = np.empty((s.shape[0], k + 1, k + 1))
@@ -445,7 +444,8 @@ class _DenseKernel:
             dl[:, i] = (np.sum(u[:, Ii] ** 2, 1) / s0**2 - _trace(zvz[:, Ii, Ii]) / s0) / 2
             for j, Ij in enumerate(self.slices[: i + 1]):
                 fim[:, i, j] = fim[:, j, i] = np.sum(zvz[:, Ij, Ii] ** 2, axis=(1, 2))
-            fim[:, i, k] = fim[:, k, i] = _trace(zv2z[:, Ii, Ii])
+            # tr (ZVZ M0)[Ii, Ii] without forming the product ZVZ M0.
+            fim[:, i, k] = fim[:, k, i] = np.einsum("gab,gba->g", zvz[:, Ii, :], M0[:, :, Ii])
         fim[:, k, k] = rest + np.einsum("gij,gji->g", M0, M0)
         Mzry = np.einsum("gji,gj->gi", M, zry) + zry  # (M' + I) zry
         MDzry = np.einsum("gij,gj->gi", M, rrep * zry)  # M D zry
