@@ -1,0 +1,313 @@
+"""Command line: ``scflashmm demo`` and ``scflashmm de INPUT.h5ad ...``.
+
+``scflashmm demo`` simulates a multi-sample, multi-cell-type data set with known DE genes,
+fits FLASHMM's model to every gene, prints the top genes per cell type and how many true DE
+genes were found, and writes the tidy result table to a CSV file.
+
+``scflashmm de`` fits a model to an h5ad file and writes the tidy table (one row per gene and
+design column or contrast) to a CSV file. Mistakes in the input (a missing column, a bad
+formula, an unreadable file ...) print one line on stderr and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["main"]
+
+PROG = "scflashmm"
+
+
+class UserError(Exception):
+    """A mistake in the command's input: reported in one line, without a traceback."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``scflashmm`` command.
+
+    Parameters
+    ----------
+    argv
+        Arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    The exit status: 0 on success, 1 on a user error, 2 on bad usage (from argparse).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    with _one_line_warnings():
+        try:
+            args.run(args)
+        except (UserError, ValueError, KeyError, OSError) as exc:
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            print(f"{PROG}: error: {text}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+    return 0
+
+
+@contextmanager
+def _one_line_warnings():
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Single-cell differential expression with linear mixed models fit from "
+        "summary statistics (the FLASHMM method).",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,de}")
+
+    demo = sub.add_parser(
+        "demo",
+        help="simulate a data set with known DE genes, fit it and report what was found",
+        description="Simulate counts for several samples, cell types and two treatments with a "
+        "few cell-type-specific DE genes, fit ~0+log(libsize)+cls+cls:trt with a random "
+        "intercept per sample to log2(1 + counts), and report the top genes per cell type and "
+        "the recovery of the true DE genes.",
+    )
+    demo.add_argument("--n-genes", type=int, default=2000, help="genes (default 2000)")
+    demo.add_argument("--n-cells", type=int, default=20000, help="cells (default 20000)")
+    demo.add_argument("--n-samples", type=int, default=25, help="samples (default 25)")
+    demo.add_argument("--n-clusters", type=int, default=10, help="cell types (default 10)")
+    demo.add_argument("--n-de-genes", type=int, default=60, help="true DE genes (default 60)")
+    demo.add_argument("--seed", type=int, default=2024, help="random seed (default 2024)")
+    demo.add_argument("--fdr", type=float, default=0.05, help="FDR level (default 0.05)")
+    demo.add_argument("--top", type=int, default=3, help="genes shown per cell type (3)")
+    demo.add_argument(
+        "--out",
+        default="flashmm_demo_results.csv",
+        help="CSV file for the tidy table (default flashmm_demo_results.csv)",
+    )
+    demo.set_defaults(run=_run_demo)
+
+    de = sub.add_parser(
+        "de",
+        help="fit a linear mixed model to every gene of an h5ad file",
+        description="Fit y = X beta + Z b + e to every gene of INPUT.h5ad and write the tidy "
+        "table (variable, contrast, log_fc, sd, t_value, p_value, adj_p_value, converged).",
+    )
+    de.add_argument("input", metavar="INPUT.h5ad", help="AnnData file, cells x genes")
+    de.add_argument(
+        "--fixed", required=True, help="fixed-effects formula over obs, e.g. '~0+cls+cls:trt'"
+    )
+    de.add_argument(
+        "--random",
+        required=True,
+        action="append",
+        help="random term: an obs column (one intercept per level) or a formula such as "
+        "'~0+sam'; repeat for more variance components",
+    )
+    de.add_argument("--layer", help="layer to fit (default X)")
+    de.add_argument(
+        "--counts", action="store_true", help="the data are counts: fit log2(1 + y)"
+    )
+    de.add_argument(
+        "--contrast",
+        action="append",
+        default=[],
+        metavar="NAME=EXPR",
+        help="contrast over the design columns, e.g. 'BvsA=cls[1]:trt[T.B] - cls[2]:trt[T.B]'; "
+        "repeatable",
+    )
+    de.add_argument("--method", choices=("REML", "ML"), default="REML", help="default REML")
+    de.add_argument("--max-iter", type=int, default=50, help="default 50")
+    de.add_argument("--epsilon", type=float, default=1e-5, help="default 1e-5")
+    de.add_argument("--chunk-size", type=int, help="cells per chunk (default 10000)")
+    de.add_argument("--key", default="flashmm", help="key_added for the results")
+    de.add_argument("--out", required=True, metavar="RESULTS.csv", help="tidy table (CSV)")
+    de.add_argument("--write-h5ad", metavar="OUT.h5ad", help="also write the AnnData with results")
+    de.add_argument(
+        "--backed", action="store_true", help="open INPUT backed: stream X from disk in chunks"
+    )
+    de.set_defaults(run=_run_de)
+    return parser
+
+
+# -------------------------------------------------------------------------------------- de
+
+
+def _parse_contrasts(items: list[str]) -> dict[str, str] | None:
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, expr = item.partition("=")
+        if not sep:
+            name, expr = item, item
+        name, expr = name.strip(), expr.strip()
+        if not name or not expr:
+            msg = f"--contrast {item!r}: expected NAME=EXPRESSION."
+            raise UserError(msg)
+        if name in out:
+            msg = f"--contrast: the name {name!r} is used twice."
+            raise UserError(msg)
+        out[name] = expr
+    return out
+
+
+def _run_de(args: argparse.Namespace) -> None:
+    import anndata as ad
+
+    from . import get, tl
+
+    path = Path(args.input)
+    if not path.is_file():
+        msg = f"input file {str(path)!r} does not exist."
+        raise UserError(msg)
+    if args.write_h5ad and Path(args.write_h5ad).resolve() == path.resolve():
+        msg = "--write-h5ad must not overwrite the input file."
+        raise UserError(msg)
+    for option, value in (("--out", args.out), ("--write-h5ad", args.write_h5ad)):
+        if value and not Path(value).resolve().parent.is_dir():
+            msg = f"{option}: the directory of {value!r} does not exist."
+            raise UserError(msg)
+    contrasts = _parse_contrasts(args.contrast)
+    try:
+        adata = ad.read_h5ad(path, backed="r" if args.backed else None)
+    except Exception as exc:  # h5py/anndata raise many kinds for a file that is not h5ad
+        msg = f"cannot read {str(path)!r} as an h5ad file ({type(exc).__name__}: {exc})."
+        raise UserError(msg) from exc
+    try:
+        start = time.perf_counter()
+        tl.flashmm_de(
+            adata,
+            args.fixed,
+            args.random if len(args.random) > 1 else args.random[0],
+            layer=args.layer,
+            is_counts=args.counts,
+            method=args.method,
+            contrasts=contrasts,
+            max_iter=args.max_iter,
+            epsilon=args.epsilon,
+            key_added=args.key,
+            chunk_size=args.chunk_size,
+        )
+        seconds = time.perf_counter() - start
+        table = get.flashmm_df(
+            adata,
+            key=args.key,
+            term=None if contrasts is None else list(adata.uns[args.key]["x_columns"]),
+            contrast=None if contrasts is None else list(contrasts),
+        )
+        table.to_csv(args.out, index=False)
+        info = adata.uns[args.key]
+        print(
+            f"Fitted {adata.n_vars} genes x {adata.n_obs} cells in {seconds:.1f} s "
+            f"({info['n_nonconverged']} not converged, {info['n_degenerate']} not fittable); "
+            f"wrote {len(table)} rows to {args.out}"
+        )
+        if args.write_h5ad:
+            if adata.isbacked:
+                adata = adata.to_memory()
+            adata.write_h5ad(args.write_h5ad)
+            print(f"Wrote the AnnData with results to {args.write_h5ad}")
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+
+
+# ------------------------------------------------------------------------------------ demo
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from . import datasets, get, tl
+
+    if not Path(args.out).resolve().parent.is_dir():
+        msg = f"--out: the directory of {args.out!r} does not exist."
+        raise UserError(msg)
+    for name in ("n_genes", "n_cells", "n_samples", "n_clusters", "top"):
+        if getattr(args, name) < 1:
+            msg = f"--{name.replace('_', '-')} must be a positive integer."
+            raise UserError(msg)
+    if not 0 < args.fdr < 1:
+        msg = "--fdr must be between 0 and 1."
+        raise UserError(msg)
+
+    start = time.perf_counter()
+    adata = datasets.simulate_rnaseq(
+        n_genes=args.n_genes,
+        n_cells=args.n_cells,
+        n_samples=args.n_samples,
+        n_clusters=args.n_clusters,
+        n_de_genes=args.n_de_genes,
+        seed=args.seed,
+    )
+    simulated = time.perf_counter() - start
+    treated = str(adata.uns["simulate_rnaseq"]["treatment"])
+    control = [str(t) for t in adata.obs["trt"].cat.categories if str(t) != treated]
+    print(
+        f"Simulated {adata.n_obs:,} cells x {adata.n_vars:,} genes in {simulated:.1f} s: "
+        f"{adata.obs['sam'].nunique()} samples, {adata.obs['cls'].nunique()} cell types, "
+        f"treatment {treated} vs {', '.join(control)}, {int(adata.var['is_de'].sum())} true "
+        "DE genes (each in one cell type)."
+    )
+    fixed = "~0+log(libsize)+cls+cls:trt"
+    print(f"Model: {fixed}, random intercept per sample; REML on log2(1 + counts).")
+    start = time.perf_counter()
+    tl.flashmm_de(adata, fixed, "sam", is_counts=True)
+    info = adata.uns["flashmm"]
+    print(
+        f"Fit all genes in {time.perf_counter() - start:.1f} s "
+        f"({info['n_nonconverged']} not converged, {info['n_degenerate']} not fittable)."
+    )
+
+    # the treatment effect within each cell type: the cls[k]:trt[T.<treated>] columns
+    suffix = f":trt[T.{treated}]"
+    terms = [c for c in info["x_columns"] if str(c).startswith("cls[") and str(c).endswith(suffix)]
+    table = get.flashmm_df(adata, term=terms)
+    table["cell_type"] = table["contrast"].str.slice(4, -len(suffix) - 1)
+    var = adata.var
+    truth = {(g, str(c)) for g, c in zip(var.index[var["is_de"]], var["de_cluster"][var["is_de"]])}
+    table["true_de"] = [
+        (g, c) in truth for g, c in zip(table["variable"], table["cell_type"], strict=True)
+    ]
+
+    print(f"\nTop {args.top} genes per cell type (effect of {treated} in that cell type):")
+    top = table.groupby("cell_type", sort=False).head(args.top)
+    shown = top.assign(
+        log2FC=top["log_fc"].map("{:+.2f}".format),
+        p=top["p_value"].map("{:.1e}".format),
+        FDR=top["adj_p_value"].map("{:.1e}".format),
+        true_DE=np.where(top["true_de"], "yes", "-"),
+    )[["cell_type", "variable", "log2FC", "p", "FDR", "true_DE"]]
+    print(shown.rename(columns={"cell_type": "cell type", "variable": "gene"}).to_string(index=False))
+
+    hits = table[table["adj_p_value"] < args.fdr]
+    found = int(hits["true_de"].sum())
+    false = len(hits) - found
+    print(
+        f"\nAt FDR < {args.fdr:g}: {found} of {len(truth)} true DE genes found in their cell "
+        f"type; {false} false discover{'y' if false == 1 else 'ies'} "
+        f"(of {len(hits)} discoveries)."
+    )
+    table.drop(columns=["cell_type", "true_de"]).to_csv(args.out, index=False)
+    print(f"Wrote the tidy table ({len(table)} rows) to {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
