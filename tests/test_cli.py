@@ -101,8 +101,19 @@ def test_de_file_errors(tmp_path, capsys):
 
 def test_entry_point_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "scflashmm.cli", "de", str(tmp_path / "x.h5ad"), "--fixed", "~1"]
-        + ["--random", "sam", "--out", str(tmp_path / "r.csv")],
+        [
+            sys.executable,
+            "-m",
+            "scflashmm.cli",
+            "de",
+            str(tmp_path / "x.h5ad"),
+            "--fixed",
+            "~1",
+            "--random",
+            "sam",
+            "--out",
+            str(tmp_path / "r.csv"),
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -121,9 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         "'~0+sam'; repeat for more variance components",
     )
     de.add_argument("--layer", help="layer to fit (default X)")
-    de.add_argument(
-        "--counts", action="store_true", help="the data are counts: fit log2(1 + y)"
-    )
+    de.add_argument("--counts", action="store_true", help="the data are counts: fit log2(1 + y)")
     de.add_argument(
         "--contrast",
         action="append",
@@ -282,7 +280,8 @@ def _run_demo(args: argparse.Namespace) -> None:
     table = get.flashmm_df(adata, term=terms)
     table["cell_type"] = table["contrast"].str.slice(4, -len(suffix) - 1)
     var = adata.var
-    truth = {(g, str(c)) for g, c in zip(var.index[var["is_de"]], var["de_cluster"][var["is_de"]])}
+    de = var["is_de"].to_numpy(dtype=bool)
+    truth = {(g, str(c)) for g, c in zip(var.index[de], var["de_cluster"][de], strict=True)}
     table["true_de"] = [
         (g, c) in truth for g, c in zip(table["variable"], table["cell_type"], strict=True)
     ]
@@ -295,7 +294,8 @@ def _run_demo(args: argparse.Namespace) -> None:
         FDR=top["adj_p_value"].map("{:.1e}".format),
         true_DE=np.where(top["true_de"], "yes", "-"),
     )[["cell_type", "variable", "log2FC", "p", "FDR", "true_DE"]]
-    print(shown.rename(columns={"cell_type": "cell type", "variable": "gene"}).to_string(index=False))
+    shown = shown.rename(columns={"cell_type": "cell type", "variable": "gene"})
+    print(shown.to_string(index=False))
 
     hits = table[table["adj_p_value"] < args.fdr]
     found = int(hits["true_de"].sum())

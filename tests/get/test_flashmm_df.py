@@ -113,7 +113,8 @@ def test_new_contrast_expression_from_stored_cov(fitted):
     # the same combination, written differently and not stored: computed from varm cov
     again = sfm.get.flashmm_df(
         fitted,
-        contrast="0.25*cls[1]:trt[T.B] + 0.25*cls[2]:trt[T.B] + 0.25*(cls[3]:trt[T.B] + cls[4]:trt[T.B])",
+        contrast="0.25*cls[1]:trt[T.B] + 0.25*cls[2]:trt[T.B]"
+        " + 0.25*(cls[3]:trt[T.B] + cls[4]:trt[T.B])",
     )
     cols = ["variable", "log_fc", "sd", "t_value", "p_value", "adj_p_value"]
     pd.testing.assert_frame_equal(again[cols], stored[cols], rtol=1e-10)

@@ -84,6 +84,9 @@ def flashmm_df(
             else:
                 est, se_c, t_c = _new_contrast(adata, key, name, x_columns, stored)
             blocks.append(_block(genes, name, est, se_c, t_c, df, alternative, converged))
+    if not blocks:
+        msg = "No term or contrast selected."
+        raise ValueError(msg)
     return pd.concat(blocks, ignore_index=True)[COLUMNS]
 
 
@@ -101,6 +104,9 @@ def _select_terms(term: str | Sequence[str] | None, x_columns: list[str]) -> lis
     if term is None:
         return list(x_columns)
     selected: list[str] = []
+    if not isinstance(term, str) and not list(term):
+        msg = "term is empty."
+        raise ValueError(msg)
     for pattern in [term] if isinstance(term, str) else list(term):
         if pattern in x_columns:
             hits = [pattern]

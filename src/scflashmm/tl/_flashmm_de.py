@@ -1,4 +1,4 @@
-"""``tl.flashmm_de``: fit a linear mixed model to every gene of an AnnData (FLASHMM's ``flashmm``)."""
+"""``tl.flashmm_de``: a linear mixed model for every gene of an AnnData (FLASHMM's ``flashmm``)."""
 
 from __future__ import annotations
 
@@ -288,6 +288,15 @@ def _is_csc(Y: Any) -> bool:
     return getattr(Y, "format", None) == "csc" or (sparse.issparse(Y) and Y.format == "csc")
 
 
+def _materialize(chunk: Any) -> Any:
+    """A chunk as numpy or scipy sparse (a dask chunk is computed once, here)."""
+    if sparse.issparse(chunk) or isinstance(chunk, np.ndarray):
+        return chunk
+    if hasattr(chunk, "compute"):
+        return _materialize(chunk.compute())
+    return np.asarray(chunk)
+
+
 def _values(chunk: Any) -> np.ndarray:
     return chunk.data if sparse.issparse(chunk) else np.asarray(chunk)
 
@@ -303,8 +312,11 @@ def _locate_nonfinite(chunk: Any) -> tuple[int, int]:
 
 
 class _Checker:
-    """Looks at chunks of the data: names the cell and gene of a non-finite value when the pass
-    fails, and tracks whether the first values seen are all integers >= 0 (raw counts?)."""
+    """Inspect the chunks of the data on their way to the summary statistics.
+
+    Names the cell and gene of a non-finite value when the pass fails, and tracks whether the
+    first values seen are all integers >= 0 (raw counts?).
+    """
 
     #: stored values inspected for the raw-counts heuristic (a bounded cost per fit)
     SAMPLE = 2_000_000
@@ -328,7 +340,7 @@ class _Checker:
             self.any_nonzero = True
 
     def error(self, exc: ValueError, chunk: Any, row0: int, col0: int) -> ValueError:
-        """The error to raise when the pass failed on ``chunk``."""
+        """Build the error to raise when the pass failed on ``chunk``."""
         values = _values(chunk)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             r, c = _locate_nonfinite(chunk)
@@ -390,7 +402,7 @@ def _accumulate(
         starts = range(0, m, block)
         with _progress_bar(m, "genes", progress, len(starts)) as bar:
             for j0 in starts:
-                chunk = Y[:, j0 : j0 + block]
+                chunk = _materialize(Y[:, j0 : j0 + block])
                 check(chunk)
                 try:
                     prepared = sparse.csc_matrix(prepare_chunk(chunk, is_counts=is_counts))
@@ -407,7 +419,7 @@ def _accumulate(
         starts = range(0, n, size)
         with _progress_bar(n, "cells", progress, len(starts)) as bar:
             for i0 in starts:
-                chunk = Y[i0 : i0 + size]
+                chunk = _materialize(Y[i0 : i0 + size])
                 check(chunk)
                 i1 = i0 + chunk.shape[0]
                 try:
