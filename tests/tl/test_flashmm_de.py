@@ -185,6 +185,15 @@ def test_layouts_and_chunking_agree(fitted_b, layout, chunk_size):
     _assert_same_results(adata, fitted_b)
 
 
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_dask_agrees_with_in_memory(fitted_b, kind):
+    da = pytest.importorskip("dask.array")
+    adata = case_adata("b", layout=kind)
+    adata.X = da.from_array(adata.X, chunks=(300, 50))
+    fit_case("b_simu_reml_counts", adata=adata, chunk_size=128)
+    _assert_same_results(adata, fitted_b)
+
+
 @pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
 def test_backed_agrees_with_in_memory(fitted_b, tmp_path, layout):
     path = tmp_path / f"b_{layout}.h5ad"

@@ -289,7 +289,7 @@ def _is_csc(Y: Any) -> bool:
 
 
 def _materialize(chunk: Any) -> Any:
-    """A chunk as numpy or scipy sparse (a dask chunk is computed once, here)."""
+    """Return a chunk as numpy or scipy sparse (a dask chunk is computed once, here)."""
     if sparse.issparse(chunk) or isinstance(chunk, np.ndarray):
         return chunk
     if hasattr(chunk, "compute"):
