@@ -373,7 +373,7 @@ def test_h5ad_round_trip(small, tmp_path):
 # errors
 # ---------------------------------------------------------------------------------------
 
-_OK = {"n_genes": 10, "n_cells": 50}
+_OK = {"n_genes": 10, "n_cells": 500, "seed": 0}  # 500 cells: all 10 cell types present
 
 
 @pytest.mark.parametrize(
