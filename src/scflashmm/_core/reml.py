@@ -423,7 +423,7 @@ class _DenseKernel:
 
     def _inv(self, rrep: np.ndarray, A: np.ndarray) -> np.ndarray:
         """``(D A + I)^-1`` for every gene."""
-        return np.linalg.inv(rrep[:, :, None] * A + self.eye)
+        return _batched_inverse(rrep[:, :, None] * A + self.eye)
 
     def _m_m0(self, s: np.ndarray):
         rrep = self._rrep(s)
