@@ -10,7 +10,8 @@ import pandas as pd
 
 from ._contrast import parse_contrast
 from ._core.inference import check_alternative, contrast_estimates, t_pvalue
-from ._core.reml import LMMFit
+from ._core.reml import DfMethod, LMMFit
+from ._core.satterthwaite import contrast_df
 
 
 def contrast_matrix(contrasts: Mapping[str, str] | Sequence[str] | str, names: Sequence[str]) -> pd.DataFrame:
@@ -49,6 +50,8 @@ def lmm_test(
     index: Sequence[int | str] | int | str | None = None,
     contrast: Any = None,
     alternative: str = "two-sided",
+    *,
+    df: DfMethod | None = None,
 ) -> pd.DataFrame:
     """t tests of fixed effects or of contrasts of them, for every gene (FLASHMM's ``lmmtest``).
 
@@ -65,32 +68,56 @@ def lmm_test(
         expressions (mapping or list) parsed with :func:`contrast_matrix`.
     alternative
         ``"two-sided"``, ``"less"`` (lower tail) or ``"greater"`` (upper tail).
+    df
+        Degrees of freedom: ``"residual"`` (``n - p``, FLASHMM) or ``"satterthwaite"`` (needs a
+        fit with ``df="satterthwaite"``, and ``output_cov=True`` for contrasts); default the
+        fit's ``df_method``.
 
     Returns
     -------
-    Genes x ``[<name>_coef ..., <name>_t ..., <name>_p ...]`` in FLASHMM's order.
+    Genes x ``[<name>_coef ..., <name>_t ..., <name>_p ...]`` in FLASHMM's order, followed by
+    ``[<name>_df ...]`` with Satterthwaite df.
     """
     alternative = check_alternative(alternative)
+    df = fit.df_method if df is None else df
+    if df not in ("residual", "satterthwaite"):
+        msg = f"df must be 'residual' or 'satterthwaite', got {df!r}."
+        raise ValueError(msg)
+    if df == "satterthwaite" and fit.df_satterthwaite is None:
+        msg = "Satterthwaite df need a fit with df='satterthwaite' (scflashmm.lmm or lmm_fit)."
+        raise ValueError(msg)
     covariates = fit.covariate_names or [f"x{j + 1}" for j in range(fit.coef.shape[1])]
     if contrast is None:
         positions = _positions(index, covariates)
         labels = [covariates[j] for j in positions]
         estimate, se = fit.coef[:, positions], fit.se[:, positions]
+        ddf = fit.df_satterthwaite[:, positions] if df == "satterthwaite" else fit.df
     else:
         if fit.cov is None:
             msg = "Testing contrasts needs the covariance of beta: fit with output_cov=True."
             raise ValueError(msg)
         matrix = _as_contrast_frame(contrast, covariates)
         labels = [str(c) for c in matrix.columns]
-        estimate, se = contrast_estimates(fit.coef, fit.cov, matrix.to_numpy(dtype=np.float64))
+        L = matrix.to_numpy(dtype=np.float64)
+        estimate, se = contrast_estimates(fit.coef, fit.cov, L)
+        ddf = fit.df
+        if df == "satterthwaite":
+            if fit.jac_cov is None:
+                msg = "Satterthwaite df of contrasts need jac_cov: fit with output_cov=True."
+                raise ValueError(msg)
+            ddf = contrast_df(fit.cov, fit.jac_cov, fit.vcov_theta, L)
     t = estimate / se
-    p = t_pvalue(t, fit.df, alternative)
+    p = t_pvalue(t, ddf, alternative)
+    parts = [("coef", estimate), ("t", t), ("p", p)]
+    if df == "satterthwaite":
+        parts.append(("df", ddf))
     blocks = [
         pd.DataFrame(values, columns=[f"{name}_{what}" for name in labels])
-        for what, values in (("coef", estimate), ("t", t), ("p", p))
+        for what, values in parts
     ]
     table = pd.concat(blocks, axis=1)
-    table.index = pd.Index(fit.feature_names, name="gene") if fit.feature_names else None
+    if fit.feature_names:  # else keep the RangeIndex (assigning None raises in pandas)
+        table.index = pd.Index(fit.feature_names, name="gene")
     return table
 
 

@@ -21,10 +21,21 @@ from typing import Any, Literal
 
 import numpy as np
 import scipy.linalg
+
 from .inference import t_pvalue
+from .satterthwaite import (
+    coefficient_df,
+    covariance_jacobian,
+    inverse_information,
+    precision_derivatives_dense,
+    precision_derivatives_eigen,
+    quadratic_dense,
+    quadratic_eigen,
+)
 from .sumstats import SummaryStats, summary_stats
 
 Method = Literal["REML", "ML"]
+DfMethod = Literal["residual", "satterthwaite"]
 
 #: Working-array budget (float64 elements) that bounds the genes processed per block.
 _BLOCK_ELEMENTS = 2**22
@@ -58,7 +69,14 @@ class LMMFit:
     converged
         ``all(|dlogL| <= epsilon)`` per gene; False for genes that could not be fit.
     df
-        Residual degrees of freedom ``n - p`` used for every t test.
+        Residual degrees of freedom ``n - p`` (FLASHMM's df for every t test).
+    df_method
+        ``"residual"`` (``p`` on ``df``) or ``"satterthwaite"`` (``p`` on ``df_satterthwaite``).
+    df_satterthwaite, vcov_theta, jac_cov
+        Only with ``df_method="satterthwaite"``: per-coefficient Satterthwaite df (genes, p);
+        covariance of theta from the observed information (genes, k + 1, k + 1); and, when
+        ``cov`` is kept, the derivatives of ``cov`` with respect to theta (genes, k + 1, p, p),
+        which :func:`scflashmm.lmm_test` needs for the df of contrasts.
     cov, fim_beta, fim_theta, re
         Covariance of beta (genes, p, p); Fisher information of beta (genes, p, p) and of theta
         (genes, k + 1, k + 1); BLUPs of the random effects (genes, q). None unless requested.
@@ -89,6 +107,10 @@ class LMMFit:
     covariate_names: list[str] | None = None
     component_names: list[str] | None = None
     d: tuple[int, ...] = field(default=())
+    df_method: str = "residual"
+    df_satterthwaite: np.ndarray | None = None
+    vcov_theta: np.ndarray | None = None
+    jac_cov: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -100,9 +122,9 @@ class LMMFit:
 
         Returns
         -------
-        pandas.DataFrame with columns ``<cov>_coef``, ``<cov>_se``, ``<cov>_t``, ``<cov>_p`` per
-        covariate, ``theta_<component>`` and ``theta_residual``, ``niter``, ``converged`` and
-        ``logLik``.
+        pandas.DataFrame with columns ``<cov>_coef``, ``<cov>_se``, ``<cov>_t``, ``<cov>_p`` (and
+        ``<cov>_df`` with Satterthwaite df) per covariate, ``theta_<component>`` and
+        ``theta_residual``, ``niter``, ``converged`` and ``logLik``.
         """
         import pandas as pd
 
@@ -112,6 +134,8 @@ class LMMFit:
         for j, name in enumerate(covs):
             for what in ("coef", "se", "t", "p"):
                 columns[f"{name}_{what}"] = getattr(self, what)[:, j]
+            if self.df_satterthwaite is not None:
+                columns[f"{name}_df"] = self.df_satterthwaite[:, j]
         for i, name in enumerate([*comps, "residual"]):
             columns[f"theta_{name}"] = self.theta[:, i]
         columns |= {"niter": self.niter, "converged": self.converged, "logLik": self.logLik}
@@ -129,6 +153,7 @@ def lmm(
     output_cov: bool = True,
     output_fim: bool = False,
     output_re: bool = False,
+    df: DfMethod = "residual",
     feature_names: Any = None,
     covariate_names: Any = None,
     component_names: Any = None,
@@ -153,6 +178,13 @@ def lmm(
         Convergence tolerance on the largest absolute score ``|dlogL|``.
     output_cov, output_fim, output_re
         Keep the covariance of beta; the Fisher information of beta and theta; the BLUPs.
+    df
+        Degrees of freedom of the t tests: ``"residual"`` (``n - p`` for every test, as FLASHMM)
+        or ``"satterthwaite"`` (per gene and coefficient, as lmerTest; computed from the summary
+        statistics at a small extra cost). Prefer ``"satterthwaite"`` when a coefficient is
+        estimated between few samples (e.g. samples nested in the treatment): ``n - p`` then
+        counts cells as replicates and makes the tests liberal. With ``output_cov`` the fit
+        also keeps (genes, k + 1, p, p) derivatives of ``cov`` for the df of contrasts.
     feature_names, covariate_names, component_names
         Names of genes (m), fixed-effect columns (p) and random components (k), kept on the fit.
 
@@ -174,6 +206,10 @@ def lmm(
     if not epsilon > 0:
         msg = f"epsilon must be positive, got {epsilon!r}."
         raise ValueError(msg)
+    if df not in ("residual", "satterthwaite"):
+        msg = f"df must be 'residual' or 'satterthwaite', got {df!r}."
+        raise ValueError(msg)
+    satterthwaite = df == "satterthwaite"
     n, p, q, m = stats.shape
     d = _check_d(d, q)
     k = len(d)
@@ -202,11 +238,17 @@ def lmm(
     yry = stats.Ynorm - np.einsum("pm,pm->m", stats.XY, AXY)
 
     out = _empty_results(m, p, q, k, output_cov, output_fim, output_re)
+    if satterthwaite:
+        out["df_satterthwaite"] = np.full((m, p), np.nan)
+        out["vcov_theta"] = np.full((m, k + 1, k + 1), np.nan)
+        out["jac_cov"] = np.full((m, k + 1, p, p), np.nan) if output_cov else None
     fit_genes = _select_fittable(stats.Ynorm, yry, feature_names)
     pres = p if method == "REML" else 0
     kernel_cls = _EigenKernel if k == 1 else _DenseKernel
     kernel = kernel_cls(stats, d, zrz, method)
     block = _block_size(q, p, k)
+    if satterthwaite:  # (genes, k + 1, p, p) working arrays
+        block = max(1, min(block, _BLOCK_ELEMENTS // (4 * (k + 1) * p * p)))
     for lo in range(0, fit_genes.size, block):
         genes = fit_genes[lo : lo + block]
         state = kernel.prepare(zry[:, genes].T, yry[genes], n - pres)
@@ -232,9 +274,19 @@ def lmm(
         for name, value in fixed.items():
             if out[name] is not None:
                 out[name][genes] = value
+        if satterthwaite:
+            # observed information = quadratic term - Fisher information (satterthwaite.py)
+            quad, dprec = kernel.satterthwaite_parts(state, s)
+            vcov_theta = inverse_information(quad - fim)
+            jac = covariance_jacobian(fixed["cov"], dprec)
+            jac_diag = np.diagonal(jac, axis1=2, axis2=3)
+            out["df_satterthwaite"][genes] = coefficient_df(fixed["cov"], jac_diag, vcov_theta)
+            out["vcov_theta"][genes] = vcov_theta
+            if out["jac_cov"] is not None:
+                out["jac_cov"][genes] = jac
 
     out["t"] = out["coef"] / out["se"]
-    out["p"] = t_pvalue(out["t"], n - p)
+    out["p"] = t_pvalue(out["t"], out["df_satterthwaite"] if satterthwaite else n - p)
     out["converged"] = np.all(np.abs(out["dlogL"]) <= epsilon, axis=1)
     n_failed = int((~out["converged"][fit_genes]).sum())
     if n_failed:
@@ -253,6 +305,7 @@ def lmm(
         covariate_names=covariate_names,
         component_names=component_names,
         d=tuple(d),
+        df_method=df,
     )
 
 
@@ -285,7 +338,7 @@ def lmm_fit(
     is_counts
         Fit ``log2(1 + Y)`` (applied to stored values, chunk by chunk).
     **kwargs
-        Passed on to :func:`lmm` (method, theta0, max_iter, epsilon, output_*, names).
+        Passed on to :func:`lmm` (method, theta0, max_iter, epsilon, output_*, df, names).
 
     Returns
     -------
@@ -385,6 +438,11 @@ class _EigenKernel:
         r = (s[:, 0] / s[:, 1])[:, None]
         return -np.sum(np.log(np.abs(1 + r * self.lam0)), axis=1)
 
+    def satterthwaite_parts(self, state: dict[str, np.ndarray], s: np.ndarray):
+        """Quadratic term of the observed information and ``X'V^-1 V_j V^-1 X``."""
+        quad = quadratic_eigen(self.lam, state["w2"], state["yry"], s)
+        return quad, precision_derivatives_eigen(self.XX, self.BB, self.mu, s)
+
     def fixed_effects(self, s, XY, ZY, output_re):
         r = (s[:, 0] / s[:, 1])[:, None]
         c = r / (1 + r * self.mu)  # eigenvalues of W = (r ZZ + I)^-1 r
@@ -462,6 +520,14 @@ class _DenseKernel:
     def logdet(self, state: dict[str, np.ndarray], s: np.ndarray) -> np.ndarray:
         _, _, M0 = self._m_m0(s)
         return np.linalg.slogdet(M0)[1]
+
+    def satterthwaite_parts(self, state: dict[str, np.ndarray], s: np.ndarray):
+        """Quadratic term of the observed information and ``X'V^-1 V_j V^-1 X``."""
+        rrep = self._rrep(s)
+        M = self._inv(rrep, self.zrz)
+        quad = quadratic_dense(self.zrz, state["zry"], state["yry"], s, M, rrep, self.slices)
+        W = self._inv(rrep, self.ZZ) * rrep[:, None, :]  # (D ZZ + I)^-1 D
+        return quad, precision_derivatives_dense(self.XX, self.ZX, self.ZZ, W, s, self.slices)
 
     def fixed_effects(self, s, XY, ZY, output_re):
         rrep = self._rrep(s)

@@ -1,0 +1,196 @@
+"""Satterthwaite degrees of freedom for t tests of fixed effects, from summary statistics alone.
+
+For a contrast ``c`` of the fixed effects, ``var(c'beta) = c' C(theta) c`` with
+``C = (X' V^-1 X)^-1``. Satterthwaite's approximation, as lmerTest computes it, is
+
+    df = 2 (c'Cc)^2 / (g' A g),   g_j = c' (dC/dtheta_j) c,
+
+with ``A`` the asymptotic covariance of ``theta`` from the observed information (minus the
+Hessian of the REML, or profiled ML, log-likelihood) at the estimate. At a stationary point
+``g'Ag`` does not depend on how ``theta`` is parameterised, so lmerTest's numbers (computed on
+the scale of relative standard deviations) are reproduced with the variances used here.
+
+Notation as in DESIGN.md: ``V = s0 (I + Z D Z')``, ``D = diag(r_i repeated q_i)``, ``r_i = s_i/s0``,
+``R = I - X (X'X)^-1 X'``, ``M = (D zrz + I)^-1``, ``V_j = dV/dtheta_j`` (``Z_j Z_j'`` for a
+component, ``I`` for the residual). Within the span of ``R`` (Woodbury)
+
+    P = V^-1 - V^-1 X C X' V^-1 = (R - R Z M D Z' R) / s0,   e = P y,
+
+so that ``Z'e = u / s0`` with ``u = M' zry``, ``Z'PZ = zrz M / s0``, ``Z'Pe = M'u / s0^2`` and
+``e'e = yR2y / s0^2`` (the solver's ``yR2y``). With ``l = -(log|V| [+ log|X'V^-1X|] + y'Py)/2``
+(the bracket for REML; ML has beta profiled out, which gives the same ``y'Py``)
+
+    -d2l / dtheta_i dtheta_j = e' V_i P V_j e - tr(P~ V_i P~ V_j) / 2,   P~ = P (REML), V^-1 (ML).
+
+The trace term is the Fisher information the solver already has. The quadratic term is
+
+    components i, j:       u_i' (zrz M)[I_i, I_j] u_j / s0^3
+    component i, residual: u_i' (M'u)[I_i] / s0^3
+    residual, residual:    e'Pe = (yR2y - u' M D u) / s0^3.
+
+The derivatives of ``C`` are ``dC/dtheta_j = C (X'V^-1 V_j V^-1 X) C``. With
+``W = (D ZZ + I)^-1 D`` (symmetric), ``X'V^-1 Z = ZX' (I - W ZZ) / s0 =: G`` and
+
+    X'V^-1 Z_i Z_i' V^-1 X = G_i G_i',
+    X'V^-2 X = (XX - 2 ZX' W ZX + ZX' W ZZ W ZX) / s0^2.
+
+Everything is ``q x q`` / ``p x p`` algebra, batched over genes. For one component the
+eigenbases of ``zrz`` (``U``, ``lam``) and ``ZZ`` (``V``, ``mu``) reduce the quadratic term to
+sums over ``q`` eigenvalues and the derivatives of ``X'V^-1X`` to weighted sums of the
+precomputed outer products of the rows of ``B = V' ZX``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Eigenvalues of the observed information at most this fraction of the largest are dropped
+#: from its inverse (lmerTest inverts the positive part of the Hessian the same way).
+_EIGEN_RTOL = 1e-10
+
+
+# --------------------------------------------------------------------------- observed information
+
+
+def quadratic_eigen(lam: np.ndarray, w2: np.ndarray, yry: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``e' V_i P V_j e`` for one component (genes, 2, 2), from the eigenvalues ``lam`` of ``zrz``.
+
+    ``w2`` holds the squared coordinates ``(U' zry)^2`` (genes, q), ``s`` the ``(s_1, s_0)``.
+    """
+    r = (s[:, 0] / s[:, 1])[:, None]
+    s0 = s[:, 1]
+    h = 1 / (1 + r * lam)  # eigenvalues of M
+    h3w2 = h**3 * w2
+    yr2y = yry - r[:, 0] * np.sum(w2 * h * (h + 1), axis=1)
+    qcc = np.sum(lam * h3w2, axis=1)  # u' zrz M u
+    qcr = np.sum(h3w2, axis=1)  # u' M' u
+    qrr = yr2y - r[:, 0] * qcr  # yR2y - u' M D u
+    out = np.stack([np.column_stack([qcc, qcr]), np.column_stack([qcr, qrr])], axis=1)
+    return out / (s0**3)[:, None, None]
+
+
+def quadratic_dense(
+    zrz: np.ndarray,
+    zry: np.ndarray,
+    yry: np.ndarray,
+    s: np.ndarray,
+    M: np.ndarray,
+    rrep: np.ndarray,
+    slices: list[slice],
+) -> np.ndarray:
+    """``e' V_i P V_j e`` for k components (genes, k + 1, k + 1).
+
+    ``M = (D zrz + I)^-1`` (genes, q, q) and ``rrep`` the diagonal of ``D`` (genes, q) at ``s``.
+    """
+    k = len(slices)
+    s0 = s[:, k]
+    u = np.einsum("gi,gij->gj", zry, M)  # M' zry
+    mu = np.einsum("gji,gj->gi", M, u)  # M' u
+    yr2y = yry - np.einsum(
+        "gi,gi->g", np.einsum("gji,gj->gi", M, zry) + zry, np.einsum("gij,gj->gi", M, rrep * zry)
+    )
+    out = np.empty((s.shape[0], k + 1, k + 1))
+    for j, Ij in enumerate(slices):
+        Mu = np.einsum("gab,gb->ga", M[:, :, Ij], u[:, Ij])  # M[:, I_j] u_j
+        for i, Ii in enumerate(slices[j:], start=j):
+            # zrz M is symmetric, so the (i, j) and (j, i) terms agree.
+            out[:, i, j] = out[:, j, i] = np.einsum("gi,gi->g", u[:, Ii], Mu @ zrz[Ii].T)
+        out[:, j, k] = out[:, k, j] = np.einsum("gi,gi->g", u[:, Ij], mu[:, Ij])
+    out[:, k, k] = yr2y - np.einsum("gi,gi->g", u, rrep * mu)  # u' M D u = (M'u)' D u
+    return out / (s0**3)[:, None, None]
+
+
+def inverse_information(observed: np.ndarray) -> np.ndarray:
+    """Covariance of theta: the inverse of the observed information over its positive eigenvalues.
+
+    As lmerTest, directions with non-positive curvature (the estimate is not a strict maximum
+    there) are left out rather than inverted.
+    """
+    observed = (observed + observed.transpose(0, 2, 1)) / 2
+    vals, vecs = np.linalg.eigh(observed)
+    keep = vals > _EIGEN_RTOL * np.abs(vals).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(keep, 1 / np.where(keep, vals, 1), 0.0)
+    return np.einsum("gik,gk,gjk->gij", vecs, inv, vecs)
+
+
+# --------------------------------------------------------------------------- derivatives of C
+
+
+def precision_derivatives_eigen(
+    XX: np.ndarray, BB: np.ndarray, mu: np.ndarray, s: np.ndarray
+) -> np.ndarray:
+    """``X'V^-1 V_j V^-1 X`` (genes, 2, p, p) for one component.
+
+    ``mu`` are the eigenvalues of ``ZZ`` and ``BB`` the flattened outer products of the rows of
+    ``B = V' ZX`` in its eigenbasis (q, p * p); then ``W = V diag(c) V'``, ``c = r / (1 + r mu)``.
+    """
+    p = XX.shape[0]
+    r = (s[:, 0] / s[:, 1])[:, None]
+    s0 = s[:, 1][:, None, None]
+    c = r / (1 + r * mu)
+    # G G' = B' diag((1 - c mu)^2) B / s0^2 and X'V^-2X = (XX - B' diag(2c - c^2 mu) B) / s0^2.
+    comp = ((1 - c * mu) ** 2 @ BB).reshape(-1, p, p)
+    resid = XX - ((2 * c - c**2 * mu) @ BB).reshape(-1, p, p)
+    return np.stack([comp, resid], axis=1) / (s0**2)[:, None]
+
+
+def precision_derivatives_dense(
+    XX: np.ndarray,
+    ZX: np.ndarray,
+    ZZ: np.ndarray,
+    W: np.ndarray,
+    s: np.ndarray,
+    slices: list[slice],
+) -> np.ndarray:
+    """``X'V^-1 V_j V^-1 X`` (genes, k + 1, p, p) with ``W = (D ZZ + I)^-1 D`` (genes, q, q)."""
+    k = len(slices)
+    s0 = s[:, k][:, None, None]
+    WZX = W @ ZX
+    G = (ZX.T - np.einsum("qp,gqr->gpr", ZX, W @ ZZ)) / s0  # X'V^-1Z (genes, p, q)
+    out = np.empty((s.shape[0], k + 1, ZX.shape[1], ZX.shape[1]))
+    for i, Ii in enumerate(slices):
+        out[:, i] = G[:, :, Ii] @ G[:, :, Ii].transpose(0, 2, 1)
+    ZXWZX = np.einsum("qp,gqr->gpr", ZX, WZX)
+    out[:, k] = (XX - ZXWZX - ZXWZX.transpose(0, 2, 1) + WZX.transpose(0, 2, 1) @ ZZ @ WZX) / s0**2
+    return out
+
+
+def covariance_jacobian(cov: np.ndarray, precision_derivatives: np.ndarray) -> np.ndarray:
+    """``dC/dtheta_j = C (X'V^-1 V_j V^-1 X) C`` (genes, k + 1, p, p) from ``C`` (genes, p, p)."""
+    jac = cov[:, None] @ precision_derivatives @ cov[:, None]
+    return (jac + jac.transpose(0, 1, 3, 2)) / 2
+
+
+# --------------------------------------------------------------------------- degrees of freedom
+
+
+def coefficient_df(cov: np.ndarray, jac_diag: np.ndarray, vcov_theta: np.ndarray) -> np.ndarray:
+    """Satterthwaite df of every coefficient (genes, p).
+
+    ``jac_diag`` is the diagonal of the Jacobian of ``C``, (genes, k + 1, p).
+    """
+    var = np.diagonal(cov, axis1=1, axis2=2)
+    denom = np.einsum("gjc,gjl,glc->gc", jac_diag, vcov_theta, jac_diag)
+    return _df(var, denom)
+
+
+def contrast_df(
+    cov: np.ndarray, jac: np.ndarray, vcov_theta: np.ndarray, contrast: np.ndarray
+) -> np.ndarray:
+    """Satterthwaite df of contrasts (genes, c).
+
+    From ``C`` (genes, p, p), its Jacobian (genes, k + 1, p, p), the covariance of theta
+    (genes, k + 1, k + 1) and ``contrast`` (p, c).
+    """
+    var = np.einsum("pc,gpr,rc->gc", contrast, cov, contrast)
+    grad = np.einsum("pc,gjpr,rc->gjc", contrast, jac, contrast)
+    denom = np.einsum("gjc,gjl,glc->gc", grad, vcov_theta, grad)
+    return _df(var, denom)
+
+
+def _df(var: np.ndarray, denom: np.ndarray) -> np.ndarray:
+    # A zero denominator (no information lost to estimating theta) gives infinite df, as in
+    # lmerTest: the t test becomes a z test.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 2 * var**2 / denom
