@@ -15,7 +15,7 @@ import scflashmm as sfm
 from scflashmm.cli import main
 
 FIXED = "~0+log(libsize)+cls+cls:trt"
-TIDY = ["variable", "contrast", "log_fc", "sd", "t_value", "p_value", "adj_p_value", "converged"]
+TIDY = ["variable", "contrast", "log_fc", "sd", "t_value", "df", "p_value", "adj_p_value", "converged"]
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ def test_schema_and_default_terms(fitted):
         "log_fc",
         "sd",
         "t_value",
+        "df",
         "p_value",
         "adj_p_value",
         "converged",

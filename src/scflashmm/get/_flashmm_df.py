@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 __all__ = ["flashmm_df"]
 
-COLUMNS = ["variable", "contrast", "log_fc", "sd", "t_value", "p_value", "adj_p_value", "converged"]
+COLUMNS = [
+    "variable", "contrast", "log_fc", "sd", "t_value", "df", "p_value", "adj_p_value", "converged"
+]  # fmt: skip
 
 
 def flashmm_df(
@@ -44,16 +46,18 @@ def flashmm_df(
         unless ``contrast`` is given.
     contrast
         Contrast(s) to report: names given to ``flashmm_de(contrasts=...)``, or new expressions
-        over the design columns, which are computed here from the stored covariance.
+        over the design columns, which are computed here from the stored covariance (not
+        with Satterthwaite df: pass those to ``flashmm_de(contrasts=...)``).
     alternative
         ``"two-sided"``, ``"less"`` (effect < 0) or ``"greater"`` (effect > 0); p-values are
-        recomputed from the t values with the fit's degrees of freedom.
+        recomputed from the t values with the fit's degrees of freedom (column ``df``).
 
     Returns
     -------
     Columns ``variable`` (gene), ``contrast`` (design column or contrast name), ``log_fc``
     (the estimate: a log2 fold change when the fit used ``log2(1 + counts)``), ``sd`` (its
-    standard error), ``t_value``, ``p_value``, ``adj_p_value`` (Benjamini-Hochberg within each
+    standard error), ``t_value``, ``df`` (``n - p``, or Satterthwaite's per gene when the fit
+    used ``df="satterthwaite"``), ``p_value``, ``adj_p_value`` (Benjamini-Hochberg within each
     term/contrast, over the genes present; NaN p-values are not counted) and ``converged``.
     The column names follow pertpy's differential-expression schema. Terms come in the order
     asked (design order by default); within a term rows are sorted by p-value, NaN last.
@@ -62,6 +66,7 @@ def flashmm_df(
     info = _get_info(adata, key)
     x_columns = [str(c) for c in info["x_columns"]]
     df = int(info["df"])
+    satterthwaite = info.get("params", {}).get("df", "residual") == "satterthwaite"
     converged = adata.varm[f"{key}_diag"]["converged"].to_numpy(dtype=bool)
     genes = adata.var_names
 
@@ -71,8 +76,9 @@ def flashmm_df(
         se = adata.varm[f"{key}_se"]
         t = adata.varm[f"{key}_t"]
         for name in _select_terms(term, x_columns):
+            ddf = adata.varm[f"{key}_df"][name] if satterthwaite else df
             blocks.append(
-                _block(genes, name, coef[name], se[name], t[name], df, alternative, converged)
+                _block(genes, name, coef[name], se[name], t[name], ddf, alternative, converged)
             )
     if contrast is not None:
         stored = [str(c) for c in info.get("contrast_names", [])]
@@ -81,9 +87,18 @@ def flashmm_df(
                 est = adata.varm[f"{key}_contrast_coef"][name]
                 se_c = adata.varm[f"{key}_contrast_se"][name]
                 t_c = adata.varm[f"{key}_contrast_t"][name]
+                ddf = adata.varm[f"{key}_contrast_df"][name] if satterthwaite else df
+            elif satterthwaite:
+                msg = (
+                    f"Contrast {name!r} was not computed by flashmm_de; with df='satterthwaite' "
+                    f"new contrasts need the fit: pass them as flashmm_de(contrasts=...). "
+                    f"Stored contrasts: {stored}."
+                )
+                raise ValueError(msg)
             else:
                 est, se_c, t_c = _new_contrast(adata, key, name, x_columns, stored)
-            blocks.append(_block(genes, name, est, se_c, t_c, df, alternative, converged))
+                ddf = df
+            blocks.append(_block(genes, name, est, se_c, t_c, ddf, alternative, converged))
     if not blocks:
         msg = "No term or contrast selected."
         raise ValueError(msg)
@@ -146,6 +161,7 @@ def _new_contrast(adata: AnnData, key: str, expression: str, x_columns: list[str
 
 def _block(genes, name, est, se, t, df, alternative, converged) -> pd.DataFrame:
     t = np.asarray(t, dtype=np.float64)
+    df = np.broadcast_to(np.asarray(df, dtype=np.float64), t.shape)
     p = t_pvalue(t, df, alternative)
     table = pd.DataFrame(
         {
@@ -154,6 +170,7 @@ def _block(genes, name, est, se, t, df, alternative, converged) -> pd.DataFrame:
             "log_fc": np.asarray(est, dtype=np.float64),
             "sd": np.asarray(se, dtype=np.float64),
             "t_value": t,
+            "df": df,
             "p_value": p,
             "adj_p_value": bh_adjust(p),
             "converged": converged,

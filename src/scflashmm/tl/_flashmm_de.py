@@ -13,6 +13,7 @@ from scipy import sparse
 
 from .._core.inference import contrast_estimates, t_pvalue
 from .._core.reml import lmm
+from .._core.satterthwaite import contrast_df
 from .._core.sumstats import DEFAULT_CHUNK_SIZE, SummaryStats, prepare_chunk, summary_stats
 from .._design import make_design
 from .._lmm_test import contrast_matrix
@@ -37,6 +38,7 @@ def flashmm_de(
     layer: str | None = None,
     is_counts: bool = False,
     method: str = "REML",
+    df: str = "residual",
     contrasts: Mapping[str, str] | Sequence[str] | None = None,
     theta0: Sequence[float] | None = None,
     max_iter: int = 50,
@@ -75,6 +77,11 @@ def flashmm_de(
         million stored values are all non-negative integers).
     method
         ``"REML"`` or ``"ML"``.
+    df
+        Degrees of freedom of the t tests: ``"residual"`` (``n - p``, FLASHMM) or
+        ``"satterthwaite"`` (per gene and test, as lmerTest, from the summary statistics).
+        Choose ``"satterthwaite"`` when the tested effect varies between few samples (samples
+        nested in the condition): ``n - p`` counts cells as replicates and is then liberal.
     contrasts
         Linear combinations of the design columns to test, as a mapping ``name -> expression``
         over the column names written by formulaic, e.g.
@@ -118,12 +125,15 @@ def flashmm_de(
         Only with ``contrasts``: estimate, standard error, t and two-sided p of each contrast
         (one column per contrast name); other alternatives from
         :func:`scflashmm.get.flashmm_df`.
+    ``varm[f"{key}_df"]``, ``varm[f"{key}_contrast_df"]``
+        Only with ``df="satterthwaite"``: the df of each coefficient and contrast.
     ``uns[key]``
-        ``params`` (fixed, random, method, layer, is_counts, epsilon, max_iter, theta0,
+        ``params`` (fixed, random, method, df, layer, is_counts, epsilon, max_iter, theta0,
         chunk_size), ``x_columns``, ``random_terms``, ``random_formulas``, ``d``,
         ``z_columns``, ``contrast_names``, ``contrast_expressions``, ``contrast_matrix``
         (design columns x contrasts, only with contrasts), ``n_cells``, ``n_genes``, ``df``,
-        ``n_nonconverged``, ``n_degenerate``, ``varm_keys`` and ``version``.
+        ``n_nonconverged``, ``n_degenerate``, ``varm_keys`` and ``version``; ``df`` is the
+        residual df ``n - p`` whatever the ``df`` parameter.
 
     Genes that cannot be fit (all zero, or exactly explained by the fixed effects) are NaN.
     On any error ``adata`` is left unchanged.
@@ -145,6 +155,9 @@ def flashmm_de(
         raise ValueError(msg)
     if method not in ("REML", "ML"):
         msg = f"method must be 'REML' or 'ML', got {method!r}."
+        raise ValueError(msg)
+    if df not in ("residual", "satterthwaite"):
+        msg = f"df must be 'residual' or 'satterthwaite', got {df!r}."
         raise ValueError(msg)
     if copy and adata.isbacked:
         msg = (
@@ -214,6 +227,7 @@ def flashmm_de(
         max_iter=max_iter,
         epsilon=epsilon,
         output_cov=True,
+        df=df,
         feature_names=list(map(str, adata.var_names)),
         covariate_names=design.x_columns,
         component_names=design.random_terms,
@@ -227,6 +241,7 @@ def flashmm_de(
             "fixed": fixed,
             "random": [random] if isinstance(random, str) else list(random),
             "method": method,
+            "df": df,
             "layer": layer,
             "is_counts": bool(is_counts),
             "epsilon": float(epsilon),
@@ -462,12 +477,20 @@ def _result_tables(
         index=index,
     )
     out[f"{key}_cov"] = np.ascontiguousarray(fit.cov)
+    if fit.df_satterthwaite is not None:
+        out[f"{key}_df"] = pd.DataFrame(fit.df_satterthwaite, index=index, columns=cols)
     if cmat is not None:
-        est, se = contrast_estimates(fit.coef, fit.cov, cmat.to_numpy(dtype=np.float64))
+        L = cmat.to_numpy(dtype=np.float64)
+        est, se = contrast_estimates(fit.coef, fit.cov, L)
         with np.errstate(invalid="ignore", divide="ignore"):
             t = est / se
-        p = t_pvalue(t, fit.df)
+        ddf = fit.df
+        if fit.jac_cov is not None:
+            ddf = contrast_df(fit.cov, fit.jac_cov, fit.vcov_theta, L)
+        p = t_pvalue(t, ddf)
         names = pd.Index([str(c) for c in cmat.columns], dtype=object)
         for what, values in zip(CONTRAST_TABLES, (est, se, t, p), strict=True):
             out[f"{key}_{what}"] = pd.DataFrame(values, index=index, columns=names)
+        if fit.jac_cov is not None:
+            out[f"{key}_contrast_df"] = pd.DataFrame(ddf, index=index, columns=names)
     return out
