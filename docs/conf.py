@@ -36,10 +36,12 @@ napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = True
 napoleon_use_param = True
+# "Returns" sections here are free text (no type line, scverse style): render them as written
+napoleon_custom_sections = [("Returns", "free_text_returns")]
 # types come from the signatures (numpydoc docstrings here give none) and are shown with
 # the parameters they belong to
 autodoc_typehints = "description"
-autodoc_typehints_description_target = "documented_params"
+autodoc_typehints_description_target = "all"
 autodoc_typehints_format = "short"
 
 # scverse look
