@@ -168,6 +168,17 @@ def test_volcano_errors(fitted, kwargs, error, match):
         sfm.pl.volcano(fitted, **kwargs, show=False)
 
 
+def test_volcano_new_contrast_with_satterthwaite_df_says_why(fitted):
+    satt = fitted[:, 1:].copy()
+    sfm.tl.flashmm_de(
+        satt, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True, df="satterthwaite"
+    )
+    ax = sfm.pl.volcano(satt, TERM, show=False)
+    assert sum(len(c.get_offsets()) for c in ax.collections) == satt.n_vars
+    with pytest.raises(ValueError, match=r"flashmm_de\(contrasts=\.\.\.\)"):
+        sfm.pl.volcano(satt, "cls[2]:trt[T.B] - cls[1]:trt[T.B]", show=False)
+
+
 def test_not_an_anndata():
     with pytest.raises(TypeError, match="must be an AnnData"):
         sfm.pl.volcano(np.zeros((2, 2)), TERM)

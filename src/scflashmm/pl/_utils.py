@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._lmm_test import contrast_matrix
 from ..get import flashmm_df
 
 if TYPE_CHECKING:
@@ -64,8 +65,14 @@ def tests_table(adata: AnnData, term: str, key: str) -> pd.DataFrame:
         pass
     try:
         return flashmm_df(adata, key=key, contrast=term)
+    except ValueError as exc:
+        contrast_error = exc
+    try:
+        contrast_matrix({term: term}, x_columns)
     except ValueError:
         pass
+    else:  # a valid expression the getter cannot test (e.g. Satterthwaite df): its reason
+        raise contrast_error
     known = f", the stored contrasts {stored}" if stored else ""
     msg = (
         f"Unknown term {term!r}: it is neither a design column (the columns are "
