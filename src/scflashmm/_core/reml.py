@@ -32,7 +32,7 @@ from .satterthwaite import (
     quadratic_dense,
     quadratic_eigen,
 )
-from .sumstats import SummaryStats, summary_stats
+from .sumstats import ARRAY_FIELDS, SummaryStats, summary_stats
 
 Method = Literal["REML", "ML"]
 DfMethod = Literal["residual", "satterthwaite"]
@@ -211,10 +211,16 @@ def lmm(
         raise ValueError(msg)
     satterthwaite = df == "satterthwaite"
     n, p, q, m = stats.shape
-    d = _check_d(d, q)
+    # metadata carried by the statistics (e.g. from SummaryStats.load) are the defaults
+    d = _check_d(stats.d if d is None else d, q)
     k = len(d)
-    for name, value in vars(stats).items():
-        if name != "n" and not np.isfinite(value).all():
+    feature_names = stats.feature_names if feature_names is None else feature_names
+    covariate_names = stats.covariate_names if covariate_names is None else covariate_names
+    if component_names is None and stats.component_names is not None and len(stats.component_names) == k:
+        component_names = stats.component_names
+    for name in ARRAY_FIELDS:
+        value = getattr(stats, name)
+        if not np.isfinite(value).all():
             msg = f"Summary statistic {name} contains NaN or infinite values."
             raise ValueError(msg)
     if n <= p:
