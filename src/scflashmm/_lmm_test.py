@@ -102,10 +102,10 @@ def lmm_test(
         estimate, se = contrast_estimates(fit.coef, fit.cov, L)
         ddf = fit.df
         if df == "satterthwaite":
-            if fit.jac_cov is None:
-                msg = "Satterthwaite df of contrasts need jac_cov: fit with output_cov=True."
+            if fit.dfim_beta is None:
+                msg = "Satterthwaite df of contrasts need dfim_beta: fit with output_cov=True."
                 raise ValueError(msg)
-            ddf = contrast_df(fit.cov, fit.jac_cov, fit.vcov_theta, L)
+            ddf = contrast_df(fit.cov, fit.dfim_beta, fit.theta, fit.vcov_theta, L)
     t = estimate / se
     p = t_pvalue(t, ddf, alternative)
     parts = [("coef", estimate), ("t", t), ("p", p)]

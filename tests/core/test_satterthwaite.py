@@ -30,7 +30,7 @@ def _read(name: str) -> pd.DataFrame:
 
 
 def _kernel_parts(d, method, kernel_cls, theta, n=150, m=3, seed=5):
-    """Minus the Hessian (quadratic term - Fisher information) and X'V^-1 V_j V^-1 X at theta."""
+    """Minus the Hessian (quadratic term - Fisher information) and d(X'V^-1X)/ds_i at theta."""
     X, Y, Z = simulate(d, n=n, m=m, seed=seed)
     stats = scflashmm.summary_stats(X, Y, Z)
     A = np.linalg.inv(stats.XX)
@@ -41,8 +41,8 @@ def _kernel_parts(d, method, kernel_cls, theta, n=150, m=3, seed=5):
     state = kernel.prepare(zry, yry, n)
     s = np.tile(theta, (m, 1))
     _, fim = kernel.score_information(state, s)
-    quad, dprec = kernel.satterthwaite_parts(state, s)
-    return X, Y, Z, quad - fim, dprec
+    quad, dfim = kernel.satterthwaite_parts(state, s)
+    return X, Y, Z, quad - fim, dfim
 
 
 def _cell_cov(theta, X, Z, d):
@@ -81,9 +81,10 @@ def test_observed_information_is_minus_hessian_of_loglik(d, kernel_cls, method):
 @pytest.mark.parametrize(("d", "kernel_cls"), CASES)
 def test_covariance_jacobian_is_derivative_of_cov(d, kernel_cls):
     theta = np.array([*[0.3, 0.2][: len(d)], 0.9])
-    X, _, Z, _, dprec = _kernel_parts(d, "REML", kernel_cls, theta)
-    cov = np.broadcast_to(_cell_cov(theta, X, Z, d), (dprec.shape[0], X.shape[1], X.shape[1]))
-    jac = satterthwaite.covariance_jacobian(np.ascontiguousarray(cov), dprec)
+    X, _, Z, _, dfim = _kernel_parts(d, "REML", kernel_cls, theta)
+    m, p = dfim.shape[0], X.shape[1]
+    cov = np.ascontiguousarray(np.broadcast_to(_cell_cov(theta, X, Z, d), (m, p, p)))
+    jac = satterthwaite.covariance_jacobian(cov, dfim, np.tile(theta, (m, 1)))
     h = 1e-6
     for j, e in enumerate(np.eye(len(theta))):
         numeric = (_cell_cov(theta + h * e, X, Z, d) - _cell_cov(theta - h * e, X, Z, d)) / (2 * h)
@@ -139,7 +140,7 @@ def test_eigen_path_equals_dense_path(method, monkeypatch):
     fast = scflashmm.lmm_fit(Y, X, Z, method=method, df="satterthwaite")
     monkeypatch.setattr(reml, "_EigenKernel", reml._DenseKernel)
     dense = scflashmm.lmm_fit(Y, X, Z, method=method, df="satterthwaite")
-    for key in ("df_satterthwaite", "vcov_theta", "jac_cov", "p"):
+    for key in ("df_satterthwaite", "vcov_theta", "dfim_beta", "p"):
         np.testing.assert_allclose(
             getattr(fast, key), getattr(dense, key), rtol=1e-8, atol=1e-12, err_msg=key
         )
@@ -154,7 +155,7 @@ def test_nested_design_gives_sample_level_df():
     Z = np.eye(6)[sam]
     Y = Z @ rng.normal(0, 0.5, (6, m)) + rng.normal(size=(n, m))
     fit = scflashmm.lmm_fit(Y, X, Z, df="satterthwaite", output_cov=False)
-    assert fit.jac_cov is None
+    assert fit.dfim_beta is None
     assert np.median(fit.df_satterthwaite[:, 1]) == pytest.approx(4, rel=0.1)
     assert fit.df == n - 2
     residual = scflashmm.lmm_test(fit, df="residual")

@@ -25,7 +25,6 @@ import scipy.linalg
 from .inference import t_pvalue
 from .satterthwaite import (
     coefficient_df,
-    covariance_jacobian,
     inverse_information,
     precision_derivatives_dense,
     precision_derivatives_eigen,
@@ -72,11 +71,13 @@ class LMMFit:
         Residual degrees of freedom ``n - p`` (FLASHMM's df for every t test).
     df_method
         ``"residual"`` (``p`` on ``df``) or ``"satterthwaite"`` (``p`` on ``df_satterthwaite``).
-    df_satterthwaite, vcov_theta, jac_cov
+    df_satterthwaite, vcov_theta, dfim_beta
         Only with ``df_method="satterthwaite"``: per-coefficient Satterthwaite df (genes, p);
         covariance of theta from the observed information (genes, k + 1, k + 1); and, when
-        ``cov`` is kept, the derivatives of ``cov`` with respect to theta (genes, k + 1, p, p),
-        which :func:`scflashmm.lmm_test` needs for the df of contrasts.
+        ``cov`` is kept, the derivatives of ``X'V^-1X`` (``cov^-1``) with respect to the
+        component variances ``s_1 .. s_k`` (genes, k, p, p), from which
+        :func:`scflashmm.lmm_test` gets the df of contrasts
+        (:func:`scflashmm._core.satterthwaite.covariance_jacobian` gives ``dcov/dtheta``).
     cov, fim_beta, fim_theta, re
         Covariance of beta (genes, p, p); Fisher information of beta (genes, p, p) and of theta
         (genes, k + 1, k + 1); BLUPs of the random effects (genes, q). None unless requested.
@@ -110,7 +111,7 @@ class LMMFit:
     df_method: str = "residual"
     df_satterthwaite: np.ndarray | None = None
     vcov_theta: np.ndarray | None = None
-    jac_cov: np.ndarray | None = None
+    dfim_beta: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -184,7 +185,7 @@ def lmm(
         statistics at a small extra cost). Prefer ``"satterthwaite"`` when a coefficient is
         estimated between few samples (e.g. samples nested in the treatment): ``n - p`` then
         counts cells as replicates and makes the tests liberal. With ``output_cov`` the fit
-        also keeps (genes, k + 1, p, p) derivatives of ``cov`` for the df of contrasts.
+        also keeps (genes, k, p, p) derivatives of ``cov^-1`` for the df of contrasts.
     feature_names, covariate_names, component_names
         Names of genes (m), fixed-effect columns (p) and random components (k), kept on the fit.
 
@@ -247,7 +248,7 @@ def lmm(
     if satterthwaite:
         out["df_satterthwaite"] = np.full((m, p), np.nan)
         out["vcov_theta"] = np.full((m, k + 1, k + 1), np.nan)
-        out["jac_cov"] = np.full((m, k + 1, p, p), np.nan) if output_cov else None
+        out["dfim_beta"] = np.full((m, k, p, p), np.nan) if output_cov else None
     fit_genes = _select_fittable(stats.Ynorm, yry, feature_names)
     pres = p if method == "REML" else 0
     kernel_cls = _EigenKernel if k == 1 else _DenseKernel
@@ -282,14 +283,12 @@ def lmm(
                 out[name][genes] = value
         if satterthwaite:
             # observed information = quadratic term - Fisher information (satterthwaite.py)
-            quad, dprec = kernel.satterthwaite_parts(state, s)
+            quad, dfim = kernel.satterthwaite_parts(state, s)
             vcov_theta = inverse_information(quad - fim)
-            jac = covariance_jacobian(fixed["cov"], dprec)
-            jac_diag = np.diagonal(jac, axis1=2, axis2=3)
-            out["df_satterthwaite"][genes] = coefficient_df(fixed["cov"], jac_diag, vcov_theta)
+            out["df_satterthwaite"][genes] = coefficient_df(fixed["cov"], dfim, s, vcov_theta)
             out["vcov_theta"][genes] = vcov_theta
-            if out["jac_cov"] is not None:
-                out["jac_cov"][genes] = jac
+            if out["dfim_beta"] is not None:
+                out["dfim_beta"][genes] = dfim
 
     out["t"] = out["coef"] / out["se"]
     out["p"] = t_pvalue(out["t"], out["df_satterthwaite"] if satterthwaite else n - p)
@@ -445,9 +444,9 @@ class _EigenKernel:
         return -np.sum(np.log(np.abs(1 + r * self.lam0)), axis=1)
 
     def satterthwaite_parts(self, state: dict[str, np.ndarray], s: np.ndarray):
-        """Quadratic term of the observed information and ``X'V^-1 V_j V^-1 X``."""
+        """Quadratic term of the observed information and ``d(X'V^-1X)/ds_1``."""
         quad = quadratic_eigen(self.lam, state["w2"], state["yry"], s)
-        return quad, precision_derivatives_eigen(self.XX, self.BB, self.mu, s)
+        return quad, precision_derivatives_eigen(self.BB, self.mu, s, self.XX.shape[0])
 
     def fixed_effects(self, s, XY, ZY, output_re):
         r = (s[:, 0] / s[:, 1])[:, None]
@@ -528,12 +527,12 @@ class _DenseKernel:
         return np.linalg.slogdet(M0)[1]
 
     def satterthwaite_parts(self, state: dict[str, np.ndarray], s: np.ndarray):
-        """Quadratic term of the observed information and ``X'V^-1 V_j V^-1 X``."""
+        """Quadratic term of the observed information and ``d(X'V^-1X)/ds_i``."""
         rrep = self._rrep(s)
         M = self._inv(rrep, self.zrz)
         quad = quadratic_dense(self.zrz, state["zry"], state["yry"], s, M, rrep, self.slices)
-        W = self._inv(rrep, self.ZZ) * rrep[:, None, :]  # (D ZZ + I)^-1 D
-        return quad, precision_derivatives_dense(self.XX, self.ZX, self.ZZ, W, s, self.slices)
+        N = self._inv(rrep, self.ZZ)  # (D ZZ + I)^-1
+        return quad, precision_derivatives_dense(self.ZX, N, s, self.slices)
 
     def fixed_effects(self, s, XY, ZY, output_re):
         rrep = self._rrep(s)

@@ -29,15 +29,16 @@ The trace term is the Fisher information the solver already has. The quadratic t
     residual, residual:    e'Pe = (yR2y - u' M D u) / s0^3.
 
 The derivatives of ``C`` are ``dC/dtheta_j = C (X'V^-1 V_j V^-1 X) C``. With
-``W = (D ZZ + I)^-1 D`` (symmetric), ``X'V^-1 Z = ZX' (I - W ZZ) / s0 =: G`` and
-
-    X'V^-1 Z_i Z_i' V^-1 X = G_i G_i',
-    X'V^-2 X = (XX - 2 ZX' W ZX + ZX' W ZZ W ZX) / s0^2.
+``N = (D ZZ + I)^-1`` (Woodbury), ``X'V^-1 Z = ZX' N / s0 =: G`` and, for a component,
+``X'V^-1 Z_i Z_i' V^-1 X = G_i G_i'``. ``V = sum_j theta_j V_j``, so
+``sum_j theta_j dC/dtheta_j = C`` gives the residual's derivative (and its ``g_0``) from the
+components' without ``X'V^-2X``. The fit keeps only ``d(X'V^-1X)/ds_i = -G_i G_i'``
+(genes, k, p, p); from it the gradient of ``c'Cc`` is ``g_i = (Cc)' G_i G_i' (Cc)``.
 
 Everything is ``q x q`` / ``p x p`` algebra, batched over genes. For one component the
 eigenbases of ``zrz`` (``U``, ``lam``) and ``ZZ`` (``V``, ``mu``) reduce the quadratic term to
-sums over ``q`` eigenvalues and the derivatives of ``X'V^-1X`` to weighted sums of the
-precomputed outer products of the rows of ``B = V' ZX``.
+sums over ``q`` eigenvalues and ``G G'`` to a weighted sum of the precomputed outer products of
+the rows of ``B = V' ZX``.
 """
 
 from __future__ import annotations
@@ -118,78 +119,87 @@ def inverse_information(observed: np.ndarray) -> np.ndarray:
 
 
 def precision_derivatives_eigen(
-    XX: np.ndarray, BB: np.ndarray, mu: np.ndarray, s: np.ndarray
+    BB: np.ndarray, mu: np.ndarray, s: np.ndarray, p: int
 ) -> np.ndarray:
-    """``X'V^-1 V_j V^-1 X`` (genes, 2, p, p) for one component.
+    """``d(X'V^-1X)/ds_1 = -G G'`` (genes, 1, p, p) for one component.
 
-    ``mu`` are the eigenvalues of ``ZZ`` and ``BB`` the flattened outer products of the rows of
-    ``B = V' ZX`` in its eigenbasis (q, p * p); then ``W = V diag(c) V'``, ``c = r / (1 + r mu)``.
+    ``mu`` are the eigenvalues of ``ZZ`` (eigenvectors ``V``) and ``BB`` the flattened outer
+    products of the rows of ``B = V' ZX`` (q, p * p): ``G = B' diag(1 / (1 + r mu)) V' / s0``.
     """
-    p = XX.shape[0]
     r = (s[:, 0] / s[:, 1])[:, None]
-    s0 = s[:, 1][:, None, None]
-    c = r / (1 + r * mu)
-    # G G' = B' diag((1 - c mu)^2) B / s0^2 and X'V^-2X = (XX - B' diag(2c - c^2 mu) B) / s0^2.
-    comp = ((1 - c * mu) ** 2 @ BB).reshape(-1, p, p)
-    resid = XX - ((2 * c - c**2 * mu) @ BB).reshape(-1, p, p)
-    return np.stack([comp, resid], axis=1) / (s0**2)[:, None]
+    weights = 1 / ((1 + r * mu) * s[:, 1:2]) ** 2
+    return -(weights @ BB).reshape(-1, 1, p, p)
 
 
 def precision_derivatives_dense(
-    XX: np.ndarray,
-    ZX: np.ndarray,
-    ZZ: np.ndarray,
-    W: np.ndarray,
-    s: np.ndarray,
-    slices: list[slice],
+    ZX: np.ndarray, N: np.ndarray, s: np.ndarray, slices: list[slice]
 ) -> np.ndarray:
-    """``X'V^-1 V_j V^-1 X`` (genes, k + 1, p, p) with ``W = (D ZZ + I)^-1 D`` (genes, q, q)."""
+    """``d(X'V^-1X)/ds_i = -G_i G_i'`` (genes, k, p, p) with ``N = (D ZZ + I)^-1`` (genes, q, q).
+
+    ``G = X'V^-1 Z = ZX' (I - W ZZ) / s0 = ZX' N / s0``.
+    """
     k = len(slices)
-    s0 = s[:, k][:, None, None]
-    WZX = W @ ZX
-    G = (ZX.T - np.einsum("qp,gqr->gpr", ZX, W @ ZZ)) / s0  # X'V^-1Z (genes, p, q)
-    out = np.empty((s.shape[0], k + 1, ZX.shape[1], ZX.shape[1]))
+    G = np.einsum("qp,gqr->gpr", ZX, N) / s[:, k][:, None, None]
+    out = np.empty((s.shape[0], k, ZX.shape[1], ZX.shape[1]))
     for i, Ii in enumerate(slices):
-        out[:, i] = G[:, :, Ii] @ G[:, :, Ii].transpose(0, 2, 1)
-    ZXWZX = np.einsum("qp,gqr->gpr", ZX, WZX)
-    out[:, k] = (XX - ZXWZX - ZXWZX.transpose(0, 2, 1) + WZX.transpose(0, 2, 1) @ ZZ @ WZX) / s0**2
+        out[:, i] = -G[:, :, Ii] @ G[:, :, Ii].transpose(0, 2, 1)
     return out
 
 
-def covariance_jacobian(cov: np.ndarray, precision_derivatives: np.ndarray) -> np.ndarray:
-    """``dC/dtheta_j = C (X'V^-1 V_j V^-1 X) C`` (genes, k + 1, p, p) from ``C`` (genes, p, p)."""
-    jac = cov[:, None] @ precision_derivatives @ cov[:, None]
-    return (jac + jac.transpose(0, 1, 3, 2)) / 2
+def covariance_jacobian(cov: np.ndarray, dfim: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """``dC/dtheta_j`` (genes, k + 1, p, p) from ``C`` (genes, p, p) and ``d(X'V^-1X)/ds_i``.
+
+    For a component ``dC/ds_i = -C (d(X'V^-1X)/ds_i) C``. ``V`` is linear and homogeneous in
+    theta, so ``sum_j theta_j dC/dtheta_j = C``: that gives the residual's derivative without
+    forming ``X'V^-2X``.
+    """
+    comp = -cov[:, None] @ dfim @ cov[:, None]
+    comp = (comp + comp.transpose(0, 1, 3, 2)) / 2
+    resid = (cov - np.einsum("gj,gjpr->gpr", theta[:, :-1], comp)) / theta[:, -1, None, None]
+    return np.concatenate([comp, resid[:, None]], axis=1)
 
 
 # --------------------------------------------------------------------------- degrees of freedom
 
 
-def coefficient_df(cov: np.ndarray, jac_diag: np.ndarray, vcov_theta: np.ndarray) -> np.ndarray:
+def coefficient_df(
+    cov: np.ndarray, dfim: np.ndarray, theta: np.ndarray, vcov_theta: np.ndarray
+) -> np.ndarray:
     """Satterthwaite df of every coefficient (genes, p).
 
-    ``jac_diag`` is the diagonal of the Jacobian of ``C``, (genes, k + 1, p).
+    From ``C`` (genes, p, p), ``d(X'V^-1X)/ds_i`` (genes, k, p, p), theta (genes, k + 1) and the
+    covariance of theta (genes, k + 1, k + 1); only the diagonals of ``dC/dtheta_j`` are formed.
     """
     var = np.diagonal(cov, axis1=1, axis2=2)
-    denom = np.einsum("gjc,gjl,glc->gc", jac_diag, vcov_theta, jac_diag)
-    return _df(var, denom)
+    grad = -np.einsum("gjab,gba->gja", cov[:, None] @ dfim, cov)  # diag of -C dfim_i C
+    return _df(var, _with_residual(var, grad, theta), vcov_theta)
 
 
 def contrast_df(
-    cov: np.ndarray, jac: np.ndarray, vcov_theta: np.ndarray, contrast: np.ndarray
+    cov: np.ndarray,
+    dfim: np.ndarray,
+    theta: np.ndarray,
+    vcov_theta: np.ndarray,
+    contrast: np.ndarray,
 ) -> np.ndarray:
     """Satterthwaite df of contrasts (genes, c).
 
-    From ``C`` (genes, p, p), its Jacobian (genes, k + 1, p, p), the covariance of theta
-    (genes, k + 1, k + 1) and ``contrast`` (p, c).
+    ``contrast`` is (p, c), the other arguments as for :func:`coefficient_df`.
     """
-    var = np.einsum("pc,gpr,rc->gc", contrast, cov, contrast)
-    grad = np.einsum("pc,gjpr,rc->gjc", contrast, jac, contrast)
-    denom = np.einsum("gjc,gjl,glc->gc", grad, vcov_theta, grad)
-    return _df(var, denom)
+    w = cov @ contrast  # C c, (genes, p, c)
+    var = np.einsum("pc,gpc->gc", contrast, w)
+    grad = -np.einsum("gpc,gjpr,grc->gjc", w, dfim, w)
+    return _df(var, _with_residual(var, grad, theta), vcov_theta)
 
 
-def _df(var: np.ndarray, denom: np.ndarray) -> np.ndarray:
+def _with_residual(var: np.ndarray, grad: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Append the residual's ``g_0 = (c'Cc - sum_i s_i g_i) / s0`` (homogeneity, as above)."""
+    resid = (var - np.einsum("gj,gj...->g...", theta[:, :-1], grad)) / theta[:, -1:]
+    return np.concatenate([grad, resid[:, None]], axis=1)
+
+
+def _df(var: np.ndarray, grad: np.ndarray, vcov_theta: np.ndarray) -> np.ndarray:
+    denom = np.einsum("gj...,gjl,gl...->g...", grad, vcov_theta, grad)
     # A zero denominator (no information lost to estimating theta) gives infinite df, as in
     # lmerTest: the t test becomes a z test.
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -485,12 +485,12 @@ def _result_tables(
         with np.errstate(invalid="ignore", divide="ignore"):
             t = est / se
         ddf = fit.df
-        if fit.jac_cov is not None:
-            ddf = contrast_df(fit.cov, fit.jac_cov, fit.vcov_theta, L)
+        if fit.dfim_beta is not None:
+            ddf = contrast_df(fit.cov, fit.dfim_beta, fit.theta, fit.vcov_theta, L)
         p = t_pvalue(t, ddf)
         names = pd.Index([str(c) for c in cmat.columns], dtype=object)
         for what, values in zip(CONTRAST_TABLES, (est, se, t, p), strict=True):
             out[f"{key}_{what}"] = pd.DataFrame(values, index=index, columns=names)
-        if fit.jac_cov is not None:
+        if fit.dfim_beta is not None:
             out[f"{key}_contrast_df"] = pd.DataFrame(ddf, index=index, columns=names)
     return out
