@@ -26,6 +26,7 @@ blocks live: each block gives its partial statistics, summed by a tree reduction
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -278,6 +279,11 @@ def summary_stats(
         raise ValueError(msg)
     size = _check_chunk_size(chunk_size)
     jobs = _check_n_jobs(n_jobs)
+    with _single_threaded_blas():
+        return _summary_stats(X, Y, Z, source, n, m, size, jobs, is_counts, progress)
+
+
+def _summary_stats(X, Y, Z, source, n, m, size, jobs, is_counts, progress) -> SummaryStats:
     p = X.shape[1]
     XX = X.T @ X
     ZX = np.asarray(Z.T @ X)
@@ -300,6 +306,20 @@ def summary_stats(
         Ynorm=Ynorm,
         n=n,
     )
+
+
+def _single_threaded_blas():
+    """Limit BLAS to one thread during the pass (if threadpoolctl is installed).
+
+    The pass runs its own threads, and its BLAS calls are small or tall-skinny (``X'X``); a
+    multithreaded OpenBLAS was measured to take up to 1000x longer on such products when the
+    machine's cores are busy (docs/benchmarks.md).
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn/scanpy
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 class NonFiniteError(ValueError):
