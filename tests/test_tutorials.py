@@ -81,8 +81,11 @@ def test_large_data(tmp_path, monkeypatch):
     np.testing.assert_allclose(
         ns["reml"].coef, ns["backed"].varm["flashmm_coef"].to_numpy(), rtol=1e-7, atol=1e-9
     )
-    total, stats = ns["total"], ns["stats"]
+    total, stats, stats_dask = ns["total"], ns["stats"], ns["stats_dask"]
+    assert stats.covariate_names == tuple(ns["X"].columns)  # loaded with its names
+    assert stats.d == (16,)
     assert total.n == stats.n
     for name in ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm"):
         np.testing.assert_allclose(getattr(total, name), getattr(stats, name), rtol=1e-12)
+        np.testing.assert_allclose(getattr(stats_dask, name), getattr(stats, name), rtol=1e-12)
     assert not list(tmp_path.iterdir())  # the tutorial cleans up after itself
