@@ -31,7 +31,7 @@ templates_path = ["_templates"]
 # API reference: numpydoc docstrings with types only in the signatures
 autosummary_generate = True
 autodoc_member_order = "bysource"
-autodoc_default_options = {"members": True, "show-inheritance": False}
+autodoc_default_options = {"members": True, "exclude-members": "__init__"}
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = True
