@@ -101,14 +101,30 @@ class _Compressed(Source):
         self.indptr = np.asarray(indptr[:])
         self.fmt = fmt
 
-    def read(self, start: int, stop: int) -> sp.csr_matrix | sp.csc_matrix:
+    def read(self, start: int, stop: int) -> CompressedBlock:
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         indptr = self.indptr[start : stop + 1] - lo
         data, indices = self.data[lo:hi], self.indices[lo:hi]
         n, m = self.shape
-        if self.fmt == "csr":
-            return sp.csr_matrix((data, indices, indptr), shape=(stop - start, m), copy=False)
-        return sp.csc_matrix((data, indices, indptr), shape=(n, stop - start), copy=False)
+        shape = (stop - start, m) if self.fmt == "csr" else (n, stop - start)
+        return CompressedBlock(np.asarray(data), np.asarray(indices), indptr, shape, self.fmt)
+
+
+class CompressedBlock:
+    """A CSR/CSC block as its three arrays (views for in-memory matrices).
+
+    scipy's constructors copy arrays that are views of much larger ones, so blocks of an
+    in-memory matrix are passed around as this lightweight triple instead.
+    """
+
+    def __init__(self, data, indices, indptr, shape: tuple[int, int], fmt: str):
+        self.data, self.indices, self.indptr = data, indices, indptr
+        self.shape, self.format = shape, fmt
+
+    def to_scipy(self) -> sp.csr_matrix | sp.csc_matrix:
+        """Return the block as a scipy sparse matrix (copies the arrays)."""
+        cls = sp.csr_matrix if self.format == "csr" else sp.csc_matrix
+        return cls((self.data, self.indices, self.indptr), shape=self.shape)
 
 
 def _encoded_sparse(group: Any) -> str | None:

@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._accumulate import csc_matmul_add, csr_matmul_add, scatter_add
-from .sources import Source, is_dask_array, open_source, shape2
+from .sources import CompressedBlock, Source, is_dask_array, open_source, shape2
 
 #: Cells per chunk when none is given: bounds the working memory of one block.
 DEFAULT_CHUNK_SIZE = 10_000
@@ -315,11 +315,20 @@ def _single_threaded_blas():
     multithreaded OpenBLAS was measured to take up to 1000x longer on such products when the
     machine's cores are busy (docs/benchmarks.md).
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn/scanpy
+    global _BLAS_CONTROLLER  # found once: finding the libraries takes ~10 ms
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn/scanpy
+            _BLAS_CONTROLLER = False
+        else:
+            _BLAS_CONTROLLER = ThreadpoolController()
+    if _BLAS_CONTROLLER is False:  # pragma: no cover
         return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+
+
+_BLAS_CONTROLLER: Any = None
 
 
 class NonFiniteError(ValueError):
@@ -583,9 +592,14 @@ def block_stats(
     S = [out[offsets[g] : offsets[g + 1]] for g in range(len(sizes))]
     C = np.zeros((genes, c))  # product columns, genes x c
     ynorm = out[-1]
-    if sp.issparse(chunk) and chunk.format == "csc" and axis == 1:
+    compressed = isinstance(chunk, CompressedBlock)
+    if (compressed or sp.issparse(chunk)) and chunk.format == "csc" and axis == 1:
         _csc_columns(chunk, codes, cont, S, C, ynorm, is_counts=is_counts)
-    elif sp.issparse(chunk):
+    elif compressed and chunk.format == "csr":
+        _csr_rows(chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
+    elif sp.issparse(chunk) or compressed:
+        if compressed:
+            chunk = chunk.to_scipy()
         if chunk.format != "csr":
             chunk = sp.csr_matrix(chunk)
         _csr_rows(chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
