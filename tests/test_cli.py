@@ -121,3 +121,15 @@ def test_entry_point_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_de_satterthwaite(tmp_path):
+    path, out = tmp_path / "b.h5ad", tmp_path / "res.csv"
+    case_adata("b").write_h5ad(path)
+    argv = ["de", str(path), "--fixed", FIXED, "--random", "sam", "--counts", "--df", "satterthwaite"]
+    assert main([*argv, "--out", str(out)]) == 0
+    adata = case_adata("b")
+    sfm.tl.flashmm_de(adata, FIXED, "sam", is_counts=True, df="satterthwaite")
+    table = pd.read_csv(out)
+    pd.testing.assert_frame_equal(table, sfm.get.flashmm_df(adata), rtol=1e-10, check_dtype=False)
+    assert (table["df"] < adata.uns["flashmm"]["df"]).any()

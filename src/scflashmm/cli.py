@@ -131,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
         "repeatable",
     )
     de.add_argument("--method", choices=("REML", "ML"), default="REML", help="default REML")
+    de.add_argument(
+        "--df",
+        choices=("residual", "satterthwaite"),
+        default="residual",
+        help="degrees of freedom of the t tests: n - p as FLASHMM (default), or Satterthwaite "
+        "(recommended with few samples per condition)",
+    )
     de.add_argument("--max-iter", type=int, default=50, help="default 50")
     de.add_argument("--epsilon", type=float, default=1e-5, help="default 1e-5")
     de.add_argument("--chunk-size", type=int, help="cells per chunk (default 10000)")
@@ -197,6 +204,7 @@ def _run_de(args: argparse.Namespace) -> None:
             layer=args.layer,
             is_counts=args.counts,
             method=args.method,
+            df=args.df,
             contrasts=contrasts,
             max_iter=args.max_iter,
             epsilon=args.epsilon,
