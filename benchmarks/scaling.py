@@ -1,10 +1,11 @@
 """Scaling benchmarks of scflashmm (issue 7). One command per table of docs/benchmarks.md:
 
     python benchmarks/scaling.py target   # T1: 100k cells x 1,000 genes, in-memory CSR, end to end
-    python benchmarks/scaling.py paper    # T2: 20k/60k/120k x 6,000 (+ statsmodels MixedLM, R FLASHMM)
+    python benchmarks/scaling.py paper    # T2: 20k/60k/120k x 6,000, vs statsmodels and R
     python benchmarks/scaling.py backed   # T3: 500k x 2,000 from a backed sparse h5ad
     python benchmarks/scaling.py floor    # T4: the pass over the cells vs a bare scipy product
     python benchmarks/scaling.py solver   # T5: fit alone, 11,600 genes, q = 259, p = 62
+    python benchmarks/scaling.py kernels  # T6: building blocks of the pass (how it was chosen)
 
 Options: ``--repeat N`` (default 3; the minimum time is reported, the largest peak RSS),
 ``--data DIR`` (simulated h5ad files are cached there; default ``$TMPDIR/scflashmm-bench``),
@@ -14,9 +15,9 @@ call (``/proc/self/clear_refs``), so it covers that call with the data already l
 
 The data are ``scflashmm.datasets.simulate_rnaseq`` counts whose gene means come from a
 synthetic low-count reference (about 27% non-zero, as in the issue's 100k x 1,000 measurement),
-whose cells carry 25 samples nested in 2 treatments and 10 (T1) or 12 (T2, T3) cell types; the model is FLASHMM's
-``~0 + log(libsize) + cls + cls:trt`` with a random intercept per sample, counts fit as
-``log2(1 + y)``.
+whose cells carry 25 samples nested in 2 treatments and 10 (T1) or 12 (T2, T3) cell types. The
+model is FLASHMM's ``~0 + log(libsize) + cls + cls:trt`` with a random intercept per sample,
+counts fit as ``log2(1 + y)``.
 """
 
 from __future__ import annotations
@@ -152,9 +153,7 @@ def worker_e2e(spec: dict) -> dict:
     backed = spec.get("backed", False)
     adata = ad.read_h5ad(spec["path"], backed="r" if backed else None)
     X = adata.X
-    matrix_mb = (
-        sum(a.nbytes for a in (X.data, X.indices, X.indptr)) / 2**20 if not backed else 0.0
-    )
+    matrix_mb = sum(a.nbytes for a in (X.data, X.indices, X.indptr)) / 2**20 if not backed else 0.0
     loaded = _rss_mb()["VmRSS"]
     out = {"n": adata.n_obs, "m": adata.n_vars, "base_mb": base, "matrix_mb": matrix_mb}
     if not backed:
@@ -259,7 +258,7 @@ def worker_floor(spec: dict) -> dict:
 
     out["product_pass_s"] = best(product_pass)
     plan = ss.DesignPlan(X, Z, Y.shape[1])
-    out["groups"] = [[int(len(c)), int(U)] for c, U in plan.groups]
+    out["groups"] = [[len(c), int(U)] for c, U in plan.groups]
     out["continuous"] = int(plan.continuous.size)
     for jobs in (1, 2):
         out[f"stats_{jobs}_s"] = best(
@@ -319,11 +318,126 @@ def worker_solver(spec: dict) -> dict:
     }
 
 
+def worker_kernels(spec: dict) -> dict:
+    """Building blocks of the pass on 10 blocks of 10,000 cells, with 1 and 2 threads.
+
+    The 2-thread time shows whether a kernel releases the GIL (it halves only if it does).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anndata as ad
+    import scipy.sparse as sp
+    from scipy.sparse import _sparsetools as st
+
+    import scflashmm as sfm
+    import scflashmm._core.sumstats as ss
+    from scflashmm._design import make_design
+
+    adata = ad.read_h5ad(spec["path"])
+    Y = adata.X
+    n, m = Y.shape
+    design = make_design(adata.obs, FIXED, RANDOM)
+    X = design.X
+    rng = np.random.default_rng(0)
+    q = spec["q"]
+    sam = adata.obs[RANDOM].cat.codes.to_numpy() if q == 25 else rng.integers(0, q, n)
+    Z = np.eye(q)[sam]
+    XZ = np.hstack([X, Z])
+    blocks = []
+    for a in range(0, n, 10_000):
+        c = Y[a : a + 10_000]
+        v = np.log1p(c.data.astype(np.float64)) / np.log(2.0)
+        blocks.append((a, sp.csr_matrix((v, c.indices, c.indptr), shape=c.shape), c.data))
+
+    def product(b):
+        a, c, _ = b
+        return c.T @ XZ[a : a + c.shape[0]]
+
+    def add_at(b):
+        a, c, _ = b
+        out = np.zeros((q, m))
+        np.add.at(out, (np.repeat(sam[a : a + c.shape[0]], np.diff(c.indptr)), c.indices), c.data)
+        return out
+
+    def bincount(b):
+        a, c, _ = b
+        key = np.repeat(sam[a : a + c.shape[0]].astype(np.int64) * m, np.diff(c.indptr))
+        key += c.indices
+        return np.bincount(key, weights=c.data, minlength=q * m)
+
+    def indicator_product(b):
+        a, c, _ = b
+        G = sp.csr_matrix(
+            (np.ones(c.shape[0]), sam[a : a + c.shape[0]], np.arange(c.shape[0] + 1)),
+            shape=(c.shape[0], q),
+        )
+        return (c.T @ G).toarray()
+
+    def scatter_add(b):
+        a, c, _ = b
+        out = np.zeros((q, m))
+        rows = np.repeat(sam[a : a + c.shape[0]].astype(np.int32), np.diff(c.indptr))
+        st.coo_todense(q, m, c.nnz, rows, c.indices, c.data, out.ravel(), 0)
+        return out
+
+    def log_naive(b):
+        return np.log2(1 + b[2])
+
+    def log_inplace(b):
+        v = b[2].astype(np.float64)
+        return np.log1p(v, out=v)
+
+    def ynorm_bincount(b):
+        c = b[1]
+        return np.bincount(c.indices, weights=c.data * c.data, minlength=m)
+
+    def ynorm_matvec(b):
+        c = b[1]
+        return sp.csc_matrix(
+            (c.data * c.data, c.indices, c.indptr), shape=(m, c.shape[0])
+        ) @ np.ones(c.shape[0])
+
+    kernels = {
+        "Y' [X Z] (dense design, p+q columns)": product,
+        "Z'Y by np.add.at": add_at,
+        "Z'Y by np.bincount": bincount,
+        "Z'Y by sparse indicator product Y' G": indicator_product,
+        "Z'Y by scatter-add (scipy coo_todense)": scatter_add,
+        "log2(1 + y) naive (int32 -> float64)": log_naive,
+        "log(1 + y) one copy, in place": log_inplace,
+        "Ynorm by np.bincount": ynorm_bincount,
+        "Ynorm by sparse matvec": ynorm_matvec,
+    }
+    out = {}
+    for name, f in kernels.items():
+        for jobs in (1, 2):
+            times = []
+            for _ in range(spec["inner"]):
+                t = time.perf_counter()
+                with ThreadPoolExecutor(jobs) as pool:
+                    list(pool.map(f, blocks))
+                times.append(time.perf_counter() - t)
+            out[f"{name}|{jobs}_s"] = min(times)
+    pieces = {}
+    for piece in (1 << 14, 1 << 17, 1 << 20, 1 << 30):
+        ss._PIECE = piece
+        times = []
+        for _ in range(spec["inner"]):
+            t = time.perf_counter()
+            sfm.summary_stats(X, Y, Z, is_counts=True, n_jobs=1)
+            times.append(time.perf_counter() - t)
+        pieces[str(piece)] = min(times)
+    out["pieces"] = pieces
+    out["nnz"] = int(Y.nnz)
+    return out
+
+
 WORKERS = {
     "e2e": worker_e2e,
     "statsmodels": worker_statsmodels,
     "floor": worker_floor,
     "solver": worker_solver,
+    "kernels": worker_kernels,
 }
 
 
@@ -372,6 +486,8 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def fmt_s(x: float) -> str:
+    if x < 1:
+        return f"{x:.3f}"
     return f"{x:.2f}" if x < 10 else f"{x:.0f}" if x < 3600 else f"{x / 3600:.1f} h"
 
 
@@ -432,20 +548,34 @@ def cmd_target(args) -> str:
         ]
     ]
     header = [
-        "cells x genes", "non-zero", "p, q", "design s", "summary stats s", "fit s", "tests s",
-        "flashmm_de total s", "CSR MB", "Python+imports MB", "peak RSS MB", "peak - imports - CSR MB",
+        "cells x genes",
+        "non-zero",
+        "p, q",
+        "design s",
+        "summary stats s",
+        "fit s",
+        "tests s",
+        "flashmm_de total s",
+        "CSR MB",
+        "Python+imports MB",
+        "peak RSS MB",
+        "peak - imports - CSR MB",
     ]
     return table(header, rows)
 
 
 def cmd_paper(args) -> str:
-    sizes = [(5_000, 1_000), (10_000, 1_000)] if args.quick else [
-        (20_000, 6_000), (60_000, 6_000), (120_000, 6_000)
-    ]
+    sizes = (
+        [(5_000, 1_000), (10_000, 1_000)]
+        if args.quick
+        else [(20_000, 6_000), (60_000, 6_000), (120_000, 6_000)]
+    )
     have_r = r_flashmm_available()
     if not have_r:
-        print("R FLASHMM column skipped: Rscript with the FLASHMM package is not installed.",
-              file=sys.stderr)
+        print(
+            "R FLASHMM column skipped: Rscript with the FLASHMM package is not installed.",
+            file=sys.stderr,
+        )
     rows = []
     for n, m in sizes:
         path = dataset(args.data, n, m, 12)
@@ -471,8 +601,17 @@ def cmd_paper(args) -> str:
             ]
         )
     header = [
-        "cells x genes", "non-zero", "p, q", "design s", "summary stats s", "fit s", "tests s",
-        "flashmm_de total s", "peak RSS MB", "statsmodels MixedLM s", "R FLASHMM",
+        "cells x genes",
+        "non-zero",
+        "p, q",
+        "design s",
+        "summary stats s",
+        "fit s",
+        "tests s",
+        "flashmm_de total s",
+        "peak RSS MB",
+        "statsmodels MixedLM s",
+        "R FLASHMM",
     ]
     return table(header, rows)
 
@@ -497,8 +636,16 @@ def cmd_backed(args) -> str:
         ]
     ]
     header = [
-        "cells x genes", "h5ad MB", "p, q", "design s", "summary stats s", "fit s", "tests s",
-        "flashmm_de total s", "Python+imports MB", "peak RSS MB",
+        "cells x genes",
+        "h5ad MB",
+        "p, q",
+        "design s",
+        "summary stats s",
+        "fit s",
+        "tests s",
+        "flashmm_de total s",
+        "Python+imports MB",
+        "peak RSS MB",
     ]
     return table(header, rows)
 
@@ -509,7 +656,9 @@ def cmd_floor(args) -> str:
     for n, m, k in cases:
         path = dataset(args.data, n, m, k)
         for donors in (0, 259):
-            r = run("floor", {"path": str(path), "q_donors": donors, "inner": 3}, args.repeat)
+            inner = 3 if n * m <= 100_000 * 1_000 else 1  # keep the table within minutes
+            spec = {"path": str(path), "q_donors": donors, "inner": inner}
+            r = run("floor", spec, args.repeat)
             best = min(r["stats_1_s"], r["stats_2_s"])
             rows.append(
                 [
@@ -528,9 +677,17 @@ def cmd_floor(args) -> str:
                 ]
             )
     header = [
-        "cells x genes", "stored", "p, q", "floor: Y64' [X Z] s", "Y' [X Z] (int32) s",
-        "sparse [X Z]' Y s", "product pass s", "summary_stats 1 thread s",
-        "summary_stats 2 threads s", "ratio to floor", "plan",
+        "cells x genes",
+        "stored",
+        "p, q",
+        "floor: Y64' [X Z] s",
+        "Y' [X Z] (int32) s",
+        "sparse [X Z]' Y s",
+        "product pass s",
+        "summary_stats 1 thread s",
+        "summary_stats 2 threads s",
+        "ratio to floor",
+        "plan",
     ]
     return table(header, rows)
 
@@ -550,9 +707,50 @@ def cmd_solver(args) -> str:
             str(r["nonconverged"]),
         ]
     ]
-    header = ["genes", "cells", "p", "q", "fit s", "peak RSS above stats MB", "median iterations",
-              "not converged"]
+    header = [
+        "genes",
+        "cells",
+        "p",
+        "q",
+        "fit s",
+        "peak RSS above stats MB",
+        "median iterations",
+        "not converged",
+    ]
     return table(header, rows)
+
+
+def cmd_kernels(args) -> str:
+    n, m = (20_000, 1_000) if args.quick else (100_000, 1_000)
+    path = dataset(args.data, n, m, 10)
+    results = {
+        q: run("kernels", {"path": str(path), "q": q, "inner": 3}, args.repeat) for q in (25, 259)
+    }
+    names = [k.split("|")[0] for k in results[25] if k.endswith("|1_s")]
+    rows = []
+    for name in names:
+        row = [name]
+        for q in (25, 259):
+            one, two = results[q][f"{name}|1_s"], results[q][f"{name}|2_s"]
+            row += [fmt_s(one), fmt_s(two)]
+        rows.append(row)
+    header = [
+        "kernel (10 blocks of 10,000 cells)",
+        "q=25: 1 thread s",
+        "2 threads s",
+        "q=259: 1 thread s",
+        "2 threads s",
+    ]
+    pieces = results[25]["pieces"]
+    rows2 = [
+        [f"{int(k):,}" if int(k) < 1 << 30 else "whole block", fmt_s(v)] for k, v in pieces.items()
+    ]
+    return (
+        f"{n:,} cells x {m:,} genes, {results[25]['nnz'] / 1e6:.0f}M stored values, p = 21.\n\n"
+        + table(header, rows)
+        + "\n\nsummary_stats (1 thread, q = 25) by stored values per piece of a block:\n\n"
+        + table(["values per piece", "summary_stats s"], rows2)
+    )
 
 
 COMMANDS = {
@@ -561,6 +759,7 @@ COMMANDS = {
     "backed": cmd_backed,
     "floor": cmd_floor,
     "solver": cmd_solver,
+    "kernels": cmd_kernels,
 }
 
 
@@ -576,7 +775,9 @@ def main() -> None:
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path(os.environ.get("SCFLASHMM_BENCH_DATA", Path(tempfile.gettempdir()) / "scflashmm-bench")),
+        default=Path(
+            os.environ.get("SCFLASHMM_BENCH_DATA", Path(tempfile.gettempdir()) / "scflashmm-bench")
+        ),
     )
     args = parser.parse_args()
     names = list(COMMANDS) if args.table == "all" else [args.table]
