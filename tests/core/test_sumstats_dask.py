@@ -70,6 +70,14 @@ def test_lazily_read_h5ad_elements(data, h5ad_path, element):
     check(stats, expected(X, Y, Z, True), X.shape[0])
 
 
+def test_dask_unknown_block_sizes(data):
+    X, Y, Z = data
+    Yd = da.from_array(Y, chunks=(400, 40))
+    Yd = Yd[da.ones(Y.shape[0], dtype=bool, chunks=400)]  # row blocks of unknown size
+    assert np.isnan(Yd.chunks[0][0])
+    check(summary_stats(X, Yd, Z, is_counts=True), expected(X, Y, Z, True), X.shape[0])
+
+
 def test_dask_errors(data):
     X, Y, Z = data
     bad = Y.copy()

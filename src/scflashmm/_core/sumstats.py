@@ -270,6 +270,8 @@ def summary_stats(
     X = _as_design(X, "X", keep_sparse=False)
     Z = _as_design(Z, "Z", keep_sparse=True)
     source = None if is_dask_array(Y) else open_source(Y)
+    if source is None and any(np.isnan(c) for c in Y.chunks[0]):  # e.g. after boolean indexing
+        Y = Y.compute_chunk_sizes()
     n, m = shape2(Y) if source is None else source.shape
     if X.shape[0] != n or Z.shape[0] != n:
         msg = (
