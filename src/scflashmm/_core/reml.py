@@ -256,42 +256,45 @@ def lmm(
     block = _block_size(q, p, k)
     if satterthwaite:  # (genes, k + 1, p, p) working arrays
         block = max(1, min(block, _BLOCK_ELEMENTS // (4 * (k + 1) * p * p)))
-    for lo in range(0, fit_genes.size, block):
-        genes = fit_genes[lo : lo + block]
-        state = kernel.prepare(zry[:, genes].T, yry[genes], n - pres)
-        if start is None:
-            s = np.zeros((genes.size, k + 1))
-            s[:, k] = yry[genes] / (n - p)
-        else:
-            s = np.tile(start, (genes.size, 1))
-        s, niter = _fisher_scoring(kernel, state, s, max_iter, epsilon)
-        s[:, k] = kernel.residual_variance(state, s)
-        dl, fim = kernel.score_information(state, s)
-        cov_theta = _pinv_small(fim)
-        out["theta"][genes] = s
-        out["dlogL"][genes] = dl
-        out["se_theta"][genes] = _sqrt_or_nan(np.diagonal(cov_theta, axis1=1, axis2=2))
-        out["niter"][genes] = niter
-        out["logLik"][genes] = (
-            -(n - pres) * (1 + np.log(2 * np.pi * s[:, k])) / 2 + kernel.logdet(state, s) / 2
-        )
-        if output_fim:
-            out["fim_theta"][genes] = fim
-        fixed = kernel.fixed_effects(s, stats.XY[:, genes].T, stats.ZY[:, genes].T, output_re)
-        for name, value in fixed.items():
-            if out[name] is not None:
-                out[name][genes] = value
-        if satterthwaite:
-            # observed information = quadratic term - Fisher information (satterthwaite.py)
-            quad, dfim = kernel.satterthwaite_parts(state, s)
-            vcov_theta = inverse_information(quad - fim)
-            out["df_satterthwaite"][genes] = coefficient_df(fixed["cov"], dfim, s, vcov_theta)
-            out["vcov_theta"][genes] = vcov_theta
-            if out["dfim_beta"] is not None:
-                out["dfim_beta"][genes] = dfim
+    # Fisher scoring is unconstrained (as in FLASHMM): a gene may step to a singular V, giving
+    # inf/NaN for that gene only; it is then reported by `converged` and a ConvergenceWarning.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for lo in range(0, fit_genes.size, block):
+            genes = fit_genes[lo : lo + block]
+            state = kernel.prepare(zry[:, genes].T, yry[genes], n - pres)
+            if start is None:
+                s = np.zeros((genes.size, k + 1))
+                s[:, k] = yry[genes] / (n - p)
+            else:
+                s = np.tile(start, (genes.size, 1))
+            s, niter = _fisher_scoring(kernel, state, s, max_iter, epsilon)
+            s[:, k] = kernel.residual_variance(state, s)
+            dl, fim = kernel.score_information(state, s)
+            cov_theta = _pinv_small(fim)
+            out["theta"][genes] = s
+            out["dlogL"][genes] = dl
+            out["se_theta"][genes] = np.sqrt(np.diagonal(cov_theta, axis1=1, axis2=2))
+            out["niter"][genes] = niter
+            out["logLik"][genes] = (
+                -(n - pres) * (1 + np.log(2 * np.pi * s[:, k])) / 2 + kernel.logdet(state, s) / 2
+            )
+            if output_fim:
+                out["fim_theta"][genes] = fim
+            fixed = kernel.fixed_effects(s, stats.XY[:, genes].T, stats.ZY[:, genes].T, output_re)
+            for name, value in fixed.items():
+                if out[name] is not None:
+                    out[name][genes] = value
+            if satterthwaite:
+                # observed information = quadratic term - Fisher information (satterthwaite.py)
+                quad, dfim = kernel.satterthwaite_parts(state, s)
+                vcov_theta = inverse_information(quad - fim)
+                out["df_satterthwaite"][genes] = coefficient_df(fixed["cov"], dfim, s, vcov_theta)
+                out["vcov_theta"][genes] = vcov_theta
+                if out["dfim_beta"] is not None:
+                    out["dfim_beta"][genes] = dfim
 
-    out["t"] = out["coef"] / out["se"]
-    out["p"] = t_pvalue(out["t"], out["df_satterthwaite"] if satterthwaite else n - p)
+        out["t"] = out["coef"] / out["se"]
+        out["p"] = t_pvalue(out["t"], out["df_satterthwaite"] if satterthwaite else n - p)
     out["converged"] = np.all(np.abs(out["dlogL"]) <= epsilon, axis=1)
     n_failed = int((~out["converged"][fit_genes]).sum())
     if n_failed:
@@ -553,7 +556,7 @@ def _gls(xvx: np.ndarray, rhs: np.ndarray, s0: np.ndarray) -> dict[str, np.ndarr
     cov = (C + C.transpose(0, 2, 1)) * (s0[:, None, None] / 2)
     return {
         "coef": coef,
-        "se": _sqrt_or_nan(np.diagonal(cov, axis1=1, axis2=2)),
+        "se": np.sqrt(np.diagonal(cov, axis1=1, axis2=2)),
         "cov": cov,
         "fim_beta": (xvx + xvx.transpose(0, 2, 1)) / (2 * s0[:, None, None]),
     }
@@ -584,12 +587,6 @@ def _batched_inverse(A: np.ndarray) -> np.ndarray:
         return np.linalg.inv(A)
     except np.linalg.LinAlgError:
         return np.linalg.pinv(A)
-
-
-def _sqrt_or_nan(variance: np.ndarray) -> np.ndarray:
-    """Square root; NaN where a variance is negative (unconstrained estimates, as in FLASHMM)."""
-    with np.errstate(invalid="ignore"):
-        return np.sqrt(variance)
 
 
 def _trace(A: np.ndarray) -> np.ndarray:
