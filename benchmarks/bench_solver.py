@@ -24,13 +24,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "core"))
-from test_reml import plain_lmm  # noqa: E402
+from test_reml import plain_lmm
 
-import scflashmm  # noqa: E402
-from scflashmm import SummaryStats  # noqa: E402
+import scflashmm
+from scflashmm import SummaryStats
 
 
-def make_stats(n_genes: int, p: int, d: tuple[int, ...], n_cells: int, seed: int = 0) -> SummaryStats:
+def make_stats(
+    n_genes: int, p: int, d: tuple[int, ...], n_cells: int, seed: int = 0
+) -> SummaryStats:
     """Summary statistics of simulated data with real random effects, built gene block by block."""
     rng = np.random.default_rng(seed)
     n_cls = p - 1
@@ -40,13 +42,22 @@ def make_stats(n_genes: int, p: int, d: tuple[int, ...], n_cells: int, seed: int
     parts = {"XY": [], "ZY": [], "Ynorm": []}
     for lo in range(0, n_genes, 2000):
         g = min(2000, n_genes - lo)
-        Y = X @ rng.normal(0, 0.3, (p, g)) + Z @ rng.normal(0, 0.3, (Z.shape[1], g)) + rng.normal(size=(n_cells, g))
+        Y = (
+            X @ rng.normal(0, 0.3, (p, g))
+            + Z @ rng.normal(0, 0.3, (Z.shape[1], g))
+            + rng.normal(size=(n_cells, g))
+        )
         parts["XY"].append(X.T @ Y)
         parts["ZY"].append(Z.T @ Y)
         parts["Ynorm"].append((Y**2).sum(0))
     return SummaryStats(
-        XX=X.T @ X, XY=np.hstack(parts["XY"]), ZX=Z.T @ X, ZY=np.hstack(parts["ZY"]), ZZ=Z.T @ Z,
-        Ynorm=np.concatenate(parts["Ynorm"]), n=n_cells,
+        XX=X.T @ X,
+        XY=np.hstack(parts["XY"]),
+        ZX=Z.T @ X,
+        ZY=np.hstack(parts["ZY"]),
+        ZZ=Z.T @ Z,
+        Ynorm=np.concatenate(parts["Ynorm"]),
+        n=n_cells,
     )
 
 
@@ -73,7 +84,15 @@ def main() -> None:
             scflashmm.lmm(stats, list(d))
             fast = time.perf_counter() - t0
             sample = 20
-            small = SummaryStats(stats.XX, stats.XY[:, :sample], stats.ZX, stats.ZY[:, :sample], stats.ZZ, stats.Ynorm[:sample], stats.n)
+            small = SummaryStats(
+                stats.XX,
+                stats.XY[:, :sample],
+                stats.ZX,
+                stats.ZY[:, :sample],
+                stats.ZZ,
+                stats.Ynorm[:sample],
+                stats.n,
+            )
             t0 = time.perf_counter()
             plain_lmm(small, list(d))
             plain = (time.perf_counter() - t0) / sample
@@ -87,7 +106,10 @@ def main() -> None:
                         seconds.append(time.perf_counter() - t0)
                 base, satt = min(times["residual"]), min(times["satterthwaite"])
                 cells = f" {satt:.2f} | +{100 * (satt / base - 1):.0f} % |"
-        print(f"| {name} | {m} | {p} | {d} | {fast:.2f} | {m / fast:,.0f} | {1 / plain:,.0f} | {plain * m / fast:,.0f}x |{cells}")
+        print(
+            f"| {name} | {m} | {p} | {d} | {fast:.2f} | {m / fast:,.0f} | {1 / plain:,.0f} "
+            f"| {plain * m / fast:,.0f}x |{cells}"
+        )
 
 
 if __name__ == "__main__":

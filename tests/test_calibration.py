@@ -14,7 +14,7 @@ from scflashmm.datasets import simulate_rnaseq
 
 
 def _fit_interactions(adata):
-    """FLASHMM's example model ~0 + log(libsize) + cls + cls:trt, random ~0 + sam, on log2(1 + y)."""
+    """FLASHMM's example model ~0+log(libsize)+cls+cls:trt, random ~0+sam, on log2(1 + y)."""
     obs = adata.obs
     n_cls = len(obs["cls"].cat.categories)
     cls = np.eye(n_cls)[obs["cls"].cat.codes]

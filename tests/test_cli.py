@@ -15,7 +15,17 @@ import scflashmm as sfm
 from scflashmm.cli import main
 
 FIXED = "~0+log(libsize)+cls+cls:trt"
-TIDY = ["variable", "contrast", "log_fc", "sd", "t_value", "df", "p_value", "adj_p_value", "converged"]
+TIDY = [
+    "variable",
+    "contrast",
+    "log_fc",
+    "sd",
+    "t_value",
+    "df",
+    "p_value",
+    "adj_p_value",
+    "converged",
+]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +136,17 @@ def test_entry_point_no_traceback(tmp_path):
 def test_de_satterthwaite(tmp_path):
     path, out = tmp_path / "b.h5ad", tmp_path / "res.csv"
     case_adata("b").write_h5ad(path)
-    argv = ["de", str(path), "--fixed", FIXED, "--random", "sam", "--counts", "--df", "satterthwaite"]
+    argv = [
+        "de",
+        str(path),
+        "--fixed",
+        FIXED,
+        "--random",
+        "sam",
+        "--counts",
+        "--df",
+        "satterthwaite",
+    ]
     assert main([*argv, "--out", str(out)]) == 0
     adata = case_adata("b")
     sfm.tl.flashmm_de(adata, FIXED, "sam", is_counts=True, df="satterthwaite")

@@ -1,4 +1,4 @@
-"""scflashmm: single-cell differential expression with linear mixed models fit from summary statistics.
+"""scflashmm: single-cell differential expression with mixed models fit from summary statistics.
 
 The Python home of the method of the R package FLASHMM (Xu et al.): summary statistics are
 accumulated in one pass over the cells, then REML/ML is fit by Fisher scoring for every gene.

@@ -14,7 +14,9 @@ from ._core.reml import DfMethod, LMMFit
 from ._core.satterthwaite import contrast_df
 
 
-def contrast_matrix(contrasts: Mapping[str, str] | Sequence[str] | str, names: Sequence[str]) -> pd.DataFrame:
+def contrast_matrix(
+    contrasts: Mapping[str, str] | Sequence[str] | str, names: Sequence[str]
+) -> pd.DataFrame:
     """Build a contrast matrix from expressions over design column names.
 
     Parameters
@@ -53,7 +55,7 @@ def lmm_test(
     *,
     df: DfMethod | None = None,
 ) -> pd.DataFrame:
-    """t tests of fixed effects or of contrasts of them, for every gene (FLASHMM's ``lmmtest``).
+    """T tests of fixed effects or of contrasts of them, for every gene (FLASHMM's ``lmmtest``).
 
     Parameters
     ----------
@@ -135,7 +137,10 @@ def _positions(index: Any, covariates: list[str]) -> list[int]:
         elif isinstance(item, int | np.integer) and -len(covariates) <= item < len(covariates):
             positions.append(int(item) % len(covariates))
         else:
-            msg = f"index must hold covariate names or 0-based positions < {len(covariates)}, got {item!r}."
+            msg = (
+                f"index must hold covariate names or 0-based positions < {len(covariates)}, "
+                f"got {item!r}."
+            )
             raise ValueError(msg)
     return positions
 
@@ -144,7 +149,10 @@ def _as_contrast_frame(contrast: Any, covariates: list[str]) -> pd.DataFrame:
     if isinstance(contrast, pd.DataFrame):
         missing = [c for c in covariates if c not in contrast.index]
         if missing or len(contrast.index) != len(covariates):
-            msg = f"The contrast matrix must have one row per covariate {covariates}; missing {missing}."
+            msg = (
+                f"The contrast matrix must have one row per covariate {covariates}; "
+                f"missing {missing}."
+            )
             raise ValueError(msg)
         return contrast.loc[covariates]
     if isinstance(contrast, Mapping | str) or (
@@ -155,6 +163,11 @@ def _as_contrast_frame(contrast: Any, covariates: list[str]) -> pd.DataFrame:
     if matrix.ndim == 1:
         matrix = matrix[:, None]
     if matrix.shape[0] != len(covariates):
-        msg = f"The contrast matrix has {matrix.shape[0]} rows, expected one per covariate ({len(covariates)})."
+        msg = (
+            f"The contrast matrix has {matrix.shape[0]} rows, expected one per covariate "
+            f"({len(covariates)})."
+        )
         raise ValueError(msg)
-    return pd.DataFrame(matrix, index=covariates, columns=[f"contrast{j + 1}" for j in range(matrix.shape[1])])
+    return pd.DataFrame(
+        matrix, index=covariates, columns=[f"contrast{j + 1}" for j in range(matrix.shape[1])]
+    )

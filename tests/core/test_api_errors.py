@@ -21,7 +21,9 @@ def stats():
 
 @pytest.fixture(scope="module")
 def fit(stats):
-    return scflashmm.lmm(stats, covariate_names=["(Intercept)", "log(libsize)"], feature_names=list("abcd"))
+    return scflashmm.lmm(
+        stats, covariate_names=["(Intercept)", "log(libsize)"], feature_names=list("abcd")
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Parity with FLASHMM 1.3.0 on the eight reference cases (tests/data/reference).
 
 Tolerances (per quantity, FLASHMM output compared):
-- summary statistics (ss_*.csv): rtol 1e-12 -- sums of the same products, only summation order differs;
+- summary statistics (ss_*.csv): rtol 1e-12 -- the same sums, only the summation order differs;
 - coef/se/t/theta/se_theta/logLik/cov/RE/FIM (coef.csv ... FIM_theta.csv): rtol 1e-7, atol 1e-10
   for values near 0 (our estimates agree to ~1e-11 relative; the budget covers BLAS differences);
 - p (p.csv, test_*.csv): -log10(p) with atol 1e-8;
@@ -86,7 +86,7 @@ def test_summary_stats_match_sslmm(name):
     ss = case["ss"]
     for field in ("XX", "XY", "ZX", "ZY", "ZZ"):
         expected = ss[field].to_numpy()
-        # Sums of centred covariates (case e's age) are round-off: atol relative to the matrix scale.
+        # Sums of centred covariates (case e's age) are round-off: atol relative to the scale.
         close(getattr(stats, field), expected, rtol=1e-12, atol=1e-13 * np.abs(expected).max())
     close(stats.Ynorm, ss["Ynorm"].to_numpy(), rtol=1e-12, atol=0)
     assert stats.n == ss["n"]
@@ -150,7 +150,12 @@ def test_lmm_test_default(fitted):
     stat = [c for c in ours.columns if not c.endswith("_p")]
     close(ours[stat].to_numpy()[keep], theirs[stat].to_numpy()[keep])
     pcols = [c for c in ours.columns if c.endswith("_p")]
-    close(-np.log10(ours[pcols].to_numpy()[keep]), -np.log10(theirs[pcols].to_numpy()[keep]), rtol=0, atol=1e-8)
+    close(
+        -np.log10(ours[pcols].to_numpy()[keep]),
+        -np.log10(theirs[pcols].to_numpy()[keep]),
+        rtol=0,
+        atol=1e-8,
+    )
 
 
 @pytest.mark.parametrize("alternative", list(ALTERNATIVES))
@@ -171,12 +176,19 @@ def test_lmm_test_contrasts(fitted, alternative):
     stat = [c for c in ours.columns if not c.endswith("_p")]
     close(ours[stat].to_numpy()[keep], theirs[stat].to_numpy()[keep])
     pcols = [c for c in ours.columns if c.endswith("_p")]
-    close(-np.log10(ours[pcols].to_numpy()[keep]), -np.log10(theirs[pcols].to_numpy()[keep]), rtol=0, atol=1e-8)
+    close(
+        -np.log10(ours[pcols].to_numpy()[keep]),
+        -np.log10(theirs[pcols].to_numpy()[keep]),
+        rtol=0,
+        atol=1e-8,
+    )
 
 
 def test_lmm_on_summary_stats_equals_lmm_fit():
     case = load_case("b_simu_reml_counts")
-    stats = scflashmm.summary_stats(case["X"].to_numpy(), case["Y"], case["Z"].to_numpy(), is_counts=True)
+    stats = scflashmm.summary_stats(
+        case["X"].to_numpy(), case["Y"], case["Z"].to_numpy(), is_counts=True
+    )
     a = scflashmm.lmm(stats, [25])
     b = fit_case(case)
     np.testing.assert_array_equal(a.coef, b.coef)

@@ -1,4 +1,4 @@
-"""The batched solver against a plain per-gene implementation, numerical derivatives and statsmodels."""
+"""The batched solver against a plain per-gene implementation, derivatives and statsmodels."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def plain_lmm(stats, d, method="REML", max_iter=50, epsilon=1e-5):
     A = np.linalg.inv(stats.XX)
     zrz = stats.ZZ - stats.ZX @ A @ stats.ZX.T
     ZR, pres = (zrz, p) if method == "REML" else (stats.ZZ, 0)
-    blocks = [np.arange(a, b) for a, b in zip(np.cumsum([0, *d])[:-1], np.cumsum(d))]
+    blocks = [np.arange(a, b) for a, b in zip(np.cumsum([0, *d])[:-1], np.cumsum(d), strict=True)]
     out = {key: [] for key in ("theta", "coef", "se", "dlogL", "niter", "logLik")}
     for g in range(m):
         zry = stats.ZY[:, g] - stats.ZX @ A @ stats.XY[:, g]
@@ -29,7 +29,7 @@ def plain_lmm(stats, d, method="REML", max_iter=50, epsilon=1e-5):
             M0 = M if method == "REML" else np.linalg.inv(D @ stats.ZZ + np.eye(q))
             return D, M, M0
 
-        def score(s):
+        def score(s, zry, yry):
             D, M, M0 = parts(s)
             s0 = s[k]
             u = zry @ M
@@ -48,12 +48,12 @@ def plain_lmm(stats, d, method="REML", max_iter=50, epsilon=1e-5):
 
         it, dl = 0, np.full(k + 1, np.inf)
         while np.max(np.abs(dl)) > epsilon and it < max_iter:
-            dl, F = score(s)
+            dl, F = score(s, zry, yry)
             s = s + np.linalg.pinv(F) @ dl
             it += 1
         D, M, M0 = parts(s)
         s[k] = (yry - zry @ M @ D @ zry) / (n - pres)
-        dl, F = score(s)
+        dl, F = score(s, zry, yry)
         D, M, M0 = parts(s)
         W = np.linalg.inv(D @ stats.ZZ + np.eye(q)) @ D
         C = np.linalg.inv(stats.XX - stats.ZX.T @ W @ stats.ZX)
@@ -73,7 +73,7 @@ def simulate(d, n=400, m=12, p=3, seed=0, sigma=(0.5, 0.3, 0.2)):
     rng = np.random.default_rng(seed)
     X = np.column_stack([np.ones(n), rng.normal(size=(n, p - 1))])
     Z = np.hstack([np.eye(q)[rng.integers(0, q, n)] for q in d])
-    b = np.vstack([rng.normal(0, s, size=(q, m)) for q, s in zip(d, sigma)])
+    b = np.vstack([rng.normal(0, s, size=(q, m)) for q, s in zip(d, sigma[: len(d)], strict=True)])
     Y = X @ rng.normal(size=(p, m)) + Z @ b + rng.normal(size=(n, m))
     return X, Y, Z
 
@@ -97,8 +97,21 @@ def test_eigen_path_equals_dense_path(method, monkeypatch):
     fast = scflashmm.lmm(stats, method=method, output_re=True, output_fim=True)
     monkeypatch.setattr(reml, "_EigenKernel", reml._DenseKernel)
     dense = scflashmm.lmm(stats, method=method, output_re=True, output_fim=True)
-    for key in ("theta", "coef", "se", "cov", "logLik", "dlogL", "re", "fim_beta", "fim_theta", "se_theta"):
-        np.testing.assert_allclose(getattr(fast, key), getattr(dense, key), rtol=1e-9, atol=1e-10, err_msg=key)
+    for key in (
+        "theta",
+        "coef",
+        "se",
+        "cov",
+        "logLik",
+        "dlogL",
+        "re",
+        "fim_beta",
+        "fim_theta",
+        "se_theta",
+    ):
+        np.testing.assert_allclose(
+            getattr(fast, key), getattr(dense, key), rtol=1e-9, atol=1e-10, err_msg=key
+        )
     np.testing.assert_array_equal(fast.niter, dense.niter)
 
 
@@ -107,7 +120,7 @@ def loglik(theta, X, y, Z, d, method):
     n = len(y)
     V = theta[-1] * np.eye(n)
     start = 0
-    for s, q in zip(theta[:-1], d):
+    for s, q in zip(theta[:-1], d, strict=True):
         Zi = Z[:, start : start + q]
         V += s * Zi @ Zi.T
         start += q
@@ -126,11 +139,11 @@ def loglik(theta, X, y, Z, d, method):
 @pytest.mark.parametrize("method", ["REML"])
 @pytest.mark.parametrize("d", [(8,), (8, 5)])
 def test_score_is_derivative_of_loglik(d, method):
-    """The analytic REML score (both kernels) equals the numerical gradient of the log-likelihood."""
+    """The analytic REML score (both kernels) equals the numerical gradient of the loglik."""
     X, Y, Z = simulate(d, n=150, m=3, seed=5)
     stats = scflashmm.summary_stats(X, Y, Z)
-    theta = np.array([0.3, 0.2, 0.1][: len(d)] + [0.9])
-    n, p, q, m = stats.shape
+    theta = np.array([*[0.3, 0.2, 0.1][: len(d)], 0.9])
+    n, p, _, m = stats.shape
     A = np.linalg.inv(stats.XX)
     zrz = stats.ZZ - stats.ZX @ A @ stats.ZX.T
     zry = (stats.ZY - stats.ZX @ A @ stats.XY).T
@@ -143,7 +156,11 @@ def test_score_is_derivative_of_loglik(d, method):
         for g in range(m):
             h = 1e-6
             numeric = [
-                (loglik(theta + h * e, X, Y[:, g], Z, d, method) - loglik(theta - h * e, X, Y[:, g], Z, d, method)) / (2 * h)
+                (
+                    loglik(theta + h * e, X, Y[:, g], Z, d, method)
+                    - loglik(theta - h * e, X, Y[:, g], Z, d, method)
+                )
+                / (2 * h)
                 for e in np.eye(len(theta))
             ]
             np.testing.assert_allclose(dl[g], numeric, rtol=1e-5, atol=1e-6)
@@ -157,13 +174,17 @@ def test_statsmodels_mixedlm_agrees():
     g = rng.integers(0, groups, n)
     X = np.column_stack([np.ones(n), rng.normal(size=n)])
     Z = np.eye(groups)[g]
-    Y = np.column_stack([X @ [1.0, 0.5] + rng.normal(0, 0.7, groups)[g] + rng.normal(size=n) for _ in range(3)])
+    Y = np.column_stack(
+        [X @ [1.0, 0.5] + rng.normal(0, 0.7, groups)[g] + rng.normal(size=n) for _ in range(3)]
+    )
     fit = scflashmm.lmm_fit(Y, X, Z)
     for j in range(Y.shape[1]):
         res = sm.MixedLM(Y[:, j], X, groups=g).fit(reml=True)
         np.testing.assert_allclose(fit.coef[j], res.fe_params, rtol=1e-5)
         np.testing.assert_allclose(fit.se[j], res.bse_fe, rtol=1e-4)
-        np.testing.assert_allclose(fit.theta[j], [np.asarray(res.cov_re)[0, 0], res.scale], rtol=1e-4)
+        np.testing.assert_allclose(
+            fit.theta[j], [np.asarray(res.cov_re)[0, 0], res.scale], rtol=1e-4
+        )
 
 
 def test_nonconvergence_is_a_warning_and_a_flag():
@@ -176,8 +197,17 @@ def test_nonconvergence_is_a_warning_and_a_flag():
 
 def test_to_frame():
     X, Y, Z = simulate((10,), m=4)
-    fit = scflashmm.lmm_fit(Y, X, Z, feature_names=list("abcd"), covariate_names=["icpt", "x1", "x2"], component_names=["sam"])
+    fit = scflashmm.lmm_fit(
+        Y,
+        X,
+        Z,
+        feature_names=list("abcd"),
+        covariate_names=["icpt", "x1", "x2"],
+        component_names=["sam"],
+    )
     frame = fit.to_frame()
     assert list(frame.index) == list("abcd")
-    assert {"x1_coef", "x1_se", "x1_t", "x1_p", "theta_sam", "theta_residual", "converged"} <= set(frame.columns)
+    assert {"x1_coef", "x1_se", "x1_t", "x1_p", "theta_sam", "theta_residual", "converged"} <= set(
+        frame.columns
+    )
     np.testing.assert_array_equal(frame["x1_coef"], fit.coef[:, 1])

@@ -38,7 +38,12 @@ def test_layouts_and_chunks_agree(data, layout, chunk_size, is_counts):
     X, counts, Z = data
     Y = np.log2(1 + counts) if is_counts else counts
     expected = {
-        "XX": X.T @ X, "XY": X.T @ Y, "ZX": Z.T @ X, "ZY": Z.T @ Y, "ZZ": Z.T @ Z, "Ynorm": (Y**2).sum(0),
+        "XX": X.T @ X,
+        "XY": X.T @ Y,
+        "ZX": Z.T @ X,
+        "ZY": Z.T @ Y,
+        "ZZ": Z.T @ Z,
+        "Ynorm": (Y**2).sum(0),
     }
     stats = summary_stats(X, LAYOUTS[layout](counts), Z, chunk_size=chunk_size, is_counts=is_counts)
     for key, value in expected.items():
@@ -71,8 +76,14 @@ def test_statistics_of_disjoint_cells_add_up(data):
     [
         (lambda X, Y, Z: (X[:-1], Y, Z), "one row per cell"),
         (lambda X, Y, Z: (X, Y, Z[:-1]), "one row per cell"),
-        (lambda X, Y, Z: (X, np.where(np.arange(Y.size).reshape(Y.shape) == 5, np.nan, Y), Z), "NaN or infinite"),
-        (lambda X, Y, Z: (X, sp.csr_array(np.where(Y == Y.max(), np.inf, Y)), Z), "NaN or infinite"),
+        (
+            lambda X, Y, Z: (X, np.where(np.arange(Y.size).reshape(Y.shape) == 5, np.nan, Y), Z),
+            "NaN or infinite",
+        ),
+        (
+            lambda X, Y, Z: (X, sp.csr_array(np.where(Y == Y.max(), np.inf, Y)), Z),
+            "NaN or infinite",
+        ),
         (lambda X, Y, Z: (np.where(X == X.max(), np.nan, X), Y, Z), "X contains NaN"),
         (lambda X, Y, Z: (X, Y[:, 0], Z), "2-D"),
         (lambda X, Y, Z: (X, Y.astype(str), Z), "numeric"),
@@ -97,8 +108,15 @@ def test_chunk_size_must_be_positive(data):
 
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="XX has shape"):
-        SummaryStats(XX=np.eye(3), XY=np.zeros((2, 4)), ZX=np.zeros((5, 2)), ZY=np.zeros((5, 4)),
-                     ZZ=np.eye(5), Ynorm=np.zeros(4), n=10)
+        SummaryStats(
+            XX=np.eye(3),
+            XY=np.zeros((2, 4)),
+            ZX=np.zeros((5, 2)),
+            ZY=np.zeros((5, 4)),
+            ZZ=np.eye(5),
+            Ynorm=np.zeros(4),
+            n=10,
+        )
 
 
 def test_adding_incompatible_statistics_fails(data):

@@ -196,7 +196,7 @@ def lmm(
     are flagged in ``converged`` (with a :class:`ConvergenceWarning`).
     """
     if not isinstance(stats, SummaryStats):
-        msg = f"stats must be a SummaryStats (see scflashmm.summary_stats), got {type(stats).__name__}."
+        msg = f"stats must be a SummaryStats (from summary_stats), got {type(stats).__name__}."
         raise TypeError(msg)
     if method not in ("REML", "ML"):
         msg = f"method must be 'REML' or 'ML', got {method!r}."
@@ -217,7 +217,11 @@ def lmm(
     k = len(d)
     feature_names = stats.feature_names if feature_names is None else feature_names
     covariate_names = stats.covariate_names if covariate_names is None else covariate_names
-    if component_names is None and stats.component_names is not None and len(stats.component_names) == k:
+    if (
+        component_names is None
+        and stats.component_names is not None
+        and len(stats.component_names) == k
+    ):
         component_names = stats.component_names
     for name in ARRAY_FIELDS:
         value = getattr(stats, name)
@@ -231,7 +235,10 @@ def lmm(
     if theta0 is not None:
         start = np.asarray(theta0, dtype=np.float64).ravel()
         if start.shape != (k + 1,):
-            msg = f"theta0 must have k + 1 = {k + 1} values (one per component, residual last), got {start.size}."
+            msg = (
+                f"theta0 must have k + 1 = {k + 1} values (one per component, residual last), "
+                f"got {start.size}."
+            )
             raise ValueError(msg)
     covariate_names = _check_names(covariate_names, p, "covariate_names")
     feature_names = _check_names(feature_names, m, "feature_names")
@@ -478,7 +485,9 @@ class _DenseKernel:
         self.XX = stats.XX
         self.ZX = stats.ZX
         self.blocks = np.repeat(np.arange(self.k), d)
-        self.slices = [slice(a, b) for a, b in zip(np.cumsum((0, *d))[:-1], np.cumsum(d), strict=True)]
+        self.slices = [
+            slice(a, b) for a, b in zip(np.cumsum((0, *d))[:-1], np.cumsum(d), strict=True)
+        ]
         self.eye = np.eye(self.q)
 
     def prepare(self, zry: np.ndarray, yry: np.ndarray, n_res: int) -> dict[str, np.ndarray]:
@@ -645,7 +654,7 @@ def _inverse_fixed_crossprod(XX: np.ndarray, names: list[str] | None) -> np.ndar
 
 
 def _select_fittable(Ynorm: np.ndarray, yry: np.ndarray, names: list[str] | None) -> np.ndarray:
-    """Indices of genes that can be fit; warn about the others (left as NaN)."""
+    """Return the indices of genes that can be fit; warn about the others (left as NaN)."""
     zero = Ynorm <= 0
     if zero.any():
         msg = f"{int(zero.sum())} feature(s) with only zero counts! They are left as NaN."
