@@ -138,7 +138,11 @@ def test_n_de_genes_per_cluster_sequence_and_mapping():
 
 def test_p_de_genes_per_cluster_zero_gets_none():
     a = simulate_rnaseq(
-        n_genes=60, n_cells=500, n_clusters=3, n_de_genes=40, p_de_genes_per_cluster=[0, 1, 3],
+        n_genes=60,
+        n_cells=500,
+        n_clusters=3,
+        n_de_genes=40,
+        p_de_genes_per_cluster=[0, 1, 3],
         seed=0,
     )
     per = a.uns["simulate_rnaseq"]["n_de_genes_per_cluster"]
@@ -203,7 +207,11 @@ def test_nb_mean_and_variance_without_effects():
     # no random effects, constant library size, no DE: y_ig ~ NB(mu_g, size_g) i.i.d. over cells
     n = 40_000
     a = simulate_rnaseq(
-        n_genes=30, n_cells=n, n_de_genes=0, var_random_effects=0.0, adjust_library_size=False,
+        n_genes=30,
+        n_cells=n,
+        n_de_genes=0,
+        var_random_effects=0.0,
+        adjust_library_size=False,
         seed=11,
     )
     assert a.obs["libsize"].nunique() == 1
