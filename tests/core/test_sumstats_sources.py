@@ -252,6 +252,16 @@ def test_backed_nonfinite_value_names_the_cells(data, tmp_path):
     assert info.value.start <= 300 < info.value.stop
 
 
+def test_nonfinite_value_in_column_blocks_names_the_genes(data):
+    X, Y, Z = data
+    bad = sp.lil_matrix(Y, dtype=float)
+    bad[300, 17] = np.nan
+    with pytest.raises(NonFiniteError, match=r"genes \d+\.\.\d+") as info:
+        summary_stats(X, bad.tocsc(), Z, chunk_size=100)
+    assert info.value.axis == 1
+    assert info.value.start <= 17 < info.value.stop
+
+
 # ------------------------------------------------------------------------------------------
 # progress, options, errors
 # ------------------------------------------------------------------------------------------

@@ -207,6 +207,20 @@ def test_backed_agrees_with_in_memory(fitted_b, tmp_path, layout):
         backed.file.close()
 
 
+def test_layer_of_backed_agrees_with_in_memory(fitted_b, tmp_path):
+    adata = case_adata("b")
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sparse.csr_matrix(adata.shape)
+    path = tmp_path / "b_layer.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        fit_case("b_simu_reml_counts", adata=backed, layer="counts", chunk_size=128)
+        _assert_same_results(backed, fitted_b)
+    finally:
+        backed.file.close()
+
+
 def test_layer_and_integer_dtype(fitted_b):
     adata = case_adata("b")
     adata.layers["counts"] = adata.X.astype(np.int32)
@@ -327,6 +341,11 @@ def _bad(kind: str):
     elif kind == "nan_data":
         adata.X = adata.X.toarray()
         adata.X[11, 4] = np.nan
+    elif kind in ("nan_data_csr", "nan_data_csc"):
+        bad = sparse.lil_matrix(adata.X, dtype=float)
+        bad[11, 4] = np.inf
+        adata.X = bad.asformat(kind[-3:])
+        kw["chunk_size"] = 97
     elif kind == "negative_counts":
         adata.X = adata.X.copy()
         adata.X.data[0] = -1
@@ -365,6 +384,8 @@ def _bad(kind: str):
         ("missing_column", r"adata.obs has no column 'cluster' \(in the fixed formula\)"),
         ("nan_obs", r"adata.obs\['libsize'\].*1 missing value.*'Cell8'"),
         ("nan_data", r"adata.X contains NaN.*cell 'Cell12', gene 'Gene5'"),
+        ("nan_data_csr", r"adata.X contains NaN.*cell 'Cell12', gene 'Gene5'"),
+        ("nan_data_csc", r"adata.X contains NaN.*cell 'Cell12', gene 'Gene5'"),
         ("negative_counts", r"adata.X: .*negative values"),
         ("one_level", r"random term 'one' has a single level"),
         ("rank_deficient", r"rank deficient.*'trt\[T.B\]', 'sam\[T.B1\]'.*linearly dependent"),

@@ -264,8 +264,8 @@ def summary_stats(
     ------
     ValueError
         For mismatched numbers of cells, non-numeric or non-finite values, negative values
-        with ``is_counts=True`` (:class:`NonFiniteError` names the cells of the block with a
-        non-finite value).
+        with ``is_counts=True`` (:class:`NonFiniteError` gives the range of cells, or of
+        genes for column blocks, of the piece with a non-finite value).
     """
     X = _as_design(X, "X", keep_sparse=False)
     Z = _as_design(Z, "Z", keep_sparse=True)
@@ -334,11 +334,15 @@ _BLAS_CONTROLLER: Any = None
 
 
 class NonFiniteError(ValueError):
-    """``Y`` has a NaN or infinite value; ``start``/``stop`` delimit the block of cells."""
+    """``Y`` has a NaN or infinite value.
 
-    def __init__(self, msg: str, start: int | None = None, stop: int | None = None):
+    It is in the cells ``start:stop`` (``axis = 0``) or, in a pass over blocks of genes (CSC),
+    in the genes ``start:stop`` (``axis = 1``).
+    """
+
+    def __init__(self, msg: str, start: int | None = None, stop: int | None = None, axis: int = 0):
         super().__init__(msg)
-        self.start, self.stop = start, stop
+        self.start, self.stop, self.axis = start, stop, axis
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +531,7 @@ def _design_columns(X: np.ndarray, Z: Any, columns: np.ndarray) -> np.ndarray:
 
 
 def _values(
-    values: np.ndarray, *, is_counts: bool, where: str, start=None, stop=None
+    values: np.ndarray, *, is_counts: bool, where: str, start=None, stop=None, axis: int = 0
 ) -> np.ndarray:
     """Check stored values and return them as float64, ``ln(1 + y)`` for counts.
 
@@ -541,7 +545,7 @@ def _values(
         lo, hi = values.min(), values.max()
         if kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
             msg = f"Y contains NaN or infinite values (in {where})."
-            raise NonFiniteError(msg, start, stop)
+            raise NonFiniteError(msg, start, stop, axis)
         if is_counts and lo < 0:
             msg = (
                 "Y contains negative values, so it cannot be counts: is_counts=True applies "
@@ -583,10 +587,10 @@ def block_stats(
 
     Row blocks (``axis=0``): ``chunk`` is cells x genes (numpy or sparse) and ``codes``
     (n_groups, cells) and ``cont`` (cells, c) are those of its cells, the first being cell
-    ``start``. Column blocks (``axis=1``): ``chunk`` is a CSC all cells x some genes and
-    ``codes``/``cont`` cover all cells. Returns ``(rows, genes in the block)``: the per-pattern
-    sums of each group, the product columns, then the squared norms; values are
-    ``ln(1 + y)`` for counts (rescaled in :meth:`DesignPlan.unpack`).
+    ``start``. Column blocks (``axis=1``): ``chunk`` is a CSC all cells x some genes, the
+    first being gene ``start``, and ``codes``/``cont`` cover all cells. Returns ``(rows, genes
+    in the block)``: the per-pattern sums of each group, the product columns, then the squared
+    norms; values are ``ln(1 + y)`` for counts (rescaled in :meth:`DesignPlan.unpack`).
     """
     _n_cells, genes = chunk.shape
     c = cont.shape[1]
@@ -597,7 +601,7 @@ def block_stats(
     ynorm = out[-1]
     compressed = isinstance(chunk, CompressedBlock)
     if (compressed or sp.issparse(chunk)) and chunk.format == "csc" and axis == 1:
-        _csc_columns(chunk, codes, cont, S, C, ynorm, is_counts=is_counts)
+        _csc_columns(chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
     elif compressed and chunk.format == "csr":
         _csr_rows(chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
     elif sp.issparse(chunk) or compressed:
@@ -633,7 +637,7 @@ def _csr_rows(chunk, codes, cont, S, C, ynorm, *, is_counts: bool, start: int) -
         csc_matmul_add(ynorm, ip, idx, v * v, np.ones(b - a))
 
 
-def _csc_columns(chunk, codes, cont, S, C, ynorm, *, is_counts: bool) -> None:
+def _csc_columns(chunk, codes, cont, S, C, ynorm, *, is_counts: bool, start: int) -> None:
     data, indices, indptr = chunk.data, chunk.indices, chunk.indptr
     n_cells = chunk.shape[0]
     c = cont.shape[1]
@@ -642,7 +646,10 @@ def _csc_columns(chunk, codes, cont, S, C, ynorm, *, is_counts: bool) -> None:
         lo, hi = int(indptr[a]), int(indptr[b])
         if hi == lo:
             continue
-        v = _values(data[lo:hi], is_counts=is_counts, where="a block of genes")
+        where = f"genes {start + a}..{start + b - 1}"
+        v = _values(
+            data[lo:hi], is_counts=is_counts, where=where, start=start + a, stop=start + b, axis=1
+        )
         idx = indices[lo:hi]
         ip = indptr[a : b + 1] - lo  # the piece as CSR genes x cells
         gene = np.repeat(np.arange(a, b, dtype=idx.dtype), np.diff(ip))
@@ -715,7 +722,7 @@ def _local_pass(
             plan.sizes,
             is_counts=is_counts,
             axis=source.axis,
-            start=start if source.axis == 0 else 0,
+            start=start,
         )
 
     if n_jobs == 1 or len(spans) == 1:
@@ -790,42 +797,8 @@ def _dask_pass(Y: Any, plan: DesignPlan, *, is_counts: bool) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# older block-level helpers (kept for callers that run their own loop) and checks
+# checks
 # --------------------------------------------------------------------------------------------
-
-
-def iter_row_chunks(Y: Any, chunk_size: int | None = None) -> Iterator[tuple[int, Any]]:
-    """Yield ``(start, Y[start:start + chunk_size])`` over the rows of ``Y``."""
-    n = shape2(Y)[0]
-    size = _check_chunk_size(chunk_size)
-    if isinstance(Y, sp.coo_matrix | sp.coo_array | sp.dia_matrix | sp.dia_array):
-        Y = Y.tocsr()
-    for start in range(0, n, size):
-        yield start, Y[start : start + size]
-
-
-def prepare_chunk(chunk: Any, *, is_counts: bool, offset: int = 0) -> np.ndarray | sp.csr_array:
-    """Check a chunk of ``Y`` for finite values and apply ``log2(1 + y)`` to counts.
-
-    Returns a float64 numpy array or CSR/CSC sparse array; the input is never modified.
-    """
-    if sp.issparse(chunk):
-        if chunk.format not in ("csr", "csc"):
-            chunk = sp.csr_array(chunk)
-        values = chunk.data
-    else:
-        chunk = np.asarray(chunk)
-        values = chunk
-    stop = offset + chunk.shape[0]
-    values = _values(
-        values, is_counts=is_counts, where=f"cells {offset}..{stop - 1}", start=offset, stop=stop
-    )
-    if is_counts:
-        values = values / _LN2
-    if sp.issparse(chunk):
-        # Same sparsity structure, new values: the caller's matrix is never modified.
-        return type(chunk)((values, chunk.indices, chunk.indptr), shape=chunk.shape)
-    return values
 
 
 def _check_chunk_size(chunk_size: Any) -> int:

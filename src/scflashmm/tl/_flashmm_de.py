@@ -14,7 +14,7 @@ from scipy import sparse
 from .._core.inference import contrast_estimates, t_pvalue
 from .._core.reml import lmm
 from .._core.satterthwaite import contrast_df
-from .._core.sumstats import DEFAULT_CHUNK_SIZE, SummaryStats, prepare_chunk, summary_stats
+from .._core.sumstats import NonFiniteError, _check_chunk_size, summary_stats
 from .._design import make_design
 from .._lmm_test import contrast_matrix
 
@@ -70,11 +70,12 @@ def flashmm_de(
         random intercept per level), a one-sided formula (``"~0+sam"``, used as written) or a
         list of them (``["sam", "location"]``).
     layer
-        Layer to fit; default ``adata.X``.
+        Layer to fit; default ``adata.X``. (Only ``X`` of a backed AnnData stays on disk:
+        anndata reads its layers into memory when it opens the file.)
     is_counts
         Fit ``log2(1 + y)`` as ``flashmm(is.counts=TRUE)``, applied to the stored values chunk by
-        chunk. With False, a warning is given when the data look like raw counts (the first two
-        million stored values are all non-negative integers).
+        chunk. With False, a warning is given when the data look like raw counts (the stored
+        values of the first cells, at most two million, are all non-negative integers).
     method
         ``"REML"`` or ``"ML"``.
     df
@@ -103,7 +104,7 @@ def flashmm_de(
         backed AnnData).
     progress
         Show a progress bar over the pass over the data; default: when stderr is a terminal and
-        there is more than one chunk.
+        there is more than one chunk. (Not for Dask arrays: use Dask's own diagnostics.)
 
     Returns
     -------
@@ -172,6 +173,7 @@ def flashmm_de(
         msg = "adata has no genes (zero genes selected)."
         raise ValueError(msg)
     Y, source = _get_matrix(adata, layer)
+    _check_chunk_size(chunk_size)
 
     design = make_design(adata.obs, fixed, random)
     k = len(design.d)
@@ -200,18 +202,19 @@ def flashmm_de(
         else:
             exprs = {c: c for c in contrasts}
 
-    stats, integer_valued = _accumulate(
-        Y,
-        design.X,
-        design.Z,
-        is_counts=is_counts,
-        chunk_size=chunk_size,
-        obs_names=adata.obs_names,
-        var_names=adata.var_names,
-        source=source,
-        progress=progress,
-    )
-    if integer_valued and not is_counts:
+    bar = _ProgressBar(progress, unit="genes" if _is_csc(Y) else "cells")
+    try:
+        stats = summary_stats(
+            design.X, Y, design.Z, chunk_size=chunk_size, is_counts=is_counts, progress=bar
+        )
+    except NonFiniteError as exc:
+        raise _nonfinite_error(exc, Y, source, adata.obs_names, adata.var_names) from exc
+    except ValueError as exc:
+        msg = f"{source}: {exc}"
+        raise ValueError(msg) from exc
+    finally:
+        bar.close()
+    if not is_counts and _looks_like_counts(Y):
         msg = (
             f"{source} looks like raw counts (non-negative integers), but "
             "is_counts=False fits them untransformed. Pass is_counts=True to fit log2(1 + y) "
@@ -300,155 +303,91 @@ def _get_matrix(adata: AnnData, layer: str | None) -> tuple[Any, str]:
 
 
 def _is_csc(Y: Any) -> bool:
-    return getattr(Y, "format", None) == "csc" or (sparse.issparse(Y) and Y.format == "csc")
+    """Whether ``Y`` is CSC (in memory or backed), which the pass reads by blocks of genes."""
+    return getattr(Y, "format", None) == "csc"
 
 
-def _materialize(chunk: Any) -> Any:
-    """Return a chunk as numpy or scipy sparse (a dask chunk is computed once, here)."""
-    if sparse.issparse(chunk) or isinstance(chunk, np.ndarray):
-        return chunk
-    if hasattr(chunk, "compute"):
-        return _materialize(chunk.compute())
-    return np.asarray(chunk)
+def _materialize(block: Any) -> Any:
+    """Return a block of ``Y`` as numpy or scipy sparse (a dask block is computed here)."""
+    if sparse.issparse(block) or isinstance(block, np.ndarray):
+        return block
+    if hasattr(block, "compute"):
+        return _materialize(block.compute())
+    return np.asarray(block)
 
 
-def _values(chunk: Any) -> np.ndarray:
-    return chunk.data if sparse.issparse(chunk) else np.asarray(chunk)
+#: stored values inspected for the raw-counts warning (a bounded cost per fit)
+_COUNTS_SAMPLE = 2_000_000
 
 
-def _locate_nonfinite(chunk: Any) -> tuple[int, int]:
-    """(row, column) of the first non-finite entry of a chunk."""
-    if sparse.issparse(chunk):
-        coo = sparse.coo_matrix(chunk)
+def _looks_like_counts(Y: Any) -> bool:
+    """Whether the stored values of the first cells (genes, for CSC) are integers >= 0, not all 0.
+
+    Reads at most ``_COUNTS_SAMPLE`` values, separately from the pass.
+    """
+    n, m = Y.shape
+    if _is_csc(Y):
+        block = Y[:, : max(1, _COUNTS_SAMPLE // n)]
+    else:
+        block = Y[: max(1, _COUNTS_SAMPLE // m)]
+    block = _materialize(block)
+    values = block.data if sparse.issparse(block) else block
+    if values.dtype.kind not in "biuf" or not values.size:
+        return False
+    if values.dtype.kind == "f" and not (values == np.round(values)).all():  # also NaN
+        return False
+    return bool(values.min() >= 0 and values.max() > 0)
+
+
+def _nonfinite_error(exc: NonFiniteError, Y: Any, source: str, obs_names, var_names) -> ValueError:
+    """Name the cell and gene of a non-finite value, reading the range reported again."""
+    if exc.start is None:
+        return ValueError(f"{source}: {exc}")
+    if exc.axis == 0:
+        block, row0, col0 = Y[exc.start : exc.stop], exc.start, 0
+    else:
+        block, row0, col0 = Y[:, exc.start : exc.stop], 0, exc.start
+    block = _materialize(block)
+    if sparse.issparse(block):
+        coo = sparse.coo_matrix(block)
         i = int(np.flatnonzero(~np.isfinite(coo.data))[0])
-        return int(coo.row[i]), int(coo.col[i])
-    r, c = np.argwhere(~np.isfinite(np.asarray(chunk, dtype=float)))[0]
-    return int(r), int(c)
+        r, c = int(coo.row[i]), int(coo.col[i])
+    else:
+        r, c = np.argwhere(~np.isfinite(np.asarray(block, dtype=float)))[0]
+    msg = (
+        f"{source} contains NaN or infinite values, e.g. cell "
+        f"{obs_names[row0 + r]!r}, gene {var_names[col0 + c]!r}."
+    )
+    return ValueError(msg)
 
 
-class _Checker:
-    """Inspect the chunks of the data on their way to the summary statistics.
+class _ProgressBar:
+    """``progress(done, total)`` for :func:`summary_stats`, updating a tqdm bar.
 
-    Names the cell and gene of a non-finite value when the pass fails, and tracks whether the
-    first values seen are all integers >= 0 (raw counts?).
+    The bar is made at the first report, when the total is known; by default it is shown only
+    on a terminal and when that report is not already the last (more than one chunk).
     """
 
-    #: stored values inspected for the raw-counts heuristic (a bounded cost per fit)
-    SAMPLE = 2_000_000
+    def __init__(self, show: bool | None, unit: str):
+        self.show, self.unit = show, unit
+        self.bar, self.done = None, 0
 
-    def __init__(self, obs_names, var_names, source: str, *, look_for_counts: bool):
-        self.obs_names, self.var_names, self.source = obs_names, var_names, source
-        self.integer_valued = look_for_counts
-        self.any_nonzero = False
-        self.seen = 0
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
 
-    def __call__(self, chunk: Any) -> None:
-        if not self.integer_valued or self.seen >= self.SAMPLE:
-            return
-        values = _values(chunk).ravel()[: self.SAMPLE - self.seen]
-        self.seen += values.size
-        if values.dtype.kind not in "biuf" or not values.size:
-            return
-        if values.min() < 0 or (values.dtype.kind == "f" and (values != np.round(values)).any()):
-            self.integer_valued = False
-        elif values.max() > 0:
-            self.any_nonzero = True
-
-    def error(self, exc: ValueError, chunk: Any, row0: int, col0: int) -> ValueError:
-        """Build the error to raise when the pass failed on ``chunk``."""
-        values = _values(chunk)
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            r, c = _locate_nonfinite(chunk)
-            msg = (
-                f"{self.source} contains NaN or infinite values, e.g. cell "
-                f"{self.obs_names[row0 + r]!r}, gene {self.var_names[col0 + c]!r}."
+            show = self.show
+            if show is None:
+                show = done < total and sys.stderr.isatty()
+            self.bar = tqdm(
+                total=total, unit=self.unit, disable=not show, desc="flashmm pass", leave=False
             )
-        else:
-            msg = f"{self.source}: {exc}"
-        return ValueError(msg)
+        self.bar.update(done - self.done)
+        self.done = done
 
-    @property
-    def looks_like_counts(self) -> bool:
-        return self.integer_valued and self.any_nonzero
-
-
-def _progress_bar(total: int, unit: str, progress: bool | None, n_chunks: int):
-    from tqdm.auto import tqdm
-
-    if progress is None:
-        progress = n_chunks > 1 and sys.stderr.isatty()
-    return tqdm(total=total, unit=unit, disable=not progress, desc="flashmm pass", leave=False)
-
-
-def _accumulate(
-    Y: Any,
-    X: np.ndarray,
-    Z: sparse.csr_matrix,
-    *,
-    is_counts: bool,
-    chunk_size: int | None,
-    obs_names,
-    var_names,
-    source: str,
-    progress: bool | None,
-) -> tuple[SummaryStats, bool]:
-    """Summary statistics in one pass over ``Y``: row chunks, or gene blocks for CSC data."""
-    n, m = Y.shape
-    if X.shape[0] != n:
-        msg = f"The design has {X.shape[0]} rows but {source} has {n} cells."
-        raise ValueError(msg)
-    size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    if isinstance(size, bool) or int(size) != size or size < 1:
-        msg = f"chunk_size must be a positive integer, got {chunk_size!r}."
-        raise ValueError(msg)
-    size = int(size)
-    check = _Checker(obs_names, var_names, source, look_for_counts=not is_counts)
-    p = X.shape[1]
-    XX = X.T @ X
-    ZX = np.asarray(Z.T @ X)
-    ZZ = (Z.T @ Z).toarray()
-    XY = np.zeros((p, m))
-    ZY = np.zeros((Z.shape[1], m))
-    Ynorm = np.zeros(m)
-    if _is_csc(Y):
-        # column slices of CSC are cheap and row slices are not: blocks of genes holding
-        # about as many entries as a chunk of `size` cells
-        block = max(1, (size * m) // n)
-        starts = range(0, m, block)
-        with _progress_bar(m, "genes", progress, len(starts)) as bar:
-            for j0 in starts:
-                chunk = _materialize(Y[:, j0 : j0 + block])
-                check(chunk)
-                try:
-                    prepared = sparse.csc_matrix(prepare_chunk(chunk, is_counts=is_counts))
-                except ValueError as exc:
-                    raise check.error(exc, chunk, 0, j0) from exc
-                j1 = j0 + prepared.shape[1]
-                rows = prepared.T  # CSR, genes x cells
-                XY[:, j0:j1] = np.asarray(rows @ X).T
-                ZY[:, j0:j1] = (rows @ Z).toarray().T
-                genes = np.repeat(np.arange(j1 - j0), np.diff(prepared.indptr))
-                Ynorm[j0:j1] = np.bincount(genes, weights=prepared.data**2, minlength=j1 - j0)
-                bar.update(j1 - j0)
-    else:
-        starts = range(0, n, size)
-        with _progress_bar(n, "cells", progress, len(starts)) as bar:
-            for i0 in starts:
-                chunk = _materialize(Y[i0 : i0 + size])
-                check(chunk)
-                i1 = i0 + chunk.shape[0]
-                try:
-                    part = summary_stats(
-                        X[i0:i1], chunk, Z[i0:i1], chunk_size=i1 - i0, is_counts=is_counts
-                    )
-                except ValueError as exc:
-                    raise check.error(exc, chunk, i0, 0) from exc
-                XY += part.XY
-                ZY += part.ZY
-                Ynorm += part.Ynorm
-                bar.update(i1 - i0)
-    stats = SummaryStats(XX=XX, XY=XY, ZX=ZX, ZY=ZY, ZZ=ZZ, Ynorm=Ynorm, n=n)
-    return stats, check.looks_like_counts
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------------------------
