@@ -26,7 +26,6 @@ blocks live: each block gives its partial statistics, summed by a tree reduction
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._accumulate import csc_matmul_add, csr_matmul_add, scatter_add
+from ._threads import check_n_jobs, single_threaded_blas
 from .sources import CompressedBlock, Source, is_dask_array, open_source, shape2
 
 #: Cells per chunk when none is given: bounds the working memory of one block.
@@ -280,8 +280,8 @@ def summary_stats(
         )
         raise ValueError(msg)
     size = _check_chunk_size(chunk_size)
-    jobs = _check_n_jobs(n_jobs)
-    with _single_threaded_blas():
+    jobs = check_n_jobs(n_jobs)
+    with single_threaded_blas():
         return _summary_stats(X, Y, Z, source, n, m, size, jobs, is_counts, progress)
 
 
@@ -308,29 +308,6 @@ def _summary_stats(X, Y, Z, source, n, m, size, jobs, is_counts, progress) -> Su
         Ynorm=Ynorm,
         n=n,
     )
-
-
-def _single_threaded_blas():
-    """Limit BLAS to one thread during the pass (if threadpoolctl is installed).
-
-    The pass runs its own threads, and its BLAS calls are small or tall-skinny (``X'X``); a
-    multithreaded OpenBLAS was measured to take up to 1000x longer on such products when the
-    machine's cores are busy (docs/benchmarks.md).
-    """
-    global _BLAS_CONTROLLER  # found once: finding the libraries takes ~10 ms
-    if _BLAS_CONTROLLER is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn/scanpy
-            _BLAS_CONTROLLER = False
-        else:
-            _BLAS_CONTROLLER = ThreadpoolController()
-    if _BLAS_CONTROLLER is False:  # pragma: no cover
-        return contextlib.nullcontext()
-    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
-
-
-_BLAS_CONTROLLER: Any = None
 
 
 class NonFiniteError(ValueError):
@@ -807,18 +784,6 @@ def _check_chunk_size(chunk_size: Any) -> int:
         msg = f"chunk_size must be a positive integer, got {chunk_size!r}."
         raise ValueError(msg)
     return int(size)
-
-
-def _check_n_jobs(n_jobs: Any) -> int:
-    if n_jobs is None:
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # pragma: no cover - not Linux
-            return max(1, os.cpu_count() or 1)
-    if isinstance(n_jobs, bool) or int(n_jobs) != n_jobs or n_jobs < 1:
-        msg = f"n_jobs must be a positive integer, got {n_jobs!r}."
-        raise ValueError(msg)
-    return int(n_jobs)
 
 
 def _as_design(A: Any, name: str, *, keep_sparse: bool) -> Any:
