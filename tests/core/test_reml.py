@@ -211,3 +211,17 @@ def test_to_frame():
         frame.columns
     )
     np.testing.assert_array_equal(frame["x1_coef"], fit.coef[:, 1])
+
+
+@pytest.mark.parametrize("d", [(10,), (10, 6)])
+def test_threads_do_not_change_results(d, monkeypatch):
+    """Blocks of genes fit in threads give the same numbers as one thread, bit for bit."""
+    X, Y, Z = simulate(d, m=40, seed=7)
+    stats = scflashmm.summary_stats(X, Y, Z)
+    monkeypatch.setattr(reml, "_block_size", lambda q, p, k: 7)  # six blocks of genes
+    one = scflashmm.lmm(stats, d, n_jobs=1, df="satterthwaite")
+    two = scflashmm.lmm(stats, d, n_jobs=2, df="satterthwaite")
+    for key in ("coef", "se", "p", "theta", "logLik", "df_satterthwaite"):
+        np.testing.assert_array_equal(getattr(one, key), getattr(two, key), err_msg=key)
+    with pytest.raises(ValueError, match="n_jobs"):
+        scflashmm.lmm(stats, d, n_jobs=0)

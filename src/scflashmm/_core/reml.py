@@ -16,12 +16,14 @@ Two interchangeable kernels evaluate the score and the Fisher information for a 
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import scipy.linalg
 
+from ._threads import check_n_jobs, single_threaded_blas
 from .inference import t_pvalue
 from .satterthwaite import (
     coefficient_df,
@@ -158,6 +160,7 @@ def lmm(
     feature_names: Any = None,
     covariate_names: Any = None,
     component_names: Any = None,
+    n_jobs: int | None = None,
 ) -> LMMFit:
     """Fit a linear mixed model to every gene from summary statistics (FLASHMM's ``lmm``).
 
@@ -188,6 +191,8 @@ def lmm(
         also keeps (genes, k, p, p) derivatives of ``cov^-1`` for the df of contrasts.
     feature_names, covariate_names, component_names
         Names of genes (m), fixed-effect columns (p) and random components (k), kept on the fit.
+    n_jobs
+        Threads over blocks of genes (default: the cores available). Results do not depend on it.
 
     Returns
     -------
@@ -263,11 +268,12 @@ def lmm(
     block = _block_size(q, p, k)
     if satterthwaite:  # (genes, k + 1, p, p) working arrays
         block = max(1, min(block, _BLOCK_ELEMENTS // (4 * (k + 1) * p * p)))
-    # Fisher scoring is unconstrained (as in FLASHMM): a gene may step to a singular V, giving
-    # inf/NaN for that gene only; it is then reported by `converged` and a ConvergenceWarning.
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for lo in range(0, fit_genes.size, block):
-            genes = fit_genes[lo : lo + block]
+
+    def fit_block(genes: np.ndarray) -> None:
+        # Fisher scoring is unconstrained (as in FLASHMM): a gene may step to a singular V,
+        # giving inf/NaN for that gene only; `converged` and a ConvergenceWarning report it.
+        # (errstate is per thread, so it is set here, in the worker.)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             state = kernel.prepare(zry[:, genes].T, yry[genes], n - pres)
             if start is None:
                 s = np.zeros((genes.size, k + 1))
@@ -299,9 +305,17 @@ def lmm(
                 out["vcov_theta"][genes] = vcov_theta
                 if out["dfim_beta"] is not None:
                     out["dfim_beta"][genes] = dfim
+            t = fixed["coef"] / fixed["se"]
+            df_block = out["df_satterthwaite"][genes] if satterthwaite else n - p
+            out["t"][genes] = t
+            out["p"][genes] = t_pvalue(t, df_block)
 
-        out["t"] = out["coef"] / out["se"]
-        out["p"] = t_pvalue(out["t"], out["df_satterthwaite"] if satterthwaite else n - p)
+    # Blocks of genes are independent and write disjoint rows of `out`: run them in threads
+    # (numpy's batched linear algebra releases the GIL), each with single-threaded BLAS.
+    blocks = [fit_genes[lo : lo + block] for lo in range(0, fit_genes.size, block)]
+    jobs = min(check_n_jobs(n_jobs), max(1, len(blocks)))
+    with single_threaded_blas(), ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(fit_block, blocks))  # list(): re-raise any error of a worker
     out["converged"] = np.all(np.abs(out["dlogL"]) <= epsilon, axis=1)
     n_failed = int((~out["converged"][fit_genes]).sum())
     if n_failed:
@@ -679,8 +693,8 @@ def _empty_results(
     return {
         "coef": nan((m, p), np.nan),
         "se": nan((m, p), np.nan),
-        "t": None,
-        "p": None,
+        "t": nan((m, p), np.nan),
+        "p": nan((m, p), np.nan),
         "theta": nan((m, k + 1), np.nan),
         "se_theta": nan((m, k + 1), np.nan),
         "dlogL": nan((m, k + 1), np.nan),
