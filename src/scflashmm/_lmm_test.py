@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ._contrast import parse_contrast
-from ._core.inference import check_alternative, contrast_estimates, t_pvalue
+from ._core.inference import check_alternative, t_pvalue
 from ._core.reml import DfMethod, LMMFit
-from ._core.satterthwaite import contrast_df
 
 
 def contrast_matrix(
@@ -95,19 +94,9 @@ def lmm_test(
         estimate, se = fit.coef[:, positions], fit.se[:, positions]
         ddf = fit.df_satterthwaite[:, positions] if df == "satterthwaite" else fit.df
     else:
-        if fit.cov is None:
-            msg = "Testing contrasts needs the covariance of beta: fit with output_cov=True."
-            raise ValueError(msg)
         matrix = _as_contrast_frame(contrast, covariates)
         labels = [str(c) for c in matrix.columns]
-        L = matrix.to_numpy(dtype=np.float64)
-        estimate, se = contrast_estimates(fit.coef, fit.cov, L)
-        ddf = fit.df
-        if df == "satterthwaite":
-            if fit.dfim_beta is None:
-                msg = "Satterthwaite df of contrasts need dfim_beta: fit with output_cov=True."
-                raise ValueError(msg)
-            ddf = contrast_df(fit.cov, fit.dfim_beta, fit.theta, fit.vcov_theta, L)
+        estimate, se, ddf = fit.contrast_estimates(matrix.to_numpy(dtype=np.float64), df)
     t = estimate / se
     p = t_pvalue(t, ddf, alternative)
     parts = [("coef", estimate), ("t", t), ("p", p)]

@@ -24,9 +24,10 @@ import numpy as np
 import scipy.linalg
 
 from ._threads import check_n_jobs, single_threaded_blas
-from .inference import t_pvalue
+from .inference import contrast_estimates, t_pvalue
 from .satterthwaite import (
     coefficient_df,
+    contrast_df,
     inverse_information,
     precision_derivatives_dense,
     precision_derivatives_eigen,
@@ -119,6 +120,35 @@ class LMMFit:
     def n_features(self) -> int:
         """Number of genes."""
         return self.coef.shape[0]
+
+    def contrast_estimates(
+        self, contrast: np.ndarray, df: DfMethod | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | int]:
+        """Estimates, standard errors and degrees of freedom of contrasts for every gene.
+
+        Parameters
+        ----------
+        contrast
+            Contrast matrix (p, c), one column per contrast.
+        df
+            ``"residual"`` (``n - p``) or ``"satterthwaite"``; default the fit's ``df_method``.
+
+        Returns
+        -------
+        ``c' beta`` and ``sqrt(c' cov c)`` (genes, c), and the df: ``n - p``, or Satterthwaite's
+        per gene and contrast (genes, c).
+        """
+        if self.cov is None:
+            msg = "Testing contrasts needs the covariance of beta: fit with output_cov=True."
+            raise ValueError(msg)
+        estimate, se = contrast_estimates(self.coef, self.cov, contrast)
+        if (self.df_method if df is None else df) == "residual":
+            return estimate, se, self.df
+        if self.dfim_beta is None:
+            msg = "Satterthwaite df of contrasts need dfim_beta: fit with output_cov=True."
+            raise ValueError(msg)
+        ddf = contrast_df(self.cov, self.dfim_beta, self.theta, self.vcov_theta, contrast)
+        return estimate, se, ddf
 
     def to_frame(self) -> Any:
         """One row per gene: coefficients, se, t, p, variance components and diagnostics.

@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._core.inference import contrast_estimates, t_pvalue
+from .._core.inference import t_pvalue
 from .._core.reml import lmm
-from .._core.satterthwaite import contrast_df
 from .._core.sumstats import NonFiniteError, _check_chunk_size, summary_stats
 from .._design import make_design
 from .._lmm_test import contrast_matrix
@@ -419,17 +418,13 @@ def _result_tables(
     if fit.df_satterthwaite is not None:
         out[f"{key}_df"] = pd.DataFrame(fit.df_satterthwaite, index=index, columns=cols)
     if cmat is not None:
-        L = cmat.to_numpy(dtype=np.float64)
-        est, se = contrast_estimates(fit.coef, fit.cov, L)
+        est, se, ddf = fit.contrast_estimates(cmat.to_numpy(dtype=np.float64))
         with np.errstate(invalid="ignore", divide="ignore"):
             t = est / se
-        ddf = fit.df
-        if fit.dfim_beta is not None:
-            ddf = contrast_df(fit.cov, fit.dfim_beta, fit.theta, fit.vcov_theta, L)
         p = t_pvalue(t, ddf)
         names = pd.Index([str(c) for c in cmat.columns], dtype=object)
         for what, values in zip(CONTRAST_TABLES, (est, se, t, p), strict=True):
             out[f"{key}_{what}"] = pd.DataFrame(values, index=index, columns=names)
-        if fit.dfim_beta is not None:
+        if fit.df_method == "satterthwaite":
             out[f"{key}_contrast_df"] = pd.DataFrame(ddf, index=index, columns=names)
     return out
