@@ -323,7 +323,9 @@ def lmm(
             )
             if output_fim:
                 out["fim_theta"][genes] = fim
-            fixed = kernel.fixed_effects(s, stats.XY[:, genes].T, stats.ZY[:, genes].T, output_re)
+            fixed = kernel.fixed_effects(
+                s, stats.XY[:, genes].T, stats.ZY[:, genes].T, output_re, output_fim
+            )
             for name, value in fixed.items():
                 if out[name] is not None:
                     out[name][genes] = value
@@ -502,14 +504,14 @@ class _EigenKernel:
         quad = quadratic_eigen(self.lam, state["w2"], state["yry"], s)
         return quad, precision_derivatives_eigen(self.BB, self.mu, s, self.XX.shape[0])
 
-    def fixed_effects(self, s, XY, ZY, output_re):
+    def fixed_effects(self, s, XY, ZY, output_re, output_fim):
         r = (s[:, 0] / s[:, 1])[:, None]
         c = r / (1 + r * self.mu)  # eigenvalues of W = (r ZZ + I)^-1 r
         p = self.XX.shape[0]
         xvx = self.XX - (c @ self.BB).reshape(-1, p, p)
         v = ZY @ self.V  # V' ZY_g, (genes, q)
         rhs = XY - (c * v) @ self.B
-        out = _gls(xvx, rhs, s[:, -1])
+        out = _gls(xvx, rhs, s[:, -1], output_fim)
         if output_re:
             out["re"] = (c * (v - out["coef"] @ self.B.T)) @ self.V.T
         return out
@@ -590,29 +592,29 @@ class _DenseKernel:
         N = self._inv(rrep, self.ZZ)  # (D ZZ + I)^-1
         return quad, precision_derivatives_dense(self.ZX, N, s, self.slices)
 
-    def fixed_effects(self, s, XY, ZY, output_re):
+    def fixed_effects(self, s, XY, ZY, output_re, output_fim):
         rrep = self._rrep(s)
         W = self._inv(rrep, self.ZZ) * rrep[:, None, :]  # (D ZZ + I)^-1 D
         WZX = W @ self.ZX
         xvx = self.XX - np.einsum("qp,gqr->gpr", self.ZX, WZX)
         rhs = XY - np.einsum("gqp,gq->gp", WZX, ZY)
-        out = _gls(xvx, rhs, s[:, -1])
+        out = _gls(xvx, rhs, s[:, -1], output_fim)
         if output_re:
             out["re"] = np.einsum("gij,gj->gi", W, ZY - out["coef"] @ self.ZX.T)
         return out
 
 
-def _gls(xvx: np.ndarray, rhs: np.ndarray, s0: np.ndarray) -> dict[str, np.ndarray]:
+def _gls(
+    xvx: np.ndarray, rhs: np.ndarray, s0: np.ndarray, output_fim: bool
+) -> dict[str, np.ndarray]:
     """Generalised least squares from ``xvx = X' V^-1 X s0`` and ``rhs = X' V^-1 y s0``."""
     C = _batched_inverse(xvx)
     coef = np.einsum("gij,gj->gi", C, rhs)
     cov = (C + C.transpose(0, 2, 1)) * (s0[:, None, None] / 2)
-    return {
-        "coef": coef,
-        "se": np.sqrt(np.diagonal(cov, axis1=1, axis2=2)),
-        "cov": cov,
-        "fim_beta": (xvx + xvx.transpose(0, 2, 1)) / (2 * s0[:, None, None]),
-    }
+    out = {"coef": coef, "se": np.sqrt(np.diagonal(cov, axis1=1, axis2=2)), "cov": cov}
+    if output_fim:
+        out["fim_beta"] = (xvx + xvx.transpose(0, 2, 1)) / (2 * s0[:, None, None])
+    return out
 
 
 def _pinv_small(F: np.ndarray) -> np.ndarray:
