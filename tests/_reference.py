@@ -138,3 +138,38 @@ def r_to_formulaic_expr(expr: str, mapping: dict[str, str]) -> str:
     keys = sorted(mapping, key=len, reverse=True)
     pattern = re.compile("|".join(re.escape(k) for k in keys))
     return pattern.sub(lambda m: mapping[m.group(0)], expr)
+
+
+def genes_first(frame: pd.DataFrame) -> np.ndarray:
+    """A FLASHMM table (rows: covariates or components, columns: genes) as (genes, rows)."""
+    return frame.T.to_numpy(dtype=np.float64)
+
+
+def lmm_fit_case(case: dict):
+    """``scflashmm.lmm_fit`` on a case's X, Y, Z, called as FLASHMM was (spec.json)."""
+    import scflashmm
+
+    spec = case["spec"]
+    return scflashmm.lmm_fit(
+        case["Y"],
+        case["X"].to_numpy(),
+        case["Z"].to_numpy(),
+        spec["d"],
+        is_counts=spec["is_counts"],
+        method=spec["method"],
+        theta0=spec["theta0"],
+        max_iter=spec["max_iter"],
+        epsilon=spec["epsilon"],
+        output_re="RE" in case,
+        output_fim="FIM_beta" in case,
+        feature_names=case["genes"],
+        covariate_names=list(case["X"].columns),
+    )
+
+
+def comparable_genes(case: dict) -> np.ndarray:
+    """Genes FLASHMM fits meaningfully: not all-zero, and not case f's constant Gene2 (noise)."""
+    keep = ~np.isin(case["genes"], case["spec"]["na_genes"])
+    if case["name"].startswith("f_"):
+        keep &= np.array(case["genes"]) != "Gene2"
+    return keep

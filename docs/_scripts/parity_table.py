@@ -21,9 +21,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _reference import CASES, load_case  # noqa: E402
-
-import scflashmm  # noqa: E402
+from _reference import (  # noqa: E402
+    CASES,
+    comparable_genes,
+    genes_first,
+    lmm_fit_case,
+    load_case,
+)
 
 CUTOFF = 1e-3
 
@@ -41,39 +45,11 @@ QUANTITIES = {
 }
 
 
-def genes_first(frame):
-    """Turn a FLASHMM table (rows: covariates, columns: genes) genes first."""
-    return frame.T.to_numpy(dtype=np.float64)
-
-
 def fit_case(case):
     """Fit a reference case as FLASHMM was called (warnings are expected for some cases)."""
-    spec = case["spec"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return scflashmm.lmm_fit(
-            case["Y"],
-            case["X"].to_numpy(),
-            case["Z"].to_numpy(),
-            spec["d"],
-            is_counts=spec["is_counts"],
-            method=spec["method"],
-            theta0=spec["theta0"],
-            max_iter=spec["max_iter"],
-            epsilon=spec["epsilon"],
-            output_re="RE" in case,
-            output_fim="FIM_beta" in case,
-            feature_names=case["genes"],
-            covariate_names=list(case["X"].columns),
-        )
-
-
-def comparable(case):
-    """Select the genes FLASHMM fits meaningfully (as tests/core/test_parity.py does)."""
-    keep = ~np.isin(case["genes"], case["spec"]["na_genes"])
-    if case["name"].startswith("f_"):
-        keep &= np.array(case["genes"]) != "Gene2"  # constant gene: FLASHMM fits noise
-    return keep
+        return lmm_fit_case(case)
 
 
 def main() -> None:
@@ -87,7 +63,7 @@ def main() -> None:
     for name in CASES:
         case = load_case(name)
         fit = fit_case(case)
-        keep = comparable(case)
+        keep = comparable_genes(case)
         pairs = {
             "coef": (fit.coef, genes_first(case["coef"])),
             "se": (fit.se, genes_first(case["se"])),

@@ -17,7 +17,14 @@ import functools
 import numpy as np
 import pandas as pd
 import pytest
-from _reference import ALTERNATIVES, CASES, load_case
+from _reference import (
+    ALTERNATIVES,
+    CASES,
+    comparable_genes,
+    genes_first,
+    lmm_fit_case,
+    load_case,
+)
 
 import scflashmm
 from scflashmm import ConvergenceWarning, DegenerateFeatureWarning
@@ -29,27 +36,17 @@ def close(actual, expected, rtol=RTOL, atol=ATOL):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
 
 
-def genes_first(frame: pd.DataFrame) -> np.ndarray:
-    return frame.T.to_numpy(dtype=np.float64)
-
-
-def fit_case(case: dict, **kwargs) -> scflashmm.LMMFit:
-    spec = case["spec"]
-    return scflashmm.lmm_fit(
-        case["Y"],
-        case["X"].to_numpy(),
-        case["Z"].to_numpy(),
-        spec["d"],
-        is_counts=spec["is_counts"],
-        method=spec["method"],
-        theta0=spec["theta0"],
-        max_iter=spec["max_iter"],
-        epsilon=spec["epsilon"],
-        output_re="RE" in case,
-        output_fim="FIM_beta" in case,
-        feature_names=case["genes"],
-        covariate_names=list(case["X"].columns),
-        **kwargs,
+def assert_same_test_table(ours: pd.DataFrame, theirs: pd.DataFrame, keep: np.ndarray) -> None:
+    """An lmm_test table equals FLASHMM's lmmtest: columns, estimates and t, -log10 p."""
+    assert list(ours.columns) == list(theirs.columns)
+    stat = [c for c in ours.columns if not c.endswith("_p")]
+    close(ours[stat].to_numpy()[keep], theirs[stat].to_numpy()[keep])
+    pcols = [c for c in ours.columns if c.endswith("_p")]
+    close(
+        -np.log10(ours[pcols].to_numpy()[keep]),
+        -np.log10(theirs[pcols].to_numpy()[keep]),
+        rtol=0,
+        atol=1e-8,
     )
 
 
@@ -66,7 +63,7 @@ def expected_warnings(case: dict):
 def fitted_case(name: str) -> tuple[dict, scflashmm.LMMFit]:
     case = load_case(name)
     with expected_warnings(case):
-        fit = fit_case(case)
+        fit = lmm_fit_case(case)
     return case, fit
 
 
@@ -76,14 +73,6 @@ def fitted(request):
 
 
 CONTRAST_CASES = [name for name in CASES if load_case(name)["spec"]["contrasts"]]
-
-
-def comparable_genes(case: dict) -> np.ndarray:
-    """Genes FLASHMM fits meaningfully: not all-zero, and not case f's constant Gene2 (noise)."""
-    keep = ~np.isin(case["genes"], case["spec"]["na_genes"])
-    if case["name"].startswith("f_"):
-        keep &= np.array(case["genes"]) != "Gene2"
-    return keep
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -130,7 +119,7 @@ def test_iterations_and_convergence(fitted):
 
 def test_re_and_fisher_information():
     case = load_case("c_simu_ml_re_fim")
-    fit = fit_case(case)
+    fit = lmm_fit_case(case)
     close(fit.re, genes_first(case["RE"]))
     close(fit.fim_beta, case["FIM_beta"])
     close(fit.fim_theta, case["FIM_theta"])
@@ -139,7 +128,7 @@ def test_re_and_fisher_information():
 def test_degenerate_genes_are_nan_with_warnings():
     case = load_case("f_zero_and_constant_genes")
     with pytest.warns(DegenerateFeatureWarning) as record:
-        fit = fit_case(case)
+        fit = lmm_fit_case(case)
     messages = [str(w.message) for w in record]
     assert any("1 feature(s) with only zero counts" in m for m in messages)
     assert any("Gene2" in m and "exactly explained" in m for m in messages)
@@ -153,18 +142,8 @@ def test_lmm_test_default(fitted):
     case, fit = fitted
     keep = comparable_genes(case)
     ours = scflashmm.lmm_test(fit)
-    theirs = case["test_default"]
-    assert list(ours.columns) == list(theirs.columns)
     assert list(ours.index) == case["genes"]
-    stat = [c for c in ours.columns if not c.endswith("_p")]
-    close(ours[stat].to_numpy()[keep], theirs[stat].to_numpy()[keep])
-    pcols = [c for c in ours.columns if c.endswith("_p")]
-    close(
-        -np.log10(ours[pcols].to_numpy()[keep]),
-        -np.log10(theirs[pcols].to_numpy()[keep]),
-        rtol=0,
-        atol=1e-8,
-    )
+    assert_same_test_table(ours, case["test_default"], keep)
 
 
 @pytest.mark.parametrize("alternative", list(ALTERNATIVES))
@@ -179,17 +158,7 @@ def test_lmm_test_contrasts(name, alternative):
     close(C.to_numpy(), case["contrast"].to_numpy(), rtol=0, atol=0)
     assert list(C.columns) == list(case["contrast"].columns)
     ours = scflashmm.lmm_test(fit, contrast=C, alternative=alternative)
-    theirs = case["test_contrast"][alternative]
-    assert list(ours.columns) == list(theirs.columns)
-    stat = [c for c in ours.columns if not c.endswith("_p")]
-    close(ours[stat].to_numpy()[keep], theirs[stat].to_numpy()[keep])
-    pcols = [c for c in ours.columns if c.endswith("_p")]
-    close(
-        -np.log10(ours[pcols].to_numpy()[keep]),
-        -np.log10(theirs[pcols].to_numpy()[keep]),
-        rtol=0,
-        atol=1e-8,
-    )
+    assert_same_test_table(ours, case["test_contrast"][alternative], keep)
 
 
 def test_lmm_on_summary_stats_equals_lmm_fit():
@@ -198,6 +167,6 @@ def test_lmm_on_summary_stats_equals_lmm_fit():
         case["X"].to_numpy(), case["Y"], case["Z"].to_numpy(), is_counts=True
     )
     a = scflashmm.lmm(stats, [25])
-    b = fit_case(case)
+    b = lmm_fit_case(case)
     np.testing.assert_array_equal(a.coef, b.coef)
     np.testing.assert_array_equal(a.theta, b.theta)
