@@ -37,38 +37,22 @@ def _compiled():
         M, N = out.shape
         st.coo_todense(M, N, len(values), rows, cols, values, out.ravel(), 0)
 
-    def csc_matmul_add(out: np.ndarray, indptr, indices, data, dense: np.ndarray) -> None:
-        n_col = dense.shape[0]
-        if dense.ndim == 1:
-            st.csc_matvec(out.shape[0], n_col, indptr, indices, data, dense, out)
-        else:
-            st.csc_matvecs(
-                out.shape[0],
-                n_col,
-                dense.shape[1],
-                indptr,
-                indices,
-                data,
-                dense.ravel(),
-                out.ravel(),
-            )
+    def matmul_add(matvec, matvecs):
+        """``out += A @ dense`` with A given by its compressed arrays (CSR or CSC kernels)."""
 
-    def csr_matmul_add(out: np.ndarray, indptr, indices, data, dense: np.ndarray) -> None:
-        n_col = dense.shape[0]
-        if dense.ndim == 1:
-            st.csr_matvec(out.shape[0], n_col, indptr, indices, data, dense, out)
-        else:
-            st.csr_matvecs(
-                out.shape[0],
-                n_col,
-                dense.shape[1],
-                indptr,
-                indices,
-                data,
-                dense.ravel(),
-                out.ravel(),
-            )
+        def add(out: np.ndarray, indptr, indices, data, dense: np.ndarray) -> None:
+            n_out, n_in = out.shape[0], dense.shape[0]
+            if dense.ndim == 1:
+                matvec(n_out, n_in, indptr, indices, data, dense, out)
+            else:
+                matvecs(
+                    n_out, n_in, dense.shape[1], indptr, indices, data, dense.ravel(), out.ravel()
+                )
 
+        return add
+
+    csc_matmul_add = matmul_add(st.csc_matvec, st.csc_matvecs)
+    csr_matmul_add = matmul_add(st.csr_matvec, st.csr_matvecs)
     return scatter_add, csc_matmul_add, csr_matmul_add
 
 
