@@ -42,6 +42,7 @@ from scipy import stats
 from scipy.stats import false_discovery_control
 
 from scflashmm import lmm_fit
+from scflashmm._design import make_design
 from scflashmm.datasets import simulate_rnaseq
 
 ALPHA = 0.05
@@ -56,15 +57,11 @@ METHODS = (
 
 def lmm_pvalues(adata: ad.AnnData, df: str = "residual") -> tuple[np.ndarray, np.ndarray]:
     """P-values (genes x cell types) of the cls:trt terms: on the fit's df, on (samples - 2) df."""
-    obs = adata.obs
-    n_cls = len(obs["cls"].cat.categories)
-    cls = np.eye(n_cls)[obs["cls"].cat.codes]
-    treated = (obs["trt"] == adata.uns["simulate_rnaseq"]["treatment"]).to_numpy()
-    X = np.column_stack([np.log(obs["libsize"].to_numpy()), cls, cls * treated[:, None]])
-    Z = np.eye(len(obs["sam"].cat.categories))[obs["sam"].cat.codes]
-    fit = lmm_fit(adata.X, X, Z, is_counts=True, df=df, output_cov=False)
-    t = fit.t[:, 1 + n_cls :]
-    return fit.p[:, 1 + n_cls :], 2 * stats.t.sf(np.abs(t), Z.shape[1] - 2)
+    design = make_design(adata.obs, "~0+log(libsize)+cls+cls:trt", "sam")
+    fit = lmm_fit(adata.X, design.X, design.Z, design.d, is_counts=True, df=df, output_cov=False)
+    interactions = [j for j, name in enumerate(design.x_columns) if ":trt" in name]
+    t = fit.t[:, interactions]
+    return fit.p[:, interactions], 2 * stats.t.sf(np.abs(t), design.Z.shape[1] - 2)
 
 
 def cell_level_pvalues(adata: ad.AnnData, method: str) -> np.ndarray:

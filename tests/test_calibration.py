@@ -10,19 +10,15 @@ import numpy as np
 from scipy import stats
 
 from scflashmm import lmm_fit
+from scflashmm._design import make_design
 from scflashmm.datasets import simulate_rnaseq
 
 
 def _fit_interactions(adata):
     """FLASHMM's example model ~0+log(libsize)+cls+cls:trt, random ~0+sam, on log2(1 + y)."""
-    obs = adata.obs
-    n_cls = len(obs["cls"].cat.categories)
-    cls = np.eye(n_cls)[obs["cls"].cat.codes]
-    treated = (obs["trt"] == adata.uns["simulate_rnaseq"]["treatment"]).to_numpy()
-    X = np.column_stack([np.log(obs["libsize"].to_numpy()), cls, cls * treated[:, None]])
-    Z = np.eye(len(obs["sam"].cat.categories))[obs["sam"].cat.codes]
-    fit = lmm_fit(adata.X, X, Z, is_counts=True)
-    interactions = slice(1 + n_cls, 1 + 2 * n_cls)
+    design = make_design(adata.obs, "~0+log(libsize)+cls+cls:trt", "sam")
+    fit = lmm_fit(adata.X, design.X, design.Z, design.d, is_counts=True)
+    interactions = [j for j, name in enumerate(design.x_columns) if ":trt" in name]
     return fit, fit.coef[:, interactions], fit.p[:, interactions]
 
 
