@@ -63,7 +63,7 @@ def flashmm_df(
     asked (design order by default); within a term rows are sorted by p-value, NaN last.
     """
     alternative = check_alternative(alternative)
-    info = _get_info(adata, key)
+    info = results_uns(adata, key)
     x_columns = [str(c) for c in info["x_columns"]]
     df = int(info["df"])
     satterthwaite = info.get("params", {}).get("df", "residual") == "satterthwaite"
@@ -105,7 +105,8 @@ def flashmm_df(
     return pd.concat(blocks, ignore_index=True)[COLUMNS]
 
 
-def _get_info(adata: AnnData, key: str) -> dict:
+def results_uns(adata: AnnData, key: str) -> dict:
+    """Return ``adata.uns[key]`` of a flashmm fit, or raise a KeyError that says how to get one."""
     if key not in adata.uns or f"{key}_coef" not in adata.varm:
         msg = (
             f"No flashmm results under key {key!r}: run scflashmm.tl.flashmm_de(adata, ...,"

@@ -10,6 +10,7 @@ import pandas as pd
 
 from .._lmm_test import contrast_matrix
 from ..get import flashmm_df
+from ..get._flashmm_df import results_uns
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -36,13 +37,7 @@ def results_info(adata: AnnData, key: str) -> dict:
     if not isinstance(adata, AnnData):
         msg = f"adata must be an AnnData, got {type(adata).__name__}."
         raise TypeError(msg)
-    if key not in adata.uns or f"{key}_coef" not in adata.varm:
-        msg = (
-            f"No flashmm results under key {key!r}: run scflashmm.tl.flashmm_de(adata, ..., "
-            f"key_added={key!r}) first."
-        )
-        raise KeyError(msg)
-    return adata.uns[key]
+    return results_uns(adata, key)
 
 
 def tests_table(adata: AnnData, term: str, key: str) -> pd.DataFrame:
