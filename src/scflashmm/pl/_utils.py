@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from .._lmm_test import contrast_matrix
+from .._results import results_uns
 from ..get import flashmm_df
-from ..get._flashmm_df import results_uns
 
 if TYPE_CHECKING:
     from anndata import AnnData
