@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -132,7 +132,9 @@ def _select_terms(term: str | Sequence[str] | None, x_columns: list[str]) -> lis
     return selected
 
 
-def _new_contrast(adata: AnnData, key: str, expression: str, x_columns: list[str], stored):
+def _new_contrast(
+    adata: AnnData, key: str, expression: str, x_columns: list[str], stored: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         cmat = contrast_matrix({expression: expression}, x_columns)
     except ValueError as exc:
@@ -150,7 +152,16 @@ def _new_contrast(adata: AnnData, key: str, expression: str, x_columns: list[str
     return est[:, 0], se[:, 0], t[:, 0]
 
 
-def _block(genes, name, est, se, t, df, alternative, converged) -> pd.DataFrame:
+def _block(
+    genes: pd.Index,
+    name: str,
+    est: Any,
+    se: Any,
+    t: Any,
+    df: Any,
+    alternative: str,
+    converged: np.ndarray,
+) -> pd.DataFrame:
     t = np.asarray(t, dtype=np.float64)
     df = np.broadcast_to(np.asarray(df, dtype=np.float64), t.shape)
     p = t_pvalue(t, df, alternative)

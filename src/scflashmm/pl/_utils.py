@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
@@ -15,6 +15,7 @@ from ..get import flashmm_df
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 #: Colours of the plots: genes significantly up, down, and the rest.
 COLOR_UP = "#d62728"
@@ -128,7 +129,7 @@ def savefig_or_show(
         save = True
     save = settings.autosave if save is None else bool(save)
     show = settings.autoshow if show is None else bool(show)
-    fig = ax.figure
+    fig = cast("Figure", ax.figure)  # get_axes makes axes of a Figure, not a SubFigure
     if save:
         figdir = settings.figdir
         figdir.mkdir(parents=True, exist_ok=True)

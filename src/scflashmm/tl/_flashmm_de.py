@@ -304,7 +304,7 @@ def _result_tables(
     """Return the ``varm`` entries of a fit, by key (see :mod:`scflashmm._results`)."""
     index = pd.Index(var_names)
     cols = pd.Index(fit.covariate_names, dtype=object)
-    comps = pd.Index([*fit.component_names, RESIDUAL], dtype=object)
+    comps = pd.Index([*(fit.component_names or []), RESIDUAL], dtype=object)
     out: dict[str, Any] = {}
     for what in COEF_TABLES:
         out[varm_key(key, what)] = pd.DataFrame(getattr(fit, what), index=index, columns=cols)
