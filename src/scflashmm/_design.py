@@ -1,7 +1,7 @@
 """Formula layer: model formulas over ``adata.obs`` -> fixed design ``X`` and random design ``Z``.
 
 The model fitted for every gene is ``y = X beta + Z b + e`` with ``Z = [Z_1 .. Z_k]`` and
-``b_i ~ N(0, s_i I_{q_i})`` (see ``DESIGN.md``). This module builds ``X`` (dense, cells x p),
+``b_i ~ N(0, s_i I_{q_i})`` (docs/model.md, Notation). This module builds ``X`` (dense, cells x p),
 ``Z`` (sparse CSR, cells x q), the block sizes ``d = (q_1 .. q_k)`` and the column names, with
 `formulaic <https://matthewwardrop.github.io/formulaic/>`_ evaluated over a cell-metadata table.
 
