@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._core.inference import bh_adjust, check_alternative, contrast_estimates, t_pvalue
+from .._core.inference import (
+    Alternative,
+    bh_adjust,
+    check_alternative,
+    contrast_estimates,
+    t_pvalue,
+)
 from .._lmm_test import contrast_matrix
 from .._results import CONTRAST_DF, COV, DF, DIAG, results_uns, varm_key
 
@@ -29,7 +35,7 @@ def flashmm_df(
     key: str = "flashmm",
     term: str | Sequence[str] | None = None,
     contrast: str | Sequence[str] | None = None,
-    alternative: str = "two-sided",
+    alternative: Alternative = "two-sided",
 ) -> pd.DataFrame:
     """Tidy table of the tests of :func:`scflashmm.tl.flashmm_de`, one row per gene and term.
 
@@ -63,7 +69,7 @@ def flashmm_df(
     The column names follow pertpy's differential-expression schema. Terms come in the order
     asked (design order by default); within a term rows are sorted by p-value, NaN last.
     """
-    alternative = check_alternative(alternative)
+    side = check_alternative(alternative)
     info = results_uns(adata, key)
     x_columns = [str(c) for c in info["x_columns"]]
     df = int(info["df"])
@@ -78,9 +84,7 @@ def flashmm_df(
         t = adata.varm[varm_key(key, "t")]
         for name in _select_terms(term, x_columns):
             ddf = adata.varm[varm_key(key, DF)][name] if satterthwaite else df
-            blocks.append(
-                _block(genes, name, coef[name], se[name], t[name], ddf, alternative, converged)
-            )
+            blocks.append(_block(genes, name, coef[name], se[name], t[name], ddf, side, converged))
     if contrast is not None:
         stored = [str(c) for c in info.get("contrast_names", [])]
         for name in [contrast] if isinstance(contrast, str) else list(contrast):
@@ -99,7 +103,7 @@ def flashmm_df(
             else:
                 est, se_c, t_c = _new_contrast(adata, key, name, x_columns, stored)
                 ddf = df
-            blocks.append(_block(genes, name, est, se_c, t_c, ddf, alternative, converged))
+            blocks.append(_block(genes, name, est, se_c, t_c, ddf, side, converged))
     if not blocks:
         msg = "No term or contrast selected."
         raise ValueError(msg)
