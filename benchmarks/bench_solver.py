@@ -6,8 +6,9 @@
 
 Configurations: (a) 20,000 genes, p = 21, q = 25, k = 1; (b) the same plus a second component
 of 20 levels (k = 2); (c) 2,000 genes, p = 61, q = 259, k = 1 (the tuberculosis T-cell atlas
-shape). The per-gene implementation (tests/core/test_reml.py::plain_lmm, a direct transcription
-of DESIGN.md) is timed on a sample of genes and extrapolated. With ``--satterthwaite`` the
+shape). The per-gene implementation (tests/core/test_reml.py::plain_lmm, a direct
+transcription of docs/model.md, Fisher scoring) is timed on a sample of genes and extrapolated.
+With ``--satterthwaite`` the
 fit with ``df="satterthwaite"`` is timed too (with ``output_cov=True``, so including the
 (genes, k, p, p) derivatives kept for contrasts), best of three, interleaved with three more
 default fits, and its extra cost over the best default fit is reported.

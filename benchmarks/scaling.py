@@ -14,7 +14,7 @@ process; its peak RSS is the kernel's high-water mark (``VmHWM``), reset just be
 call (``/proc/self/clear_refs``), so it covers that call with the data already loaded.
 
 The data are ``scflashmm.datasets.simulate_rnaseq`` counts whose gene means come from a
-synthetic low-count reference (about 27% non-zero, as in the issue's 100k x 1,000 measurement),
+synthetic low-count reference (about 27% non-zero, as the 100k x 1,000 row of docs/benchmarks.md),
 whose cells carry 25 samples nested in 2 treatments and 10 (T1) or 12 (T2, T3) cell types. The
 model is FLASHMM's ``~0 + log(libsize) + cls + cls:trt`` with a random intercept per sample,
 counts fit as ``log2(1 + y)``.

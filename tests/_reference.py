@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -173,3 +174,76 @@ def comparable_genes(case: dict) -> np.ndarray:
     if case["name"].startswith("f_"):
         keep &= np.array(case["genes"]) != "Gene2"
     return keep
+
+
+# ------------------------------------------------------------------------ the AnnData front end
+
+#: Case b's model and FLASHMM's contrasts of case b over formulaic's names (spec.json "contrasts").
+FIXED_B = "~0+log(libsize)+cls+cls:trt"
+BVSA_B = "(cls[1]:trt[T.B] + cls[2]:trt[T.B] + cls[3]:trt[T.B] + cls[4]:trt[T.B])/4"
+CONTRASTS_B = {
+    "BvsA": BVSA_B,
+    "cls1:trtB - cls2:trtB": "cls[1]:trt[T.B] - cls[2]:trt[T.B]",
+    "libsize_effect": "log(libsize)",
+}
+#: Columns of get.flashmm_df (pertpy's differential-expression schema, plus df and converged).
+TIDY_COLUMNS = [
+    "variable", "contrast", "log_fc", "sd", "t_value", "df", "p_value", "adj_p_value", "converged"
+]  # fmt: skip
+#: varm tables compared between two fits (with f"{key}_" in front).
+RESULT_TABLES = ["coef", "se", "t", "p", "theta", "se_theta", "diag"]
+
+
+def fit_case(name: str, **kwargs) -> tuple[Any, dict, dict[str, str]]:
+    """Fit a reference case through flashmm_de; return (adata, case, R name -> formulaic name)."""
+    import warnings
+
+    import scflashmm as sfm
+    from scflashmm import ConvergenceWarning, DegenerateFeatureWarning
+    from scflashmm._design import match_r_columns
+
+    case = load_case(name)
+    spec = case["spec"]
+    adata = kwargs.pop("adata", None) or case_adata(name)
+    names = sfm._design.make_design(adata.obs, spec["fixed"], spec["random"]).x_columns
+    r_names = list(case["X"].columns)
+    mapping = {r: names[i] for r, i in zip(r_names, match_r_columns(names, r_names), strict=True)}
+    contrasts = None
+    if "contrast" in case:
+        # FLASHMM's contrasts are written over R names: rewrite them over formulaic names and
+        # name each by FLASHMM's column name (the expression text for unnamed ones)
+        exprs = spec["contrasts"].values()
+        contrasts = {
+            col: r_to_formulaic_expr(expr, mapping)
+            for col, expr in zip(spec["contrast_columns"], exprs, strict=True)
+        }
+    expected = []
+    if spec["na_genes"] or name.startswith("f_"):
+        expected.append(DegenerateFeatureWarning)
+    if spec["nonconverged_genes"] and not name.startswith("f_"):
+        expected.append(ConvergenceWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = sfm.tl.flashmm_de(
+            adata,
+            spec["fixed"],
+            spec["random"],
+            is_counts=spec["is_counts"],
+            method=spec["method"],
+            theta0=spec["theta0"],
+            max_iter=spec["max_iter"],
+            epsilon=spec["epsilon"],
+            contrasts=contrasts,
+            **kwargs,
+        )
+    assert sorted({w.category.__name__ for w in caught}) == sorted(e.__name__ for e in expected)
+    return (out if out is not None else adata), case, mapping
+
+
+def assert_same_results(a: Any, b: Any, key: str = "flashmm", atol: float = 1e-10) -> None:
+    """The varm tables (and contrasts, covariance) of two fits agree."""
+    for suffix in [*RESULT_TABLES, "contrast_coef", "contrast_se", "contrast_t", "contrast_p"]:
+        name = f"{key}_{suffix}"
+        if name in a.varm or name in b.varm:
+            pd.testing.assert_frame_equal(a.varm[name], b.varm[name], atol=atol, rtol=1e-9)
+    np.testing.assert_allclose(a.varm[f"{key}_cov"], b.varm[f"{key}_cov"], atol=atol, rtol=1e-9)

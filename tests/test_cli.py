@@ -9,30 +9,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from _reference import case_adata
+from _reference import FIXED_B, TIDY_COLUMNS, case_adata
 
 import scflashmm as sfm
 from scflashmm.cli import main
 
-FIXED = "~0+log(libsize)+cls+cls:trt"
-TIDY = [
-    "variable",
-    "contrast",
-    "log_fc",
-    "sd",
-    "t_value",
-    "df",
-    "p_value",
-    "adj_p_value",
-    "converged",
-]
-
-
-@pytest.fixture(scope="module")
-def h5ad(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "b.h5ad"
-    case_adata("b").write_h5ad(path)
-    return path
+FIXED, TIDY = FIXED_B, TIDY_COLUMNS
 
 
 def test_demo(tmp_path, capsys):
@@ -50,9 +32,9 @@ def test_demo(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("backed", [False, True])
-def test_de_matches_python_api(h5ad, tmp_path, capsys, backed):
+def test_de_matches_python_api(b_h5ad, tmp_path, capsys, backed):
     out, out_h5ad = tmp_path / "res.csv", tmp_path / "res.h5ad"
-    argv = ["de", str(h5ad), "--fixed", FIXED, "--random", "sam", "--counts"]
+    argv = ["de", str(b_h5ad), "--fixed", FIXED, "--random", "sam", "--counts"]
     argv += ["--contrast", "BvsA=(cls[1]:trt[T.B] + cls[2]:trt[T.B])/2", "--out", str(out)]
     argv += ["--write-h5ad", str(out_h5ad)] + (["--backed"] if backed else [])
     assert main(argv) == 0
@@ -92,8 +74,8 @@ def test_de_two_random_terms_and_ml(tmp_path):
         (["--fixed", "~0+cls", "--random", "sam", "--contrast", "=cls[1]"], "NAME=EXPRESSION"),
     ],
 )
-def test_de_user_errors_one_line(h5ad, tmp_path, capsys, extra, match):
-    assert main(["de", str(h5ad), *extra, "--out", str(tmp_path / "r.csv")]) == 1
+def test_de_user_errors_one_line(b_h5ad, tmp_path, capsys, extra, match):
+    assert main(["de", str(b_h5ad), *extra, "--out", str(tmp_path / "r.csv")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("scflashmm: error: ")
     assert match in err[-1]

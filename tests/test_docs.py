@@ -35,13 +35,15 @@ def test_sphinx_build_without_warnings(tmp_path):
     shutil.copytree(
         DOCS, src, ignore=shutil.ignore_patterns("_build", "generated", "jupyter_execute")
     )
+    shutil.copy(DOCS.parent / "CONTRIBUTING.md", tmp_path)  # included by docs/contributing.md
     cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
            "-d", str(tmp_path / "doctrees"), str(src), str(tmp_path / "html")]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     html = tmp_path / "html"
     for page in ("index", "installation", "quickstart", "model", "anndata", "api", "parity",
-                 "benchmarks", "tutorials/workflow", "tutorials/large_data"):  # fmt: skip
+                 "benchmarks", "contributing", "tutorials/workflow",
+                 "tutorials/large_data"):  # fmt: skip
         assert (html / f"{page}.html").exists(), page
     api = (html / "generated" / "scflashmm.tl.flashmm_de.html").read_text(encoding="utf-8")
     assert "key_added" in api and "Returns" in api  # docstrings rendered, not raw directives

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ def parse_contrast(expression: str, names: Sequence[str]) -> np.ndarray:
     if np.ndim(value) == 0:
         msg = f"Contrast {expression!r} names no design column; known columns: {list(names)}."
         raise ValueError(msg)
-    return value
+    return np.asarray(value, dtype=np.float64)
 
 
 class _Parser:
@@ -42,8 +43,8 @@ class _Parser:
     def _error(self, what: str) -> ValueError:
         return ValueError(f"Malformed contrast {self.text!r}: {what}.")
 
-    def _tokenize(self) -> list[tuple[str, object]]:
-        tokens: list[tuple[str, object]] = []
+    def _tokenize(self) -> list[tuple[str, Any]]:
+        tokens: list[tuple[str, Any]] = []
         i, text = 0, self.text
         while i < len(text):
             if text[i].isspace():
@@ -72,10 +73,10 @@ class _Parser:
             raise ValueError(msg)
         return tokens
 
-    def _peek(self) -> tuple[str, object] | None:
+    def _peek(self) -> tuple[str, Any] | None:
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
 
-    def _take(self) -> tuple[str, object]:
+    def _take(self) -> tuple[str, Any]:
         token = self._peek()
         if token is None:
             raise self._error("unexpected end")
@@ -84,8 +85,8 @@ class _Parser:
 
     def parse(self) -> np.ndarray | float:
         value = self._sum()
-        if self._peek() is not None:
-            raise self._error(f"unexpected {self._peek()[1]!r}")
+        if (token := self._peek()) is not None:
+            raise self._error(f"unexpected {token[1]!r}")
         return value
 
     def _sum(self) -> np.ndarray | float:

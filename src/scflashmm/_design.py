@@ -1,7 +1,7 @@
 """Formula layer: model formulas over ``adata.obs`` -> fixed design ``X`` and random design ``Z``.
 
 The model fitted for every gene is ``y = X beta + Z b + e`` with ``Z = [Z_1 .. Z_k]`` and
-``b_i ~ N(0, s_i I_{q_i})`` (see ``DESIGN.md``). This module builds ``X`` (dense, cells x p),
+``b_i ~ N(0, s_i I_{q_i})`` (docs/model.md, Notation). This module builds ``X`` (dense, cells x p),
 ``Z`` (sparse CSR, cells x q), the block sizes ``d = (q_1 .. q_k)`` and the column names, with
 `formulaic <https://matthewwardrop.github.io/formulaic/>`_ evaluated over a cell-metadata table.
 
@@ -39,6 +39,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -106,7 +107,7 @@ def _clean_formulaic_message(exc: BaseException) -> str:
     return parts[0] if parts else type(exc).__name__
 
 
-def _parse_formula(formula: str, *, what: str):
+def _parse_formula(formula: str, *, what: str) -> Any:
     """Parse a one-sided formula with formulaic; raise ValueError with context on failure."""
     from formulaic import Formula
     from formulaic.errors import FormulaicError
@@ -173,7 +174,7 @@ def _prepare_obs(
     return pd.DataFrame(data, index=obs.index)
 
 
-def _materialize(parsed, data: pd.DataFrame, formula: str, *, what: str, output: str):
+def _materialize(parsed: Any, data: pd.DataFrame, formula: str, *, what: str, output: str) -> Any:
     from formulaic import model_matrix
     from formulaic.errors import FormulaicError
 
@@ -186,7 +187,7 @@ def _materialize(parsed, data: pd.DataFrame, formula: str, *, what: str, output:
         raise ValueError(msg) from exc
 
 
-def _term_name(parsed, formula: str) -> str:
+def _term_name(parsed: Any, formula: str) -> str:
     terms = [str(t) for t in parsed if str(t) != "1"]
     if terms:
         return "+".join(terms)
@@ -479,7 +480,9 @@ _ENCODED = re.compile(r"^(?P<var>.+?)\[(?:T\.)?(?P<level>[^\[\]]*)\]$")
 
 def _split_interaction(name: str) -> list[str]:
     """Split on ':' outside brackets, parentheses and backticks."""
-    parts, depth, tick, cur = [], 0, False, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth, tick = 0, False
     for ch in name:
         if ch == "`":
             tick = not tick
@@ -554,7 +557,7 @@ def match_r_columns(names: Sequence[str], r_names: Sequence[str]) -> list[int]:
     ValueError
         If a name has no counterpart, or the lists differ in length.
     """
-    keys = {}
+    keys: dict[frozenset[str], int] = {}
     for i, n in enumerate(names):
         key = _canonical(r_column_name(n))
         if key in keys:

@@ -18,10 +18,16 @@ import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, get_args
+
+from ._core._options import DfMethod, Method, check_positive_float, check_positive_int
+from ._results import DEFAULT_KEY
 
 __all__ = ["main"]
 
 PROG = "scflashmm"
+#: The model of ``scflashmm demo``.
+DEMO_FIXED = "~0+log(libsize)+cls+cls:trt"
 
 
 class UserError(Exception):
@@ -79,7 +85,12 @@ def _parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{demo,de}")
+    _add_demo_parser(sub)
+    _add_de_parser(sub)
+    return parser
 
+
+def _add_demo_parser(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="simulate a data set with known DE genes, fit it and report what was found",
@@ -103,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_run_demo)
 
+
+def _add_de_parser(sub: Any) -> None:
     de = sub.add_parser(
         "de",
         help="fit a linear mixed model to every gene of an h5ad file",
@@ -130,10 +143,10 @@ def _parser() -> argparse.ArgumentParser:
         help="contrast over the design columns, e.g. 'BvsA=cls[1]:trt[T.B] - cls[2]:trt[T.B]'; "
         "repeatable",
     )
-    de.add_argument("--method", choices=("REML", "ML"), default="REML", help="default REML")
+    de.add_argument("--method", choices=get_args(Method), default="REML", help="default REML")
     de.add_argument(
         "--df",
-        choices=("residual", "satterthwaite"),
+        choices=get_args(DfMethod),
         default="residual",
         help="degrees of freedom of the t tests: n - p as FLASHMM (default), or Satterthwaite "
         "(recommended with few samples per condition)",
@@ -141,14 +154,13 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--max-iter", type=int, default=50, help="default 50")
     de.add_argument("--epsilon", type=float, default=1e-5, help="default 1e-5")
     de.add_argument("--chunk-size", type=int, help="cells per chunk (default 10000)")
-    de.add_argument("--key", default="flashmm", help="key_added for the results")
+    de.add_argument("--key", default=DEFAULT_KEY, help="key_added for the results")
     de.add_argument("--out", required=True, metavar="RESULTS.csv", help="tidy table (CSV)")
     de.add_argument("--write-h5ad", metavar="OUT.h5ad", help="also write the AnnData with results")
     de.add_argument(
         "--backed", action="store_true", help="open INPUT backed: stream X from disk in chunks"
     )
     de.set_defaults(run=_run_de)
-    return parser
 
 
 # -------------------------------------------------------------------------------------- de
@@ -174,10 +186,19 @@ def _parse_contrasts(items: list[str]) -> dict[str, str] | None:
 
 
 def _run_de(args: argparse.Namespace) -> None:
-    import anndata as ad
+    path = _check_de_paths(args)
+    contrasts = _parse_contrasts(args.contrast)
+    adata = _read_h5ad(path, backed=args.backed)
+    try:
+        seconds = _fit_de(adata, args, contrasts)
+        _write_de(adata, args, contrasts, seconds)
+    finally:
+        if adata.isbacked:
+            adata.file.close()
 
-    from . import get, tl
 
+def _check_de_paths(args: argparse.Namespace) -> Path:
+    """Return the input path, after checking it exists and the outputs can be written."""
     path = Path(args.input)
     if not path.is_file():
         msg = f"input file {str(path)!r} does not exist."
@@ -189,70 +210,95 @@ def _run_de(args: argparse.Namespace) -> None:
         if value and not Path(value).resolve().parent.is_dir():
             msg = f"{option}: the directory of {value!r} does not exist."
             raise UserError(msg)
-    contrasts = _parse_contrasts(args.contrast)
+    return path
+
+
+def _read_h5ad(path: Path, *, backed: bool) -> Any:
+    import anndata as ad
+
     try:
-        adata = ad.read_h5ad(path, backed="r" if args.backed else None)
+        return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:  # h5py/anndata raise many kinds for a file that is not h5ad
         msg = f"cannot read {str(path)!r} as an h5ad file ({type(exc).__name__}: {exc})."
         raise UserError(msg) from exc
-    try:
-        start = time.perf_counter()
-        tl.flashmm_de(
-            adata,
-            args.fixed,
-            args.random if len(args.random) > 1 else args.random[0],
-            layer=args.layer,
-            is_counts=args.counts,
-            method=args.method,
-            df=args.df,
-            contrasts=contrasts,
-            max_iter=args.max_iter,
-            epsilon=args.epsilon,
-            key_added=args.key,
-            chunk_size=args.chunk_size,
-        )
-        seconds = time.perf_counter() - start
-        table = get.flashmm_df(
-            adata,
-            key=args.key,
-            term=None if contrasts is None else list(adata.uns[args.key]["x_columns"]),
-            contrast=None if contrasts is None else list(contrasts),
-        )
-        table.to_csv(args.out, index=False)
-        info = adata.uns[args.key]
-        print(
-            f"Fitted {adata.n_vars} genes x {adata.n_obs} cells in {seconds:.1f} s "
-            f"({info['n_nonconverged']} not converged, {info['n_degenerate']} not fittable); "
-            f"wrote {len(table)} rows to {args.out}"
-        )
-        if args.write_h5ad:
-            if adata.isbacked:
-                adata = adata.to_memory()
-            adata.write_h5ad(args.write_h5ad)
-            print(f"Wrote the AnnData with results to {args.write_h5ad}")
-    finally:
+
+
+def _fit_de(adata: Any, args: argparse.Namespace, contrasts: dict[str, str] | None) -> float:
+    """Fit every gene as asked on the command line; return the seconds taken."""
+    from . import tl
+
+    start = time.perf_counter()
+    tl.flashmm_de(
+        adata,
+        args.fixed,
+        args.random if len(args.random) > 1 else args.random[0],
+        layer=args.layer,
+        is_counts=args.counts,
+        method=args.method,
+        df=args.df,
+        contrasts=contrasts,
+        max_iter=args.max_iter,
+        epsilon=args.epsilon,
+        key_added=args.key,
+        chunk_size=args.chunk_size,
+    )
+    return time.perf_counter() - start
+
+
+def _write_de(
+    adata: Any, args: argparse.Namespace, contrasts: dict[str, str] | None, seconds: float
+) -> None:
+    """Write the tidy table (and the AnnData when asked) and say what was done."""
+    from . import get
+
+    table = get.flashmm_df(
+        adata,
+        key=args.key,
+        term=None if contrasts is None else list(adata.uns[args.key]["x_columns"]),
+        contrast=None if contrasts is None else list(contrasts),
+    )
+    table.to_csv(args.out, index=False)
+    info = adata.uns[args.key]
+    print(
+        f"Fitted {adata.n_vars} genes x {adata.n_obs} cells in {seconds:.1f} s "
+        f"({info['n_nonconverged']} not converged, {info['n_degenerate']} not fittable); "
+        f"wrote {len(table)} rows to {args.out}"
+    )
+    if args.write_h5ad:
         if adata.isbacked:
-            adata.file.close()
+            adata = adata.to_memory()
+        adata.write_h5ad(args.write_h5ad)
+        print(f"Wrote the AnnData with results to {args.write_h5ad}")
 
 
 # ------------------------------------------------------------------------------------ demo
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    import numpy as np
+    _check_demo_args(args)
+    adata = _simulate(args)
+    treated = str(adata.uns["simulate_rnaseq"]["treatment"])
+    _fit_demo(adata)
+    table = _treatment_effects(adata, treated)
+    _print_top(table, treated, args.top)
+    _print_recovery(table, adata, args.fdr)
+    table.drop(columns=["cell_type", "true_de"]).to_csv(args.out, index=False)
+    print(f"Wrote the tidy table ({len(table)} rows) to {args.out}")
 
-    from . import datasets, get, tl
 
+def _check_demo_args(args: argparse.Namespace) -> None:
     if not Path(args.out).resolve().parent.is_dir():
         msg = f"--out: the directory of {args.out!r} does not exist."
         raise UserError(msg)
     for name in ("n_genes", "n_cells", "n_samples", "n_clusters", "top"):
-        if getattr(args, name) < 1:
-            msg = f"--{name.replace('_', '-')} must be a positive integer."
-            raise UserError(msg)
-    if not 0 < args.fdr < 1:
+        check_positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
+    if not check_positive_float(args.fdr, "--fdr") < 1:
         msg = "--fdr must be between 0 and 1."
         raise UserError(msg)
+
+
+def _simulate(args: argparse.Namespace) -> Any:
+    from . import datasets
 
     start = time.perf_counter()
     adata = datasets.simulate_rnaseq(
@@ -272,49 +318,70 @@ def _run_demo(args: argparse.Namespace) -> None:
         f"treatment {treated} vs {', '.join(control)}, {int(adata.var['is_de'].sum())} true "
         "DE genes (each in one cell type)."
     )
-    fixed = "~0+log(libsize)+cls+cls:trt"
-    print(f"Model: {fixed}, random intercept per sample; REML on log2(1 + counts).")
+    return adata
+
+
+def _fit_demo(adata: Any) -> None:
+    from . import tl
+
+    print(f"Model: {DEMO_FIXED}, random intercept per sample; REML on log2(1 + counts).")
     start = time.perf_counter()
-    tl.flashmm_de(adata, fixed, "sam", is_counts=True)
-    info = adata.uns["flashmm"]
+    tl.flashmm_de(adata, DEMO_FIXED, "sam", is_counts=True, key_added=DEFAULT_KEY)
+    info = adata.uns[DEFAULT_KEY]
     print(
         f"Fit all genes in {time.perf_counter() - start:.1f} s "
         f"({info['n_nonconverged']} not converged, {info['n_degenerate']} not fittable)."
     )
 
-    # the treatment effect within each cell type: the cls[k]:trt[T.<treated>] columns
+
+def _treatment_effects(adata: Any, treated: str) -> Any:
+    """Tidy table of the ``cls[k]:trt[T.<treated>]`` columns, with cell type and truth."""
+    from . import get
+
     suffix = f":trt[T.{treated}]"
-    terms = [c for c in info["x_columns"] if str(c).startswith("cls[") and str(c).endswith(suffix)]
-    table = get.flashmm_df(adata, term=terms)
+    x_columns = [str(c) for c in adata.uns[DEFAULT_KEY]["x_columns"]]
+    terms = [c for c in x_columns if c.startswith("cls[") and c.endswith(suffix)]
+    table = get.flashmm_df(adata, key=DEFAULT_KEY, term=terms)
     table["cell_type"] = table["contrast"].str.slice(4, -len(suffix) - 1)
-    var = adata.var
-    de = var["is_de"].to_numpy(dtype=bool)
-    truth = {(g, str(c)) for g, c in zip(var.index[de], var["de_cluster"][de], strict=True)}
+    truth = _true_de(adata)
     table["true_de"] = [
         (g, c) in truth for g, c in zip(table["variable"], table["cell_type"], strict=True)
     ]
+    return table
 
-    print(f"\nTop {args.top} genes per cell type (effect of {treated} in that cell type):")
-    top = table.groupby("cell_type", sort=False).head(args.top)
-    shown = top.assign(
-        log2FC=top["log_fc"].map("{:+.2f}".format),
-        p=top["p_value"].map("{:.1e}".format),
-        FDR=top["adj_p_value"].map("{:.1e}".format),
-        true_DE=np.where(top["true_de"], "yes", "-"),
+
+def _true_de(adata: Any) -> set[tuple[str, str]]:
+    """Return the simulated DE genes as (gene, cell type) pairs."""
+    var = adata.var
+    de = var["is_de"].to_numpy(dtype=bool)
+    return {(g, str(c)) for g, c in zip(var.index[de], var["de_cluster"][de], strict=True)}
+
+
+def _print_top(table: Any, treated: str, top: int) -> None:
+    import numpy as np
+
+    print(f"\nTop {top} genes per cell type (effect of {treated} in that cell type):")
+    rows = table.groupby("cell_type", sort=False).head(top)
+    shown = rows.assign(
+        log2FC=rows["log_fc"].map("{:+.2f}".format),
+        p=rows["p_value"].map("{:.1e}".format),
+        FDR=rows["adj_p_value"].map("{:.1e}".format),
+        true_DE=np.where(rows["true_de"], "yes", "-"),
     )[["cell_type", "variable", "log2FC", "p", "FDR", "true_DE"]]
     shown = shown.rename(columns={"cell_type": "cell type", "variable": "gene"})
     print(shown.to_string(index=False))
 
-    hits = table[table["adj_p_value"] < args.fdr]
+
+def _print_recovery(table: Any, adata: Any, fdr: float) -> None:
+    n_true = len(_true_de(adata))
+    hits = table[table["adj_p_value"] < fdr]
     found = int(hits["true_de"].sum())
     false = len(hits) - found
     print(
-        f"\nAt FDR < {args.fdr:g}: {found} of {len(truth)} true DE genes found in their cell "
+        f"\nAt FDR < {fdr:g}: {found} of {n_true} true DE genes found in their cell "
         f"type; {false} false discover{'y' if false == 1 else 'ies'} "
         f"(of {len(hits)} discoveries)."
     )
-    table.drop(columns=["cell_type", "true_de"]).to_csv(args.out, index=False)
-    print(f"Wrote the tidy table ({len(table)} rows) to {args.out}")
 
 
 if __name__ == "__main__":

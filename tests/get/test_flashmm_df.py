@@ -7,52 +7,32 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from _reference import case_adata, load_case
+from _reference import CONTRASTS_B, TIDY_COLUMNS, case_adata, load_case
 from scipy import stats
 
 import scflashmm as sfm
 
-FIXED = "~0+log(libsize)+cls+cls:trt"
-BVSA = "(cls[1]:trt[T.B] + cls[2]:trt[T.B] + cls[3]:trt[T.B] + cls[4]:trt[T.B])/4"
-DIFF = "cls[1]:trt[T.B] - cls[2]:trt[T.B]"
-CONTRASTS = {"BvsA": BVSA, "cls1:trtB - cls2:trtB": DIFF, "libsize_effect": "log(libsize)"}
+CONTRASTS = CONTRASTS_B
 
 
-@pytest.fixture(scope="module")
-def fitted():
-    adata = case_adata("b")
-    sfm.tl.flashmm_de(adata, FIXED, "sam", is_counts=True, contrasts=CONTRASTS)
-    return adata
-
-
-def test_schema_and_default_terms(fitted):
-    df = sfm.get.flashmm_df(fitted)
-    assert list(df.columns) == [
-        "variable",
-        "contrast",
-        "log_fc",
-        "sd",
-        "t_value",
-        "df",
-        "p_value",
-        "adj_p_value",
-        "converged",
-    ]
-    terms = list(fitted.uns["flashmm"]["x_columns"])
+def test_schema_and_default_terms(fitted_b):
+    df = sfm.get.flashmm_df(fitted_b)
+    assert list(df.columns) == TIDY_COLUMNS
+    terms = list(fitted_b.uns["flashmm"]["x_columns"])
     assert list(df["contrast"].unique()) == terms  # design order
-    assert len(df) == len(terms) * fitted.n_vars
+    assert len(df) == len(terms) * fitted_b.n_vars
     assert isinstance(df.index, pd.RangeIndex)
     assert df["converged"].dtype == bool
     row = df[(df["contrast"] == "cls[2]:trt[T.B]") & (df["variable"] == "Gene7")].iloc[0]
-    assert row["log_fc"] == fitted.varm["flashmm_coef"].loc["Gene7", "cls[2]:trt[T.B]"]
-    assert row["sd"] == fitted.varm["flashmm_se"].loc["Gene7", "cls[2]:trt[T.B]"]
+    assert row["log_fc"] == fitted_b.varm["flashmm_coef"].loc["Gene7", "cls[2]:trt[T.B]"]
+    assert row["sd"] == fitted_b.varm["flashmm_se"].loc["Gene7", "cls[2]:trt[T.B]"]
     assert row["p_value"] == pytest.approx(
-        fitted.varm["flashmm_p"].loc["Gene7", "cls[2]:trt[T.B]"], rel=1e-12
+        fitted_b.varm["flashmm_p"].loc["Gene7", "cls[2]:trt[T.B]"], rel=1e-12
     )
 
 
-def test_sorted_and_bh_within_term(fitted):
-    df = sfm.get.flashmm_df(fitted)
+def test_sorted_and_bh_within_term(fitted_b):
+    df = sfm.get.flashmm_df(fitted_b)
     for _, block in df.groupby("contrast", sort=False):
         p = block["p_value"].to_numpy()
         assert (np.diff(p) >= 0).all()
@@ -70,21 +50,21 @@ def test_sorted_and_bh_within_term(fitted):
         (["log(libsize)", "cls[4]:trt[T.B]"], ["log(libsize)", "cls[4]:trt[T.B]"]),
     ],
 )
-def test_term_selection(fitted, term, expected):
-    df = sfm.get.flashmm_df(fitted, term=term)
+def test_term_selection(fitted_b, term, expected):
+    df = sfm.get.flashmm_df(fitted_b, term=term)
     assert list(df["contrast"].unique()) == expected
 
 
-def test_term_without_match(fitted):
+def test_term_without_match(fitted_b):
     with pytest.raises(ValueError, match="No design column matches term 'donor'"):
-        sfm.get.flashmm_df(fitted, term="donor")
+        sfm.get.flashmm_df(fitted_b, term="donor")
 
 
 @pytest.mark.parametrize("alternative", ["two-sided", "less", "greater"])
-def test_contrasts_match_flashmm_lmmtest(fitted, alternative):
+def test_contrasts_match_flashmm_lmmtest(fitted_b, alternative):
     # test_contrast_<alt>.csv of FLASHMM: lmmtest(fit, contrast = C, alternative = alt)
     ref = load_case("b")["test_contrast"][alternative]
-    df = sfm.get.flashmm_df(fitted, contrast=list(CONTRASTS), alternative=alternative)
+    df = sfm.get.flashmm_df(fitted_b, contrast=list(CONTRASTS), alternative=alternative)
     assert list(df["contrast"].unique()) == list(CONTRASTS)
     for name in CONTRASTS:
         block = df[df["contrast"] == name].set_index("variable").loc[ref.index]
@@ -96,35 +76,35 @@ def test_contrasts_match_flashmm_lmmtest(fitted, alternative):
         )
 
 
-def test_alternatives_relations(fitted):
+def test_alternatives_relations(fitted_b):
     def p_of(alternative):
-        df = sfm.get.flashmm_df(fitted, term="cls[3]:trt[T.B]", alternative=alternative)
-        return df.set_index("variable")["p_value"].loc[fitted.var_names]
+        df = sfm.get.flashmm_df(fitted_b, term="cls[3]:trt[T.B]", alternative=alternative)
+        return df.set_index("variable")["p_value"].loc[fitted_b.var_names]
 
     less, greater, two = p_of("less"), p_of("greater"), p_of("two-sided")
     np.testing.assert_allclose(less + greater, 1.0, rtol=1e-12)
     np.testing.assert_allclose(two, 2 * np.minimum(less, greater), rtol=1e-10)
     pd.testing.assert_series_equal(p_of("two.sided"), two)  # R's spelling is accepted
     with pytest.raises(ValueError, match="alternative must be one of"):
-        sfm.get.flashmm_df(fitted, alternative="both")
+        sfm.get.flashmm_df(fitted_b, alternative="both")
 
 
-def test_new_contrast_expression_from_stored_cov(fitted):
-    stored = sfm.get.flashmm_df(fitted, contrast="BvsA")
+def test_new_contrast_expression_from_stored_cov(fitted_b):
+    stored = sfm.get.flashmm_df(fitted_b, contrast="BvsA")
     # the same combination, written differently and not stored: computed from varm cov
     again = sfm.get.flashmm_df(
-        fitted,
+        fitted_b,
         contrast="0.25*cls[1]:trt[T.B] + 0.25*cls[2]:trt[T.B]"
         " + 0.25*(cls[3]:trt[T.B] + cls[4]:trt[T.B])",
     )
     cols = ["variable", "log_fc", "sd", "t_value", "p_value", "adj_p_value"]
     pd.testing.assert_frame_equal(again[cols], stored[cols], rtol=1e-10)
     with pytest.raises(ValueError, match="neither a stored contrast nor a valid expression"):
-        sfm.get.flashmm_df(fitted, contrast="nonsense")
+        sfm.get.flashmm_df(fitted_b, contrast="nonsense")
 
 
-def test_terms_and_contrasts_together(fitted):
-    df = sfm.get.flashmm_df(fitted, term=":trt", contrast="BvsA")
+def test_terms_and_contrasts_together(fitted_b):
+    df = sfm.get.flashmm_df(fitted_b, term=":trt", contrast="BvsA")
     assert list(df["contrast"].unique()) == [*[f"cls[{i}]:trt[T.B]" for i in range(1, 5)], "BvsA"]
 
 
@@ -142,6 +122,6 @@ def test_nan_genes_last_and_not_counted():
     )
 
 
-def test_missing_key(fitted):
+def test_missing_key(fitted_b):
     with pytest.raises(KeyError, match="No flashmm results under key 'other'"):
-        sfm.get.flashmm_df(fitted, key="other")
+        sfm.get.flashmm_df(fitted_b, key="other")

@@ -8,15 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from _reference import REFERENCE, case_adata, load_case
+from _reference import BVSA_B, FIXED_B, REFERENCE, case_adata, load_case
 from scipy import stats
 
 import scflashmm as sfm
 from scflashmm._design import match_r_columns
 
 SATT = REFERENCE.parent / "reference_satterthwaite" / "b_simu_reml_counts"
-FIXED = "~0+log(libsize)+cls+cls:trt"
-BVSA = "(cls[1]:trt[T.B] + cls[2]:trt[T.B] + cls[3]:trt[T.B] + cls[4]:trt[T.B])/4"
+FIXED, BVSA = FIXED_B, BVSA_B
 
 
 def _read(name: str) -> pd.DataFrame:
@@ -26,17 +25,8 @@ def _read(name: str) -> pd.DataFrame:
     return table
 
 
-@pytest.fixture(scope="module")
-def fitted():
-    adata = case_adata("b")
-    sfm.tl.flashmm_de(
-        adata, FIXED, "sam", is_counts=True, df="satterthwaite", contrasts={"BvsA": BVSA}
-    )
-    return adata
-
-
-def test_tables_match_lmertest(fitted):
-    info = fitted.uns["flashmm"]
+def test_tables_match_lmertest(fitted_b_satterthwaite):
+    info = fitted_b_satterthwaite.uns["flashmm"]
     assert info["params"]["df"] == "satterthwaite"
     assert info["df"] == load_case("b")["df"]  # the residual n - p is kept
     names = info["x_columns"]
@@ -44,34 +34,38 @@ def test_tables_match_lmertest(fitted):
     mapping = dict(zip(r_names, [names[i] for i in match_r_columns(names, r_names)], strict=True))
 
     ref = _read("satterthwaite_coef.csv")
-    ours = fitted.varm["flashmm_df"]
+    ours = fitted_b_satterthwaite.varm["flashmm_df"]
     got = [ours.loc[g, mapping[t]] for g, t in zip(ref["gene"], ref["term"], strict=True)]
     np.testing.assert_allclose(got, ref["df"], rtol=1e-4)
     p = [
-        fitted.varm["flashmm_p"].loc[g, mapping[t]]
+        fitted_b_satterthwaite.varm["flashmm_p"].loc[g, mapping[t]]
         for g, t in zip(ref["gene"], ref["term"], strict=True)
     ]
     np.testing.assert_allclose(-np.log10(p), -np.log10(ref["p"]), atol=1e-4)
 
     ref_c = _read("satterthwaite_contrast.csv").set_index("gene")
     np.testing.assert_allclose(
-        fitted.varm["flashmm_contrast_df"].loc[ref_c.index, "BvsA"], ref_c["df"], rtol=1e-4
+        fitted_b_satterthwaite.varm["flashmm_contrast_df"].loc[ref_c.index, "BvsA"],
+        ref_c["df"],
+        rtol=1e-4,
     )
     np.testing.assert_allclose(
-        -np.log10(fitted.varm["flashmm_contrast_p"].loc[ref_c.index, "BvsA"]),
+        -np.log10(fitted_b_satterthwaite.varm["flashmm_contrast_p"].loc[ref_c.index, "BvsA"]),
         -np.log10(ref_c["p"]),
         atol=1e-4,
     )
 
 
-def test_getter_reports_df(fitted):
-    table = sfm.get.flashmm_df(fitted, term=":trt", contrast="BvsA", alternative="greater")
+def test_getter_reports_df(fitted_b_satterthwaite):
+    table = sfm.get.flashmm_df(
+        fitted_b_satterthwaite, term=":trt", contrast="BvsA", alternative="greater"
+    )
     row = table[(table["contrast"] == "BvsA") & (table["variable"] == "Gene3")].iloc[0]
-    assert row["df"] == fitted.varm["flashmm_contrast_df"].loc["Gene3", "BvsA"]
+    assert row["df"] == fitted_b_satterthwaite.varm["flashmm_contrast_df"].loc["Gene3", "BvsA"]
     t = table["t_value"].to_numpy()
     np.testing.assert_allclose(table["p_value"], stats.t.sf(t, table["df"]), rtol=1e-10)
     with pytest.raises(ValueError, match="pass them as flashmm_de"):
-        sfm.get.flashmm_df(fitted, contrast="cls[1]:trt[T.B] - cls[2]:trt[T.B]")
+        sfm.get.flashmm_df(fitted_b_satterthwaite, contrast="cls[1]:trt[T.B] - cls[2]:trt[T.B]")
 
 
 def test_residual_default_and_bad_value():

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from .._core.inference import bh_adjust, check_alternative, contrast_estimates, t_pvalue
+from .._core.inference import (
+    Alternative,
+    bh_adjust,
+    check_alternative,
+    contrast_estimates,
+    t_pvalue,
+)
 from .._lmm_test import contrast_matrix
+from .._results import CONTRAST_DF, COV, DF, DIAG, results_uns, varm_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -28,7 +35,7 @@ def flashmm_df(
     key: str = "flashmm",
     term: str | Sequence[str] | None = None,
     contrast: str | Sequence[str] | None = None,
-    alternative: str = "two-sided",
+    alternative: Alternative = "two-sided",
 ) -> pd.DataFrame:
     """Tidy table of the tests of :func:`scflashmm.tl.flashmm_de`, one row per gene and term.
 
@@ -62,32 +69,30 @@ def flashmm_df(
     The column names follow pertpy's differential-expression schema. Terms come in the order
     asked (design order by default); within a term rows are sorted by p-value, NaN last.
     """
-    alternative = check_alternative(alternative)
+    side = check_alternative(alternative)
     info = results_uns(adata, key)
     x_columns = [str(c) for c in info["x_columns"]]
     df = int(info["df"])
     satterthwaite = info.get("params", {}).get("df", "residual") == "satterthwaite"
-    converged = adata.varm[f"{key}_diag"]["converged"].to_numpy(dtype=bool)
+    converged = adata.varm[varm_key(key, DIAG)]["converged"].to_numpy(dtype=bool)
     genes = adata.var_names
 
     blocks = []
     if term is not None or contrast is None:
-        coef = adata.varm[f"{key}_coef"]
-        se = adata.varm[f"{key}_se"]
-        t = adata.varm[f"{key}_t"]
+        coef = adata.varm[varm_key(key, "coef")]
+        se = adata.varm[varm_key(key, "se")]
+        t = adata.varm[varm_key(key, "t")]
         for name in _select_terms(term, x_columns):
-            ddf = adata.varm[f"{key}_df"][name] if satterthwaite else df
-            blocks.append(
-                _block(genes, name, coef[name], se[name], t[name], ddf, alternative, converged)
-            )
+            ddf = adata.varm[varm_key(key, DF)][name] if satterthwaite else df
+            blocks.append(_block(genes, name, coef[name], se[name], t[name], ddf, side, converged))
     if contrast is not None:
         stored = [str(c) for c in info.get("contrast_names", [])]
         for name in [contrast] if isinstance(contrast, str) else list(contrast):
             if name in stored:
-                est = adata.varm[f"{key}_contrast_coef"][name]
-                se_c = adata.varm[f"{key}_contrast_se"][name]
-                t_c = adata.varm[f"{key}_contrast_t"][name]
-                ddf = adata.varm[f"{key}_contrast_df"][name] if satterthwaite else df
+                est = adata.varm[varm_key(key, "contrast_coef")][name]
+                se_c = adata.varm[varm_key(key, "contrast_se")][name]
+                t_c = adata.varm[varm_key(key, "contrast_t")][name]
+                ddf = adata.varm[varm_key(key, CONTRAST_DF)][name] if satterthwaite else df
             elif satterthwaite:
                 msg = (
                     f"Contrast {name!r} was not computed by flashmm_de; with df='satterthwaite' "
@@ -98,22 +103,11 @@ def flashmm_df(
             else:
                 est, se_c, t_c = _new_contrast(adata, key, name, x_columns, stored)
                 ddf = df
-            blocks.append(_block(genes, name, est, se_c, t_c, ddf, alternative, converged))
+            blocks.append(_block(genes, name, est, se_c, t_c, ddf, side, converged))
     if not blocks:
         msg = "No term or contrast selected."
         raise ValueError(msg)
     return pd.concat(blocks, ignore_index=True)[COLUMNS]
-
-
-def results_uns(adata: AnnData, key: str) -> dict:
-    """Return ``adata.uns[key]`` of a flashmm fit, or raise a KeyError that says how to get one."""
-    if key not in adata.uns or f"{key}_coef" not in adata.varm:
-        msg = (
-            f"No flashmm results under key {key!r}: run scflashmm.tl.flashmm_de(adata, ...,"
-            f" key_added={key!r}) first."
-        )
-        raise KeyError(msg)
-    return adata.uns[key]
 
 
 def _select_terms(term: str | Sequence[str] | None, x_columns: list[str]) -> list[str]:
@@ -142,25 +136,36 @@ def _select_terms(term: str | Sequence[str] | None, x_columns: list[str]) -> lis
     return selected
 
 
-def _new_contrast(adata: AnnData, key: str, expression: str, x_columns: list[str], stored):
+def _new_contrast(
+    adata: AnnData, key: str, expression: str, x_columns: list[str], stored: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         cmat = contrast_matrix({expression: expression}, x_columns)
     except ValueError as exc:
         known = f" Stored contrasts: {stored}." if stored else ""
         msg = f"{expression!r} is neither a stored contrast nor a valid expression: {exc}{known}"
         raise ValueError(msg) from exc
-    if f"{key}_cov" not in adata.varm:
-        msg = f"Cannot compute contrast {expression!r}: varm[{key + '_cov'!r}] is missing."
+    if varm_key(key, COV) not in adata.varm:
+        msg = f"Cannot compute contrast {expression!r}: varm[{varm_key(key, COV)!r}] is missing."
         raise KeyError(msg)
-    coef = adata.varm[f"{key}_coef"][x_columns].to_numpy(dtype=np.float64)
-    cov = np.asarray(adata.varm[f"{key}_cov"], dtype=np.float64)
+    coef = adata.varm[varm_key(key, "coef")][x_columns].to_numpy(dtype=np.float64)
+    cov = np.asarray(adata.varm[varm_key(key, COV)], dtype=np.float64)
     est, se = contrast_estimates(coef, cov, cmat.to_numpy(dtype=np.float64))
     with np.errstate(invalid="ignore", divide="ignore"):
         t = est / se
     return est[:, 0], se[:, 0], t[:, 0]
 
 
-def _block(genes, name, est, se, t, df, alternative, converged) -> pd.DataFrame:
+def _block(
+    genes: pd.Index,
+    name: str,
+    est: Any,
+    se: Any,
+    t: Any,
+    df: Any,
+    alternative: str,
+    converged: np.ndarray,
+) -> pd.DataFrame:
     t = np.asarray(t, dtype=np.float64)
     df = np.broadcast_to(np.asarray(df, dtype=np.float64), t.shape)
     p = t_pvalue(t, df, alternative)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
 
 from .._lmm_test import contrast_matrix
+from .._results import results_uns
 from ..get import flashmm_df
-from ..get._flashmm_df import results_uns
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 #: Colours of the plots: genes significantly up, down, and the rest.
 COLOR_UP = "#d62728"
@@ -128,7 +129,7 @@ def savefig_or_show(
         save = True
     save = settings.autosave if save is None else bool(save)
     show = settings.autoshow if show is None else bool(show)
-    fig = ax.figure
+    fig = cast("Figure", ax.figure)  # get_axes makes axes of a Figure, not a SubFigure
     if save:
         figdir = settings.figdir
         figdir.mkdir(parents=True, exist_ok=True)

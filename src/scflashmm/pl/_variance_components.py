@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._core._options import check_positive_int
+from .._results import THETA, varm_key
 from ._utils import get_axes, results_info, savefig_or_show
 
 if TYPE_CHECKING:
@@ -62,14 +64,13 @@ def variance_components(
     >>> sfm.tl.flashmm_de(adata, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True)
     >>> ax = sfm.pl.variance_components(adata, show=False)
     """
-    if isinstance(bins, bool) or int(bins) != bins or bins < 1:
-        msg = f"bins must be a positive integer, got {bins!r}."
-        raise ValueError(msg)
+    bins = check_positive_int(bins, "bins")
     results_info(adata, key)
-    if f"{key}_theta" not in adata.varm:
-        msg = f"adata.varm has no {key + '_theta'!r}: run scflashmm.tl.flashmm_de first."
+    theta_key = varm_key(key, THETA)
+    if theta_key not in adata.varm:
+        msg = f"adata.varm has no {theta_key!r}: run scflashmm.tl.flashmm_de first."
         raise KeyError(msg)
-    theta = adata.varm[f"{key}_theta"]
+    theta = adata.varm[theta_key]
     terms = [str(c) for c in theta.columns[:-1]]
     values = theta.to_numpy(dtype=np.float64)
     values = values[np.isfinite(values).all(axis=1)]

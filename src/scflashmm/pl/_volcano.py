@@ -119,7 +119,7 @@ def volcano(
     ax.scatter(x[up], y[up], s=10, c=COLOR_UP, linewidths=0, label=f"up ({up.sum()})")
     ax.scatter(x[down], y[down], s=10, c=COLOR_DOWN, linewidths=0, label=f"down ({down.sum()})")
     if threshold is not None:
-        ax.axhline(neg_log10(threshold), color="0.4", ls="--", lw=0.8, zorder=0)
+        ax.axhline(float(neg_log10(threshold)), color="0.4", ls="--", lw=0.8, zorder=0)
     if lfc is not None:
         for v in (-lfc, lfc):
             ax.axvline(v, color="0.4", ls=":", lw=0.8, zorder=0)

@@ -1,32 +1,55 @@
-"""``tl.flashmm_de``: a linear mixed model for every gene of an AnnData (FLASHMM's ``flashmm``)."""
+"""``tl.flashmm_de``: a linear mixed model for every gene of an AnnData (FLASHMM's ``flashmm``).
+
+The steps, top to bottom: validate the options, build the design from ``obs``, accumulate the
+summary statistics in one pass over the cells, fit every gene, turn the fit into tables, and
+write them into the AnnData (names from :mod:`scflashmm._results`).
+"""
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 
+from .._core._options import (
+    DfMethod,
+    Method,
+    check_df,
+    check_method,
+    check_positive_float,
+    check_positive_int,
+    check_theta0,
+)
 from .._core.inference import t_pvalue
 from .._core.reml import lmm
-from .._core.sumstats import NonFiniteError, _check_chunk_size, summary_stats
+from .._core.sumstats import NonFiniteError, summary_stats
 from .._design import make_design
 from .._lmm_test import contrast_matrix
+from .._results import (
+    COEF_TABLES,
+    CONTRAST_DF,
+    CONTRAST_TABLES,
+    COV,
+    DF,
+    DIAG,
+    RESIDUAL,
+    SE_THETA,
+    THETA,
+    varm_key,
+)
+from ._matrix import ProgressBar, get_matrix, is_csc, looks_like_counts, nonfinite_error
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
     from .._core.reml import LMMFit
+    from .._core.sumstats import SummaryStats
+    from .._design import Design
 
 __all__ = ["flashmm_de"]
-
-#: Suffixes of the ``varm`` keys written by :func:`flashmm_de` (after ``f"{key_added}_"``).
-RESULT_TABLES = ("coef", "se", "t", "p")
-CONTRAST_TABLES = ("contrast_coef", "contrast_se", "contrast_t", "contrast_p")
 
 
 def flashmm_de(
@@ -36,8 +59,8 @@ def flashmm_de(
     *,
     layer: str | None = None,
     is_counts: bool = False,
-    method: str = "REML",
-    df: str = "residual",
+    method: Method = "REML",
+    df: DfMethod = "residual",
     contrasts: Mapping[str, str] | Sequence[str] | None = None,
     theta0: Sequence[float] | None = None,
     max_iter: int = 50,
@@ -145,6 +168,59 @@ def flashmm_de(
     >>> sfm.tl.flashmm_de(adata, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True)
     >>> sfm.get.flashmm_df(adata, term=":trt").head()  # doctest: +SKIP
     """
+    Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
+    method = check_method(method)
+    df = check_df(df)
+    max_iter = check_positive_int(max_iter, "max_iter")
+    epsilon = check_positive_float(epsilon, "epsilon")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+
+    design = make_design(adata.obs, fixed, random)
+    start = check_theta0(theta0, len(design.d))
+    cmat, expressions = _contrasts(contrasts, design.x_columns)
+
+    stats = _summary_statistics(
+        adata, Y, source, design, chunk_size=chunk_size, is_counts=is_counts, progress=progress
+    )
+    fit = lmm(
+        stats,
+        design.d,
+        method=method,
+        theta0=start,
+        max_iter=max_iter,
+        epsilon=epsilon,
+        output_cov=True,
+        df=df,
+        feature_names=list(map(str, adata.var_names)),
+        covariate_names=design.x_columns,
+        component_names=design.random_terms,
+    )
+
+    varm = _result_tables(fit, adata.var_names, key_added, cmat)
+    params = {
+        "fixed": fixed,
+        "random": [random] if isinstance(random, str) else list(random),
+        "method": method,
+        "df": df,
+        "layer": layer,
+        "is_counts": bool(is_counts),
+        "epsilon": epsilon,
+        "max_iter": max_iter,
+        "theta0": None if start is None else start.tolist(),
+        "chunk_size": chunk_size,
+    }
+    uns = _uns_record(adata, design, fit, params, cmat, expressions, list(varm))
+    return _write(adata, key_added, varm, uns, copy=copy)
+
+
+# --------------------------------------------------------------------------------------------
+# the steps
+# --------------------------------------------------------------------------------------------
+
+
+def _check_input(adata: Any, *, layer: str | None, key_added: Any, copy: bool) -> tuple[Any, str]:
+    """Check the AnnData and the key; return the matrix to fit and its name for messages."""
     from anndata import AnnData
 
     if not isinstance(adata, AnnData):
@@ -152,12 +228,6 @@ def flashmm_de(
         raise TypeError(msg)
     if not isinstance(key_added, str) or not key_added or "/" in key_added:
         msg = f"key_added must be a non-empty string without '/', got {key_added!r}."
-        raise ValueError(msg)
-    if method not in ("REML", "ML"):
-        msg = f"method must be 'REML' or 'ML', got {method!r}."
-        raise ValueError(msg)
-    if df not in ("residual", "satterthwaite"):
-        msg = f"df must be 'residual' or 'satterthwaite', got {df!r}."
         raise ValueError(msg)
     if copy and adata.isbacked:
         msg = (
@@ -171,241 +241,76 @@ def flashmm_de(
     if adata.n_vars == 0:
         msg = "adata has no genes (zero genes selected)."
         raise ValueError(msg)
-    Y, source = _get_matrix(adata, layer)
-    _check_chunk_size(chunk_size)
+    return get_matrix(adata, layer)
 
-    design = make_design(adata.obs, fixed, random)
-    k = len(design.d)
-    if theta0 is not None:
-        theta0 = [float(x) for x in np.asarray(theta0, dtype=float).ravel()]
-        if len(theta0) != k + 1:
-            msg = (
-                f"theta0 must have {k + 1} values (one per random term "
-                f"{design.random_terms}, then the residual), got {len(theta0)}."
-            )
-            raise ValueError(msg)
-    cmat = None
-    if contrasts is not None:
-        cmat = contrast_matrix(contrasts, design.x_columns)
-        bad = [c for c in cmat.columns if "/" in c]
-        if bad:
-            msg = (
-                f"Contrast names cannot contain '/' (they are stored as h5ad keys): {bad}. "
-                "Name them with a mapping, e.g. {'BvsA': '(a + b)/2'}."
-            )
-            raise ValueError(msg)
-        if isinstance(contrasts, str):
-            exprs = {contrasts: contrasts}
-        elif isinstance(contrasts, Mapping):
-            exprs = {str(name): expr for name, expr in contrasts.items()}
-        else:
-            exprs = {c: c for c in contrasts}
 
-    bar = _ProgressBar(progress, unit="genes" if _is_csc(Y) else "cells")
+def _contrasts(
+    contrasts: Mapping[str, str] | Sequence[str] | None, x_columns: Sequence[str]
+) -> tuple[pd.DataFrame | None, dict[str, str]]:
+    """Return the contrast matrix (design columns x contrasts) and each contrast's expression."""
+    if contrasts is None:
+        return None, {}
+    cmat = contrast_matrix(contrasts, x_columns)
+    bad = [c for c in cmat.columns if "/" in c]
+    if bad:
+        msg = (
+            f"Contrast names cannot contain '/' (they are stored as h5ad keys): {bad}. "
+            "Name them with a mapping, e.g. {'BvsA': '(a + b)/2'}."
+        )
+        raise ValueError(msg)
+    if isinstance(contrasts, str):
+        return cmat, {contrasts: contrasts}
+    if isinstance(contrasts, Mapping):
+        return cmat, {str(name): expr for name, expr in contrasts.items()}
+    return cmat, {c: c for c in contrasts}
+
+
+def _summary_statistics(
+    adata: AnnData,
+    Y: Any,
+    source: str,
+    design: Design,
+    *,
+    chunk_size: int | None,
+    is_counts: bool,
+    progress: bool | None,
+) -> SummaryStats:
+    """One pass over the cells; errors name ``source``, a non-finite value its cell and gene."""
+    bar = ProgressBar(progress, unit="genes" if is_csc(Y) else "cells")
     try:
         stats = summary_stats(
             design.X, Y, design.Z, chunk_size=chunk_size, is_counts=is_counts, progress=bar
         )
     except NonFiniteError as exc:
-        raise _nonfinite_error(exc, Y, source, adata.obs_names, adata.var_names) from exc
+        raise nonfinite_error(exc, Y, source, adata.obs_names, adata.var_names) from exc
     except ValueError as exc:
         msg = f"{source}: {exc}"
         raise ValueError(msg) from exc
     finally:
         bar.close()
-    if not is_counts and _looks_like_counts(Y):
+    if not is_counts and looks_like_counts(Y):
         msg = (
             f"{source} looks like raw counts (non-negative integers), but "
             "is_counts=False fits them untransformed. Pass is_counts=True to fit log2(1 + y) "
             "as FLASHMM does, or normalise and log-transform first."
         )
-        warnings.warn(msg, UserWarning, stacklevel=2)
-
-    fit = lmm(
-        stats,
-        design.d,
-        method=method,
-        theta0=theta0,
-        max_iter=max_iter,
-        epsilon=epsilon,
-        output_cov=True,
-        df=df,
-        feature_names=list(map(str, adata.var_names)),
-        covariate_names=design.x_columns,
-        component_names=design.random_terms,
-    )
-
-    varm = _result_tables(fit, adata.var_names, key_added, cmat)
-    from .. import __version__
-
-    uns = {
-        "params": {
-            "fixed": fixed,
-            "random": [random] if isinstance(random, str) else list(random),
-            "method": method,
-            "df": df,
-            "layer": layer,
-            "is_counts": bool(is_counts),
-            "epsilon": float(epsilon),
-            "max_iter": int(max_iter),
-            "theta0": theta0,
-            "chunk_size": chunk_size,
-        },
-        "x_columns": list(design.x_columns),
-        "random_terms": list(design.random_terms),
-        "random_formulas": list(design.random),
-        "d": [int(x) for x in design.d],
-        "z_columns": list(design.z_columns),
-        "contrast_names": [] if cmat is None else [str(c) for c in cmat.columns],
-        "contrast_expressions": [] if cmat is None else [str(exprs[c]) for c in cmat.columns],
-        "n_cells": int(adata.n_obs),
-        "n_genes": int(adata.n_vars),
-        "df": int(fit.df),
-        "n_nonconverged": int((~fit.converged & ~np.isnan(fit.theta[:, -1])).sum()),
-        "n_degenerate": int(np.isnan(fit.theta[:, -1]).sum()),
-        "varm_keys": list(varm),
-        "version": __version__,
-    }
-    if cmat is not None:
-        uns["contrast_matrix"] = cmat
-
-    # Everything is computed: write (nothing below can fail on user input).
-    target = adata.copy() if copy else adata
-    if target.is_view:
-        target._init_as_actual(target.copy())
-    previous = target.uns.get(key_added)
-    if isinstance(previous, Mapping) and "varm_keys" in previous:
-        for old in previous["varm_keys"]:
-            target.varm.pop(str(old), None)
-    for name, value in varm.items():
-        target.varm[name] = value
-    target.uns[key_added] = uns
-    return target if copy else None
-
-
-# --------------------------------------------------------------------------------------------
-# data access and the pass over the cells
-# --------------------------------------------------------------------------------------------
-
-
-def _get_matrix(adata: AnnData, layer: str | None) -> tuple[Any, str]:
-    if layer is None:
-        if adata.X is None:
-            msg = "adata.X is None: pass layer=... to choose the matrix to fit."
-            raise ValueError(msg)
-        return adata.X, "adata.X"
-    if layer not in adata.layers:
-        avail = ", ".join(repr(k) for k in adata.layers) or "none"
-        msg = f"adata has no layer {layer!r}; layers: {avail}."
-        raise ValueError(msg)
-    return adata.layers[layer], f"adata.layers[{layer!r}]"
-
-
-def _is_csc(Y: Any) -> bool:
-    """Whether ``Y`` is CSC (in memory or backed), which the pass reads by blocks of genes."""
-    return getattr(Y, "format", None) == "csc"
-
-
-def _materialize(block: Any) -> Any:
-    """Return a block of ``Y`` as numpy or scipy sparse (a dask block is computed here)."""
-    if sparse.issparse(block) or isinstance(block, np.ndarray):
-        return block
-    if hasattr(block, "compute"):
-        return _materialize(block.compute())
-    return np.asarray(block)
-
-
-#: stored values inspected for the raw-counts warning (a bounded cost per fit)
-_COUNTS_SAMPLE = 2_000_000
-
-
-def _looks_like_counts(Y: Any) -> bool:
-    """Whether the stored values of the first cells (genes, for CSC) are integers >= 0, not all 0.
-
-    Reads at most ``_COUNTS_SAMPLE`` values, separately from the pass.
-    """
-    n, m = Y.shape
-    if _is_csc(Y):
-        block = Y[:, : max(1, _COUNTS_SAMPLE // n)]
-    else:
-        block = Y[: max(1, _COUNTS_SAMPLE // m)]
-    block = _materialize(block)
-    values = block.data if sparse.issparse(block) else block
-    if values.dtype.kind not in "biuf" or not values.size:
-        return False
-    if values.dtype.kind == "f" and not (values == np.round(values)).all():  # also NaN
-        return False
-    return bool(values.min() >= 0 and values.max() > 0)
-
-
-def _nonfinite_error(exc: NonFiniteError, Y: Any, source: str, obs_names, var_names) -> ValueError:
-    """Name the cell and gene of a non-finite value, reading the range reported again."""
-    if exc.start is None:
-        return ValueError(f"{source}: {exc}")
-    if exc.axis == 0:
-        block, row0, col0 = Y[exc.start : exc.stop], exc.start, 0
-    else:
-        block, row0, col0 = Y[:, exc.start : exc.stop], 0, exc.start
-    block = _materialize(block)
-    if sparse.issparse(block):
-        coo = sparse.coo_matrix(block)
-        i = int(np.flatnonzero(~np.isfinite(coo.data))[0])
-        r, c = int(coo.row[i]), int(coo.col[i])
-    else:
-        r, c = np.argwhere(~np.isfinite(np.asarray(block, dtype=float)))[0]
-    msg = (
-        f"{source} contains NaN or infinite values, e.g. cell "
-        f"{obs_names[row0 + r]!r}, gene {var_names[col0 + c]!r}."
-    )
-    return ValueError(msg)
-
-
-class _ProgressBar:
-    """``progress(done, total)`` for :func:`summary_stats`, updating a tqdm bar.
-
-    The bar is made at the first report, when the total is known; by default it is shown only
-    on a terminal and when that report is not already the last (more than one chunk).
-    """
-
-    def __init__(self, show: bool | None, unit: str):
-        self.show, self.unit = show, unit
-        self.bar, self.done = None, 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            show = self.show
-            if show is None:
-                show = done < total and sys.stderr.isatty()
-            self.bar = tqdm(
-                total=total, unit=self.unit, disable=not show, desc="flashmm pass", leave=False
-            )
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-# --------------------------------------------------------------------------------------------
-# results
-# --------------------------------------------------------------------------------------------
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    return stats
 
 
 def _result_tables(
     fit: LMMFit, var_names: pd.Index, key: str, cmat: pd.DataFrame | None
 ) -> dict[str, Any]:
+    """Return the ``varm`` entries of a fit, by key (see :mod:`scflashmm._results`)."""
     index = pd.Index(var_names)
     cols = pd.Index(fit.covariate_names, dtype=object)
-    comps = pd.Index([*fit.component_names, "residual"], dtype=object)
+    comps = pd.Index([*(fit.component_names or []), RESIDUAL], dtype=object)
     out: dict[str, Any] = {}
-    for what in RESULT_TABLES:
-        out[f"{key}_{what}"] = pd.DataFrame(getattr(fit, what), index=index, columns=cols)
-    out[f"{key}_theta"] = pd.DataFrame(fit.theta, index=index, columns=comps)
-    out[f"{key}_se_theta"] = pd.DataFrame(fit.se_theta, index=index, columns=comps)
-    out[f"{key}_diag"] = pd.DataFrame(
+    for what in COEF_TABLES:
+        out[varm_key(key, what)] = pd.DataFrame(getattr(fit, what), index=index, columns=cols)
+    out[varm_key(key, THETA)] = pd.DataFrame(fit.theta, index=index, columns=comps)
+    out[varm_key(key, SE_THETA)] = pd.DataFrame(fit.se_theta, index=index, columns=comps)
+    out[varm_key(key, DIAG)] = pd.DataFrame(
         {
             "niter": fit.niter.astype(np.int64),
             "converged": fit.converged.astype(bool),
@@ -414,17 +319,79 @@ def _result_tables(
         },
         index=index,
     )
-    out[f"{key}_cov"] = np.ascontiguousarray(fit.cov)
+    out[varm_key(key, COV)] = np.ascontiguousarray(fit.cov)
     if fit.df_satterthwaite is not None:
-        out[f"{key}_df"] = pd.DataFrame(fit.df_satterthwaite, index=index, columns=cols)
+        out[varm_key(key, DF)] = pd.DataFrame(fit.df_satterthwaite, index=index, columns=cols)
     if cmat is not None:
-        est, se, ddf = fit.contrast_estimates(cmat.to_numpy(dtype=np.float64))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            t = est / se
-        p = t_pvalue(t, ddf)
-        names = pd.Index([str(c) for c in cmat.columns], dtype=object)
-        for what, values in zip(CONTRAST_TABLES, (est, se, t, p), strict=True):
-            out[f"{key}_{what}"] = pd.DataFrame(values, index=index, columns=names)
-        if fit.df_method == "satterthwaite":
-            out[f"{key}_contrast_df"] = pd.DataFrame(ddf, index=index, columns=names)
+        out.update(_contrast_tables(fit, index, key, cmat))
     return out
+
+
+def _contrast_tables(
+    fit: LMMFit, index: pd.Index, key: str, cmat: pd.DataFrame
+) -> dict[str, pd.DataFrame]:
+    est, se, ddf = fit.contrast_estimates(cmat.to_numpy(dtype=np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = est / se
+    p = t_pvalue(t, ddf)
+    names = pd.Index([str(c) for c in cmat.columns], dtype=object)
+    out = {
+        varm_key(key, what): pd.DataFrame(values, index=index, columns=names)
+        for what, values in zip(CONTRAST_TABLES, (est, se, t, p), strict=True)
+    }
+    if fit.df_method == "satterthwaite":
+        out[varm_key(key, CONTRAST_DF)] = pd.DataFrame(ddf, index=index, columns=names)
+    return out
+
+
+def _uns_record(
+    adata: AnnData,
+    design: Design,
+    fit: LMMFit,
+    params: dict[str, Any],
+    cmat: pd.DataFrame | None,
+    expressions: Mapping[str, str],
+    varm_keys: list[str],
+) -> dict[str, Any]:
+    """``uns[key]``: the fields of :data:`scflashmm._results.UNS_FIELDS`."""
+    from .. import __version__
+
+    names = [] if cmat is None else [str(c) for c in cmat.columns]
+    degenerate = np.isnan(fit.theta[:, -1])
+    uns: dict[str, Any] = {
+        "params": params,
+        "x_columns": list(design.x_columns),
+        "random_terms": list(design.random_terms),
+        "random_formulas": list(design.random),
+        "d": [int(x) for x in design.d],
+        "z_columns": list(design.z_columns),
+        "contrast_names": names,
+        "contrast_expressions": [str(expressions[c]) for c in names],
+        "n_cells": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "df": int(fit.df),
+        "n_nonconverged": int((~fit.converged & ~degenerate).sum()),
+        "n_degenerate": int(degenerate.sum()),
+        "varm_keys": varm_keys,
+        "version": __version__,
+    }
+    if cmat is not None:
+        uns["contrast_matrix"] = cmat
+    return uns
+
+
+def _write(
+    adata: AnnData, key: str, varm: Mapping[str, Any], uns: dict[str, Any], *, copy: bool
+) -> AnnData | None:
+    """Write the results (nothing here can fail on user input), replacing an earlier fit."""
+    target = adata.copy() if copy else adata
+    if target.is_view:
+        target._init_as_actual(target.copy())
+    previous = target.uns.get(key)
+    if isinstance(previous, Mapping) and "varm_keys" in previous:
+        for old in previous["varm_keys"]:
+            target.varm.pop(str(old), None)
+    for name, value in varm.items():
+        target.varm[name] = value
+    target.uns[key] = uns
+    return target if copy else None
