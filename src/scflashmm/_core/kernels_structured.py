@@ -33,6 +33,13 @@ from .sumstats import SummaryStats
 
 __all__ = ["StructuredFit", "fit_structured"]
 
+#: A relative Cholesky diagonal below this is set to zero when that does not lower the
+#: likelihood (lme4 calls a fit singular below 1e-4).
+_SNAP = 1e-3
+#: A zero diagonal is released when one scoring step of its variance would exceed this
+#: (relative standard deviation).
+_RELEASE = 1e-4
+
 
 @dataclass(eq=False)
 class StructuredFit:
@@ -245,6 +252,7 @@ def fit_structured(
     fixed = np.zeros((m, k), dtype=bool)
     niter = np.zeros(m, dtype=np.int64)
     converged = np.zeros(m, dtype=bool)
+    stall = np.zeros(m, dtype=np.int64)
     gamma, _ = prob.gamma_and_jacobian(L)
     rows_all = np.arange(m)
     ll = prob.loglik(rows_all, gamma, s0)
@@ -261,23 +269,33 @@ def fit_structured(
         Jf[:, k, k] = 1.0
         score = np.einsum("gji,gj->gi", Jf, dl)
         info = np.einsum("gji,gjl,glm->gim", Jf, fim, Jf)
-        # Release a fixed (zero) Cholesky diagonal if the likelihood grows along it: first
-        # order (its score) or second order (the score of its variance, 2 dl/dSigma_kk).
+        # Release a fixed (zero) Cholesky diagonal when the likelihood grows along it: start
+        # it from one scoring step of its variance (1/100 of it if that overshoots). A gene
+        # with a released diagonal takes no other step in this pass.
         fa = fixed[active]
-        grow = fa & ((np.abs(score[:, :k]) > 1e-8 * _scale(score)) | (dl[:, :k] > 0))
-        fa = fa & ~grow
+        var_step = dl[:, :k] / np.diagonal(fim, axis1=1, axis2=2)[:, :k]
+        grow = fa & (var_step > _RELEASE**2 * sa[:, None])
+        released = np.zeros(len(active), dtype=bool)
+        for shrink in (1.0, 0.01):
+            cand = np.flatnonzero(grow.any(axis=1) & ~released)
+            if cand.size == 0:
+                break
+            trial = La[cand].copy()
+            g_ix = grow[cand][:, diag_ix]
+            trial[:, diag_ix] = np.where(
+                g_ix, np.sqrt(np.maximum(shrink * var_step[cand][:, diag_ix], 0)), trial[:, diag_ix]
+            )
+            tll = prob.loglik(active[cand], prob.gamma_and_jacobian(trial)[0], sa[cand])
+            ok = tll > ll[active[cand]]
+            La[cand[ok]] = trial[ok]
+            fa[cand[ok]] &= ~grow[cand[ok]]
+            released[cand[ok]] = True
+        grow = grow & released[:, None]
         free = np.concatenate([~fa, np.ones((len(active), 1), dtype=bool)], axis=1)
         score = np.where(free, score, 0.0)
         info = np.where(free[:, :, None] & free[:, None, :], info, 0.0)
         info = info + np.where(free, 0.0, 1.0)[:, :, None] * np.eye(k + 1)
-        # A released diagonal has zero curvature in L: start it from its variance's FS step.
-        rel = grow[:, diag_ix]
-        if rel.any():
-            step_var = np.maximum(dl[:, diag_ix] / np.diagonal(fim)[:, diag_ix], 0)
-            Lnew = La.copy()
-            Lnew[:, diag_ix] = np.where(rel, np.sqrt(step_var), La[:, diag_ix])
-            La = Lnew
-        delta = np.linalg.lstsq(info[0], score[0], rcond=None)[0] if False else _solve(info, score)
+        delta = np.where(free & ~released[:, None], _solve(info, score), 0.0)
         # Step-halving line search on the log-likelihood.
         base = prob.loglik(active, prob.gamma_and_jacobian(La)[0], sa)
         alpha = np.ones(len(active))
@@ -291,7 +309,7 @@ def fit_structured(
             ok_s = ts0 > 0
             ts0 = np.where(ok_s, ts0, sa[todo] / 2)
             tll = prob.loglik(active[todo], prob.gamma_and_jacobian(trial)[0], ts0)
-            good = ok_s & (tll >= base[todo] - 1e-12 * np.abs(base[todo]))
+            good = ok_s & (tll >= base[todo] - 1e-15 * np.abs(base[todo]))
             newL[todo[good]], news0[todo[good]], newll[todo[good]] = (
                 trial[good],
                 ts0[good],
@@ -299,19 +317,32 @@ def fit_structured(
             )
             todo = todo[~good]
             alpha[todo] /= 2
-        # Cholesky diagonals: the sign is free (flip the column); tiny ones become fixed zeros.
+        # Cholesky diagonals: the sign is free (flip the column). A small diagonal whose
+        # removal does not lower the likelihood becomes a fixed zero (a singular fit).
         newL = _canonical(st, newL)
-        rel_diag = np.abs(newL[:, diag_ix]) / np.sqrt(news0)[:, None]
-        hit = rel_diag < 1e-7
-        newL[:, diag_ix] = np.where(hit, 0.0, newL[:, diag_ix])
-        fa[:, diag_ix] |= hit
+        rel_diag = newL[:, diag_ix] / np.sqrt(news0)[:, None]
+        for c, j in enumerate(diag_ix):
+            small = (rel_diag[:, c] < _SNAP) & ~fa[:, j]
+            if not small.any():
+                continue
+            rows = np.flatnonzero(small)
+            trial = newL[rows].copy()
+            trial[:, j] = 0.0
+            tll = prob.loglik(active[rows], prob.gamma_and_jacobian(trial)[0], news0[rows])
+            keep = tll >= newll[rows] - 1e-14 * np.abs(newll[rows])
+            rows = rows[keep]
+            newL[rows, j] = 0.0
+            newll[rows] = tll[keep]
+            fa[rows, j] = True
         fixed[active] = fa
         change = np.max(np.abs(newL - La), axis=1) / np.sqrt(news0)
         change = np.maximum(change, np.abs(news0 - sa) / news0)
-        dll = np.abs(newll - ll[active])
+        # A pass that gains nothing measurable (three in a row) also ends: the likelihood is
+        # flat to rounding along what still moves (e.g. a nearly zero covariance block).
+        flat = newll - ll[active] <= 1e-15 * np.maximum(np.abs(newll), 1.0)
+        stall[active] = np.where(flat, stall[active] + 1, 0)
         L[active], s0[active], ll[active] = newL, news0, newll
-        done = (change < tol) | ((dll < 1e-13 * np.abs(newll)) & (alpha < 1) & (todo.size == 0))
-        done = (change < tol) & ~grow.any(axis=1)
+        done = ((change < tol) | (stall[active] >= 3)) & ~grow.any(axis=1)
         converged[active[done]] = True
         active = active[~done]
     gamma, _ = prob.gamma_and_jacobian(L)
@@ -336,10 +367,6 @@ def fit_structured(
         structure=st,
         method=method,
     )
-
-
-def _scale(score: np.ndarray) -> np.ndarray:
-    return np.maximum(np.max(np.abs(score), axis=1, keepdims=True), 1.0)
 
 
 def _solve(info: np.ndarray, score: np.ndarray) -> np.ndarray:
