@@ -17,11 +17,11 @@ versions <- function() {
   )
 }
 
-fit_summary <- function(formula, data, satterthwaite = FALSE, z = FALSE) {
+fit_summary <- function(formula, data, satterthwaite = FALSE, z = FALSE, reml = TRUE) {
   # Timing with lme4's default optimiser settings; the stored estimates come from a refit with
   # much tighter tolerances, so that they are the optimum to ~1e-9 rather than ~1e-5.
   t0 <- proc.time()[["elapsed"]]
-  lmer(formula, data = data, REML = TRUE,
+  lmer(formula, data = data, REML = reml,
        control = lmerControl(check.conv.singular = "ignore"))
   elapsed <- proc.time()[["elapsed"]] - t0
   ctrl <- lmerControl(
@@ -30,7 +30,7 @@ fit_summary <- function(formula, data, satterthwaite = FALSE, z = FALSE) {
     optCtrl = list(xtol_abs = 1e-12, ftol_abs = 1e-15, xtol_rel = 1e-12, ftol_rel = 1e-15,
                    maxeval = 100000)
   )
-  m <- lmer(formula, data = data, REML = TRUE, control = ctrl)
+  m <- lmer(formula, data = data, REML = reml, control = ctrl)
   vc <- as.data.frame(VarCorr(m))
   vc$var1[is.na(vc$var1)] <- ""
   vc$var2[is.na(vc$var2)] <- ""
@@ -41,7 +41,8 @@ fit_summary <- function(formula, data, satterthwaite = FALSE, z = FALSE) {
     varcorr = list(grp = vc$grp, var1 = vc$var1, var2 = vc$var2,
                    vcov = vc$vcov, sdcor = vc$sdcor),
     sigma2 = sigma(m)^2,
-    logLik_REML = as.numeric(logLik(m)),
+    REML = reml,
+    logLik = as.numeric(logLik(m)),
     theta = as.numeric(getME(m, "theta")),
     theta_names = names(getME(m, "theta")),
     singular = isSingular(m),

@@ -7,5 +7,6 @@ write_results(list(
   versions = versions(),
   correlated = fit_summary(Reaction ~ Days + (Days | Subject), sleepstudy,
                            satterthwaite = TRUE, z = TRUE),
-  uncorrelated = fit_summary(Reaction ~ Days + (Days || Subject), sleepstudy, z = TRUE)
+  uncorrelated = fit_summary(Reaction ~ Days + (Days || Subject), sleepstudy, z = TRUE),
+  correlated_ml = fit_summary(Reaction ~ Days + (Days | Subject), sleepstudy, reml = FALSE)
 ), "results.json")
