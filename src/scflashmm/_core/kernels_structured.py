@@ -297,7 +297,11 @@ def fit_structured(
         info = info + np.where(free, 0.0, 1.0)[:, :, None] * np.eye(k + 1)
         delta = np.where(free & ~released[:, None], _solve(info, score), 0.0)
         # Step-halving line search on the log-likelihood.
-        base = prob.loglik(active, prob.gamma_and_jacobian(La)[0], sa)
+        base = ll[active].copy()
+        if released.any():
+            base[released] = prob.loglik(
+                active[released], prob.gamma_and_jacobian(La[released])[0], sa[released]
+            )
         alpha = np.ones(len(active))
         newL, news0, newll = La.copy(), sa.copy(), base.copy()
         todo = np.arange(len(active))
