@@ -1,0 +1,185 @@
+"""Structured covariances (lme4's family): the structure object and the solver vs lme4."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scflashmm._core.kernels_structured import _Problem, fit_structured, fit_structured_sparse
+from scflashmm._core.structure import CovarianceStructure, RandomTermStructure
+from scflashmm._core.sumstats import SummaryStats, summary_stats
+from scflashmm._random_terms import random_design
+
+DATA = Path(__file__).parents[1] / "data" / "lme4"
+
+
+def _case(case: str):
+    data = pd.read_csv(DATA / case / "data.csv")
+    return data, json.loads((DATA / case / "results.json").read_text())
+
+
+def _stats(data, formula, fixed, responses):
+    rd = random_design(formula, data)
+    X = np.column_stack([np.ones(len(data)), *(data[c].to_numpy(float) for c in fixed)])
+    Y = data[responses].to_numpy(float)
+    return summary_stats(X, Y, rd.Z), rd.structure
+
+
+def _genes(stats, idx):
+    return SummaryStats(
+        stats.XX, stats.XY[:, idx], stats.ZX, stats.ZY[:, idx], stats.ZZ, stats.Ynorm[idx], stats.n
+    )
+
+
+def _lme4_vcov(fit, structure):
+    """lme4's VarCorr variances and covariances in the structure's order."""
+    vc = fit["varcorr"]
+    out = {}
+    for grp, v1, v2, vcov in zip(vc["grp"], vc["var1"], vc["var2"], vc["vcov"], strict=True):
+        out[(grp.split(".")[0], v1, v2)] = vcov
+    keys = []
+    for t in structure.terms:
+        grp = "cask:batch" if t.group == "batch:cask" else t.group  # lme4's name of batch/cask
+        for a, b in t.entries:
+            ea, eb = t.effects[a], t.effects[b]
+            keys.append((grp, ea, "") if a == b else (grp, eb, ea))
+    return np.array([out[k] for k in keys]), out[("Residual", "", "")]
+
+
+def _check(fit, gene, ref, structure):
+    coef = np.array(list(ref["coef"].values()))
+    se = np.array(list(ref["se"].values()))
+    # lme4 fixef / sqrt(diag(vcov)) from refits with tight optimiser tolerances.
+    np.testing.assert_allclose(fit.coef[gene], coef, rtol=1e-5)
+    np.testing.assert_allclose(fit.se[gene], se, rtol=1e-4)
+    gamma, sigma2 = _lme4_vcov(ref, structure)
+    # VarCorr: relative 1e-5, with an absolute floor for (co)variances at or near the boundary.
+    scale = sigma2
+    np.testing.assert_allclose(fit.gamma[gene], gamma, rtol=1e-5, atol=1e-7 * scale)
+    np.testing.assert_allclose(fit.sigma2[gene], sigma2, rtol=1e-5)
+    if structure.theta_names() == ref["theta_names"]:  # lme4 reorders some terms (Pastes)
+        np.testing.assert_allclose(fit.theta[gene], ref["theta"], rtol=1e-4, atol=1e-5)
+    # lme4's logLik (REML criterion): ours may only be higher, and not by much.
+    assert fit.logLik[gene] == pytest.approx(ref["logLik"], abs=1e-6)
+    assert bool(fit.singular[gene]) == ref["singular"]
+    assert fit.converged[gene]
+
+
+@pytest.mark.parametrize(
+    ("case", "key", "formula", "fixed", "response"),
+    [
+        ("sleepstudy", "correlated", "(Days | Subject)", ["Days"], "Reaction"),
+        ("sleepstudy", "uncorrelated", "(Days || Subject)", ["Days"], "Reaction"),
+        ("sleepstudy", "correlated_ml", "(Days | Subject)", ["Days"], "Reaction"),
+        ("penicillin", "crossed", "(1 | plate) + (1 | sample)", [], "diameter"),
+        ("pastes", "nested", "(1 | batch/cask)", [], "strength"),
+    ],
+)
+def test_lme4_datasets(case, key, formula, fixed, response):
+    data, res = _case(case)
+    ref = res[key]
+    stats, structure = _stats(data, formula, fixed, [response])
+    fit = fit_structured(stats, structure, method="REML" if ref["REML"] else "ML")
+    _check(fit, 0, ref, structure)
+
+
+def test_simulated_single_cell_genes_with_singular_fits():
+    data, res = _case("simulated_sc")
+    data["groupB"] = (data["group"] == "B").astype(float)
+    genes = list(res["genes"])
+    stats, structure = _stats(data, "(1 + x | donor)", ["x", "groupB"], genes)
+    fit = fit_structured(stats, structure)
+    assert sum(res["genes"][g]["singular"] for g in genes) >= 2
+    for i, g in enumerate(genes):
+        _check(fit, i, res["genes"][g], structure)
+    # One batched fit == gene by gene (to the convergence tolerance: LAPACK's batched and
+    # single calls round differently, and scoring stops at a relative change of 1e-9).
+    for i in (0, 5):
+        one = fit_structured(_genes(stats, [i]), structure)
+        np.testing.assert_allclose(one.coef[0], fit.coef[i], rtol=1e-7)
+        np.testing.assert_allclose(one.theta[0], fit.theta[i], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_score_is_derivative_of_loglik(method):
+    data, _ = _case("simulated_sc")
+    stats, structure = _stats(data, "(1 + x | donor) + (1 | group)", ["x"], ["g1", "g2"])
+    prob = _Problem(stats, structure, method)
+    rows = np.arange(2)
+    gamma = np.array([[0.08, 0.02, 0.05, 0.01], [0.04, -0.01, 0.03, 0.02]])
+    s0 = np.array([0.2, 0.19])
+    dl, _ = prob.score_information(rows, gamma, s0)
+    h = 1e-6
+    for j in range(5):
+        e = np.zeros(5)
+        e[j] = h
+        up = prob.loglik(rows, gamma + e[:4], s0 + e[4])
+        dn = prob.loglik(rows, gamma - e[:4], s0 - e[4])
+        np.testing.assert_allclose(dl[:, j], (up - dn) / (2 * h), rtol=1e-6, atol=1e-6)
+
+
+def test_structure_conversions():
+    st = CovarianceStructure(
+        (
+            RandomTermStructure("donor", 3, ("(Intercept)", "time")),
+            RandomTermStructure("donor", 3, ("(Intercept)", "dose", "time"), correlated=False),
+            RandomTermStructure("batch", 2, ("(Intercept)",)),
+        )
+    )
+    assert (st.q, st.n_theta) == (6 + 9 + 2, 3 + 3 + 1)
+    assert st.theta_names()[:3] == ["donor.(Intercept)", "donor.time.(Intercept)", "donor.time"]
+    np.testing.assert_array_equal(st.lower_bounds()[:3], [0, -np.inf, 0])
+    theta = np.array([[1.0, 0.5, 2.0, 0.1, 0.2, 0.3, 1.5]])
+    blocks = st.covariance_blocks(theta, np.array([2.0]))
+    np.testing.assert_allclose(blocks[0][0], 2 * np.array([[1.0, 0.5], [0.5, 4.25]]))
+    np.testing.assert_allclose(blocks[1][0], 2 * np.diag([0.01, 0.04, 0.09]))
+    gamma = st.gamma_from_blocks(blocks)
+    np.testing.assert_allclose(st.theta_from_gamma(gamma, np.array([2.0])), theta)
+    vc = st.varcorr(theta, np.array([2.0]))
+    np.testing.assert_allclose(vc[0, :3], [2.0, 0.5 / np.sqrt(4.25), 8.5])
+    assert st.varcorr_names()[:3] == [
+        "donor: (Intercept)",
+        "donor: corr((Intercept), time)",
+        "donor: time",
+    ]
+    D = st.relative_covariance(theta[0])
+    assert D.shape == (17, 17)
+    np.testing.assert_allclose(D[2:4, 2:4], [[1.0, 0.5], [0.5, 4.25]])
+    # A singular block: the Cholesky factor has a zero diagonal, lme4's boundary.
+    sing = st.theta_from_gamma(np.array([1.0, 2.0, 4.0, 1, 1, 1, 1]), 1.0)
+    np.testing.assert_allclose(sing[:3], [1.0, 2.0, 0.0], atol=1e-7)
+
+
+def test_from_d_is_flashmm_components():
+    st = CovarianceStructure.from_d((3, 4), names=("sam", "batch"))
+    assert st.d == (3, 4)
+    assert st.varcorr_names() == ["sam: (Intercept)", "batch: (Intercept)"]
+    np.testing.assert_allclose(
+        st.relative_covariance(np.array([2.0, 3.0])).diagonal(), [4, 4, 4, 9, 9, 9, 9]
+    )
+
+
+def test_sparse_prototype_chem97_large_q():
+    data = pd.read_csv(DATA / "chem97" / "data.csv.gz")
+    ref = json.loads((DATA / "chem97" / "results.json").read_text())["crossed"]
+    stats, structure = _stats(data, "(1 | school) + (1 | lea)", ["gcsecnt"], ["score"])
+    assert structure.q == 2541
+    fit = fit_structured_sparse(stats, structure)
+    np.testing.assert_allclose(fit.coef[0], list(ref["coef"].values()), rtol=1e-5)
+    np.testing.assert_allclose(fit.se[0], list(ref["se"].values()), rtol=1e-4)
+    gamma, sigma2 = _lme4_vcov(ref, structure)
+    # The lea variance is weakly determined (131 levels, 1% of the school variance).
+    np.testing.assert_allclose(fit.gamma[0], gamma, rtol=1e-4)
+    np.testing.assert_allclose(fit.sigma2[0], sigma2, rtol=1e-6)
+    assert fit.logLik[0] == pytest.approx(ref["logLik"], abs=1e-6)
+
+
+def test_sparse_prototype_equals_dense_solver():
+    data, _ = _case("sleepstudy")
+    stats, structure = _stats(data, "(Days | Subject)", ["Days"], ["Reaction"])
+    dense, sparse = fit_structured(stats, structure), fit_structured_sparse(stats, structure)
+    np.testing.assert_allclose(sparse.coef, dense.coef, rtol=1e-7)
+    np.testing.assert_allclose(sparse.se, dense.se, rtol=1e-5)
+    np.testing.assert_allclose(sparse.logLik, dense.logLik, rtol=1e-12)
