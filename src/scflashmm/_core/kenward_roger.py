@@ -196,21 +196,26 @@ def _assemble(
     IE = np.empty_like(K)
     for i in range(m):
         for j in range(i, m):
+            # tr(Phi Q_ij) = sum(Phi * Q_ij) (Phi symmetric); tr(Phi P_i Phi P_j)
             IE[:, i, j] = IE[:, j, i] = (
                 K[:, i, j]
                 - 2 * np.einsum("gab,gab->g", Phi, Q[i, j])
                 + np.einsum("gab,gba->g", PhiP[i], PhiP[j])
             )
     W = 2 * _inverse_ie(IE)
+    # U = sum_ij W_ij Q_ij - sum_i P_i Phi (sum_j W_ij P_j), with Q_ji = Q_ij'
     U = np.zeros_like(Phi)
     for i in range(m):
-        for j in range(i, m):
-            term = Q[i, j] - P[i] @ PhiP[j]
-            if i != j:
-                term = term + np.swapaxes(term, 1, 2)
-            U += W[:, i, j, None, None] * term
-    cov_adjusted = _sym(Phi + 2 * Phi @ U @ Phi)
-    dcov = _sym(-np.stack([Pp @ Phi for Pp in PhiP], axis=1))
+        U += W[:, i, i, None, None] * Q[i, i]
+        for j in range(i + 1, m):
+            U += W[:, i, j, None, None] * (Q[i, j] + np.swapaxes(Q[i, j], 1, 2))
+        U -= P[i] @ sum(W[:, i, j, None, None] * PhiP[j] for j in range(m))
+    cov_adjusted = Phi @ U
+    cov_adjusted = _sym(Phi + 2 * cov_adjusted @ Phi)
+    dcov = np.empty((Phi.shape[0], m, *Phi.shape[1:]))
+    for i in range(m):
+        np.matmul(PhiP[i], Phi, out=dcov[:, i])
+    dcov = -_sym(dcov)
     return KenwardRoger(cov=Phi, cov_adjusted=cov_adjusted, dcov=dcov, W=W)
 
 
@@ -241,7 +246,7 @@ def _parts_eigen(XX, ZX, ZZ, n, d, theta):
     BB = np.einsum("jp,jr->jpr", B, B).reshape(q, p * p)
 
     def weighted(c: np.ndarray) -> np.ndarray:  # B' diag(c) B for weights c (genes, q)
-        return _sym((c @ BB).reshape(-1, p, p))
+        return (c @ BB).reshape(-1, p, p)  # exactly symmetric: BB holds outer products
 
     s0 = theta[:, 1]
     r = (theta[:, 0] / s0)[:, None]
