@@ -27,8 +27,10 @@ Projected Fisher scoring with an active set, per gene and iteration:
    below 0 lands at exactly 0), ``s`` is profiled again, and the step is halved until ``l(r)``
    does not decrease.
 
-A gene whose step cannot increase ``l`` after ``max_halvings`` halvings stops where it is (its
-score then tells whether it converged). The singular flag is ``any(s_i == 0)`` over components.
+A component left within ``1e-12 s_0`` of 0 by step halving, with its score pointing below 0, is
+set to exactly 0 (otherwise projected steps approach 0 only geometrically). A gene whose step
+cannot increase ``l`` after ``max_halvings`` halvings stops where it is (its score then tells
+whether it converged). The singular flag is ``any(s_i == 0)`` over components.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ import numpy as np
 
 #: Relative slack on the objective when accepting a step (rounding of ``l`` near the optimum).
 _OBJECTIVE_RTOL = 1e-12
+
+#: A component with ``s_i <= _SNAP_RTOL * s_0`` whose score points below 0 is set to exactly 0.
+_SNAP_RTOL = 1e-12
 
 
 class BoundedKernel(Protocol):
@@ -103,6 +108,18 @@ def fisher_scoring_nonnegative(
             sub = _subset(state, active)
             sa = s[active]
             dl, fim = kernel.score_information(sub, sa)
+            # a component that halving has left within rounding of 0 while its score points
+            # below 0 is put at exactly 0 (projected steps would only approach 0 geometrically)
+            snap = (sa[:, :k] > 0) & (sa[:, :k] <= _SNAP_RTOL * sa[:, k:]) & (dl[:, :k] <= 0)
+            rows = np.flatnonzero(snap.any(axis=1))
+            if rows.size:
+                snapped = sa[rows]
+                snapped[:, :k][snap[rows]] = 0.0
+                part = _subset(sub, rows)
+                sa[rows] = _profile(kernel, part, snapped)
+                s[active[rows]] = sa[rows]
+                obj[active[rows]] = profiled_loglik(kernel, part, sa[rows], n_res)
+                dl[rows], fim[rows] = kernel.score_information(part, sa[rows])
             niter[active] += 1  # as FLASHMM: the pass that finds convergence counts
             bound = _bound(dl, sa)
             free_dl = np.where(bound, 0.0, dl)
