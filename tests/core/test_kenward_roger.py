@@ -218,3 +218,17 @@ def test_bad_input(d, theta, eigen, match):
     X = np.eye(3)
     with pytest.raises(ValueError, match=match):
         kenward_roger(X, np.ones((3, 3)), np.eye(3), 10, d, theta, eigen=eigen)
+
+
+@pytest.mark.parametrize("eigen", [None, False])
+def test_genes_without_estimate_stay_nan(eigen):
+    """Genes the fit leaves as NaN give NaN, without warnings, and do not change the others."""
+    d = (5,)
+    X, _, Z = simulate(d, n=50, m=1, p=3, seed=2)
+    theta = np.array([[0.1, 1.0], [np.nan, np.nan], [0.0, 1.0]])
+    args = (X.T @ X, Z.T @ X, Z.T @ Z, 50, d)
+    kr = kenward_roger(*args, theta, eigen=eigen)
+    assert np.isnan(kr.se()[1]).all() and np.isnan(kr.df()[1]).all()
+    alone = kenward_roger(*args, theta[[0, 2]], eigen=eigen)
+    np.testing.assert_allclose(kr.se()[[0, 2]], alone.se(), rtol=1e-12)
+    np.testing.assert_allclose(kr.df()[[0, 2]], alone.df(), rtol=1e-12)
