@@ -197,13 +197,13 @@ def test_one_component_eigen_equals_dense():
     theta[:5, 0] = 0
     args = (X.T @ X, Z.T @ X, Z.T @ Z, X.shape[0], d, theta)
     eig, dense = kenward_roger(*args), kenward_roger(*args, eigen=False)
-    for key in ("cov", "cov_adjusted", "dcov", "W"):
+    for key in ("cov", "cov_adjusted", "dprec", "dcov", "W"):
         np.testing.assert_allclose(
             getattr(eig, key), getattr(dense, key), rtol=1e-9, atol=1e-13, err_msg=key
         )
     contrast = rng.normal(size=(4, 3))
     np.testing.assert_allclose(
-        kenward_roger_df(eig.cov, eig.dcov, eig.W, contrast), dense.df(contrast), rtol=1e-9
+        kenward_roger_df(eig.cov, eig.dprec, eig.W, contrast), dense.df(contrast), rtol=1e-9
     )
 
 

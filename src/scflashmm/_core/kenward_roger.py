@@ -73,16 +73,23 @@ class KenwardRoger:
         Unadjusted covariance of beta ``Phi = (X'V^-1X)^-1`` (genes, p, p).
     cov_adjusted
         Kenward-Roger adjusted covariance ``Phi_A`` (genes, p, p).
-    dcov
-        ``dPhi/dgamma_i = -Phi P_i Phi`` for the components and the residual (genes, k + 1, p, p).
+    dprec
+        ``P_i = d(X'V^-1X)/dgamma_i = -X'V^-1 G_i V^-1 X`` for the components and the residual
+        (genes, k + 1, p, p); ``dPhi/dgamma_i = -Phi P_i Phi`` (:attr:`dcov`). For the
+        components these are the Satterthwaite fit's ``dfim_beta``.
     W
         Asymptotic covariance of the variance components, ``2 IE^-1`` (genes, k + 1, k + 1).
     """
 
     cov: np.ndarray
     cov_adjusted: np.ndarray
-    dcov: np.ndarray
+    dprec: np.ndarray
     W: np.ndarray
+
+    @property
+    def dcov(self) -> np.ndarray:
+        """``dPhi/dgamma_i = -Phi P_i Phi`` (genes, k + 1, p, p)."""
+        return _sym(-self.cov[:, None] @ self.dprec @ self.cov[:, None])
 
     def se(self, contrast: np.ndarray | None = None) -> np.ndarray:
         """Return the adjusted se of the coefficients (genes, p) or of contrasts (genes, c)."""
@@ -90,7 +97,7 @@ class KenwardRoger:
 
     def df(self, contrast: np.ndarray | None = None) -> np.ndarray:
         """Return the Kenward-Roger df of the coefficients (genes, p) or of contrasts (genes, c)."""
-        return kenward_roger_df(self.cov, self.dcov, self.W, contrast)
+        return kenward_roger_df(self.cov, self.dprec, self.W, contrast)
 
 
 def kenward_roger(
@@ -141,13 +148,13 @@ def kenward_roger(
 
 
 def kenward_roger_df(
-    cov: np.ndarray, dcov: np.ndarray, W: np.ndarray, contrast: np.ndarray | None = None
+    cov: np.ndarray, dprec: np.ndarray, W: np.ndarray, contrast: np.ndarray | None = None
 ) -> np.ndarray:
-    """Kenward-Roger df ``2 (L'Phi L)^2 / (g'Wg)``, ``g_i = L' dPhi/dgamma_i L``, per gene.
+    """Kenward-Roger df ``2 (L'Phi L)^2 / (g'Wg)``, ``g_i = (Phi L)' P_i (Phi L)``, per gene.
 
     Parameters
     ----------
-    cov, dcov, W
+    cov, dprec, W
         As in :class:`KenwardRoger` (the unadjusted ``Phi``, as lmerTest passes it).
     contrast
         Contrast matrix (p, c), one contrast per column; default every coefficient.
@@ -157,12 +164,11 @@ def kenward_roger_df(
     df (genes, p) or (genes, c); infinite where ``g'Wg = 0``.
     """
     if contrast is None:
-        var = np.diagonal(cov, axis1=1, axis2=2)
-        grad = np.diagonal(dcov, axis1=2, axis2=3)  # (genes, k + 1, p)
-    else:
-        contrast = np.asarray(contrast, dtype=np.float64).reshape(cov.shape[1], -1)
-        var = np.einsum("pc,gpr,rc->gc", contrast, cov, contrast)
-        grad = np.einsum("pc,gjpr,rc->gjc", contrast, dcov, contrast)
+        contrast = np.eye(cov.shape[1])
+    contrast = np.asarray(contrast, dtype=np.float64).reshape(cov.shape[1], -1)
+    v = cov @ contrast  # Phi L, (genes, p, c)
+    var = np.einsum("pc,gpc->gc", contrast, v)
+    grad = np.sum((dprec @ v[:, None]) * v[:, None], axis=2)  # (genes, k + 1, c)
     denom = np.einsum("gjc,gjl,glc->gc", grad, W, grad)
     with np.errstate(divide="ignore", invalid="ignore"):
         return 2 * var**2 / denom
@@ -210,13 +216,8 @@ def _assemble(
         for j in range(i + 1, m):
             U += W[:, i, j, None, None] * (Q[i, j] + np.swapaxes(Q[i, j], 1, 2))
         U -= P[i] @ sum(W[:, i, j, None, None] * PhiP[j] for j in range(m))
-    cov_adjusted = Phi @ U
-    cov_adjusted = _sym(Phi + 2 * cov_adjusted @ Phi)
-    dcov = np.empty((Phi.shape[0], m, *Phi.shape[1:]))
-    for i in range(m):
-        np.matmul(PhiP[i], Phi, out=dcov[:, i])
-    dcov = -_sym(dcov)
-    return KenwardRoger(cov=Phi, cov_adjusted=cov_adjusted, dcov=dcov, W=W)
+    cov_adjusted = _sym(Phi + 2 * (Phi @ U) @ Phi)
+    return KenwardRoger(cov=Phi, cov_adjusted=cov_adjusted, dprec=np.stack(P, axis=1), W=W)
 
 
 def _inverse_ie(IE: np.ndarray) -> np.ndarray:
