@@ -48,6 +48,8 @@ def check_n_jobs(n_jobs: Any) -> int:
     """Return the number of threads: ``n_jobs``, or the cores this process may use."""
     if n_jobs is None:
         return available_cores()
+    # ValueError (not check_positive_int's TypeError) also for True and other non-integers:
+    # callers and tests rely on one exception type for every bad n_jobs.
     if isinstance(n_jobs, bool) or int(n_jobs) != n_jobs or n_jobs < 1:
         msg = f"n_jobs must be a positive integer, got {n_jobs!r}."
         raise ValueError(msg)

@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 
 from .._options import check_choice
-from ..sumstats import SummaryStats
+from ..stats import SummaryStats
 from .base import FixedEffects, GeneState, Kernel
 from .dense import DenseKernel
 from .eigen import EigenKernel

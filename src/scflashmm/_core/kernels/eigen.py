@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..sumstats import SummaryStats
+from ..stats import SummaryStats
 from .base import FixedEffects, GeneState, Kernel, gls
 
 
