@@ -37,7 +37,8 @@ from .inference import contrast_estimates, t_pvalue
 from .kernels import Kernel, KernelChoice, select_kernel
 from .satterthwaite import coefficient_df, contrast_df, inverse_information
 from .scoring import fisher_scoring, pinv_small
-from .sumstats import ARRAY_FIELDS, SummaryStats, summary_stats
+from .stats import ARRAY_FIELDS, SummaryStats
+from .sumstats import summary_stats
 
 #: Working-array budget (float64 elements) that bounds the genes processed per block.
 _BLOCK_ELEMENTS = 2**22
@@ -418,23 +419,16 @@ def _fit_block(
 ) -> dict[str, np.ndarray | None]:
     """Fisher scoring, then fixed effects (and Satterthwaite df) for one block of genes."""
     n, p, _, _ = stats.shape
-    k = solver.k
-    n_res = n - (p if opts.method == "REML" else 0)
     # Fisher scoring is unconstrained (as in FLASHMM): a gene may step to a singular V,
     # giving inf/NaN for that gene only; `converged` and a ConvergenceWarning report it.
     # (errstate is per thread, so it is set here, in the worker.)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         state = solver.prepare(reduced.zry[:, genes].T, reduced.yry[genes])
-        if opts.theta0 is None:
-            s = np.zeros((genes.size, k + 1))
-            s[:, k] = reduced.yry[genes] / (n - p)
-        else:
-            s = np.tile(opts.theta0, (genes.size, 1))
+        s = _start_values(opts.theta0, reduced.yry[genes] / (n - p), solver.k)
         s, niter = fisher_scoring(solver, state, s, max_iter=opts.max_iter, epsilon=opts.epsilon)
-        s[:, k] = solver.residual_variance(state, s)
-        dl, fim = solver.score_information(state, s)
-        cov_theta = pinv_small(fim)
-        logdet = solver.logdet(state, s)
+        s[:, solver.k] = solver.residual_variance(state, s)
+        n_res = n - (p if opts.method == "REML" else 0)
+        out = _variance_components(solver, state, s, n_res) | {"niter": niter}
         fixed = solver.fixed_effects(
             s,
             stats.XY[:, genes].T,
@@ -442,29 +436,53 @@ def _fit_block(
             output_re=opts.output_re,
             output_fim=opts.output_fim,
         )
-        out: dict[str, np.ndarray | None] = {
-            "theta": s,
-            "dlogL": dl,
-            "se_theta": np.sqrt(np.diagonal(cov_theta, axis1=1, axis2=2)),
-            "niter": niter,
-            "logLik": -n_res * (1 + np.log(2 * np.pi * s[:, k])) / 2 + logdet / 2,
-            "fim_theta": fim,
-            "coef": fixed.coef,
-            "se": fixed.se,
-            "cov": fixed.cov,
-            "fim_beta": fixed.fim_beta,
-            "re": fixed.re,
-        }
+        out |= {name: getattr(fixed, name) for name in ("coef", "se", "cov", "fim_beta", "re")}
         df_block: np.ndarray | int = n - p
         if opts.satterthwaite:
-            # observed information = quadratic term - Fisher information (satterthwaite.py)
-            quad, dfim = solver.satterthwaite_parts(state, s)
-            vcov_theta = inverse_information(quad - fim)
-            df_block = coefficient_df(fixed.cov, dfim, s, vcov_theta)
-            out |= {"df_satterthwaite": df_block, "vcov_theta": vcov_theta, "dfim_beta": dfim}
+            out |= _satterthwaite(solver, state, s, out["fim_theta"], fixed.cov)
+            df_block = out["df_satterthwaite"]
         t = fixed.coef / fixed.se
         out |= {"t": t, "p": t_pvalue(t, df_block)}
     return out
+
+
+def _start_values(theta0: np.ndarray | None, s0: np.ndarray, k: int) -> np.ndarray:
+    """``theta0`` for every gene, or ``(0 .. 0, s0)`` with the genes' ``s0`` (genes, k + 1)."""
+    if theta0 is not None:
+        return np.tile(theta0, (s0.size, 1))
+    s = np.zeros((s0.size, k + 1))
+    s[:, k] = s0
+    return s
+
+
+def _variance_components(
+    solver: Kernel[Any], state: Any, s: np.ndarray, n_res: int
+) -> dict[str, np.ndarray | None]:
+    """Theta, its score, information and standard errors, and the log-likelihood at ``s``."""
+    dl, fim = solver.score_information(state, s)
+    cov_theta = pinv_small(fim)
+    s0 = s[:, solver.k]
+    return {
+        "theta": s,
+        "dlogL": dl,
+        "fim_theta": fim,
+        "se_theta": np.sqrt(np.diagonal(cov_theta, axis1=1, axis2=2)),
+        "logLik": -n_res * (1 + np.log(2 * np.pi * s0)) / 2 + solver.logdet(state, s) / 2,
+    }
+
+
+def _satterthwaite(
+    solver: Kernel[Any], state: Any, s: np.ndarray, fim: np.ndarray, cov: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Satterthwaite df of the coefficients, covariance of theta and ``d(X'V^-1X)/ds_i``."""
+    # observed information = quadratic term - Fisher information (satterthwaite.py)
+    quad, dfim = solver.satterthwaite_parts(state, s)
+    vcov_theta = inverse_information(quad - fim)
+    return {
+        "df_satterthwaite": coefficient_df(cov, dfim, s, vcov_theta),
+        "vcov_theta": vcov_theta,
+        "dfim_beta": dfim,
+    }
 
 
 def _assemble(
