@@ -81,8 +81,7 @@ def lmm_test(
     ``[<name>_df ...]`` with Satterthwaite df.
     """
     alternative = check_alternative(alternative)
-    df = fit.df_method if df is None else df
-    check_df(df)
+    df = check_df(fit.df_method if df is None else df)
     if df == "satterthwaite" and fit.df_satterthwaite is None:
         msg = "Satterthwaite df need a fit with df='satterthwaite' (scflashmm.lmm or lmm_fit)."
         raise ValueError(msg)

@@ -7,7 +7,7 @@ import pytest
 
 import scflashmm
 from scflashmm._core import fit as core_fit
-from scflashmm._core.kernels import select_kernel
+from scflashmm._core.kernels import DenseKernel, EigenKernel, select_kernel
 
 
 def plain_lmm(stats, d, method="REML", max_iter=50, epsilon=1e-5):
@@ -113,6 +113,25 @@ def test_eigen_path_equals_dense_path(method):
             getattr(fast, key), getattr(dense, key), rtol=1e-9, atol=1e-10, err_msg=key
         )
     np.testing.assert_array_equal(fast.niter, dense.niter)
+
+
+@pytest.mark.parametrize(
+    ("d", "choice", "expected"),
+    [
+        ((15,), "auto", EigenKernel),
+        ((15,), "eigen", EigenKernel),
+        ((15,), "dense", DenseKernel),
+        ((10, 5), "auto", DenseKernel),
+        ((10, 5), "dense", DenseKernel),
+    ],
+)
+def test_select_kernel(d, choice, expected):
+    X, Y, Z = simulate(d, m=2)
+    stats = scflashmm.summary_stats(X, Y, Z)
+    zrz = stats.ZZ - stats.ZX @ np.linalg.solve(stats.XX, stats.ZX.T)
+    kernel = select_kernel(stats, d, zrz, "REML", kernel=choice)
+    assert type(kernel) is expected
+    assert kernel.k == len(d)
 
 
 def loglik(theta, X, y, Z, d, method):

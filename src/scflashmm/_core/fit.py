@@ -145,7 +145,7 @@ class LMMFit:
         estimate, se = contrast_estimates(self.coef, self.cov, contrast)
         if (self.df_method if df is None else df) == "residual":
             return estimate, se, self.df
-        if self.dfim_beta is None:
+        if self.dfim_beta is None or self.vcov_theta is None:
             msg = "Satterthwaite df of contrasts need dfim_beta: fit with output_cov=True."
             raise ValueError(msg)
         ddf = contrast_df(self.cov, self.dfim_beta, self.theta, self.vcov_theta, contrast)
@@ -428,7 +428,8 @@ def _fit_block(
         s, niter = fisher_scoring(solver, state, s, max_iter=opts.max_iter, epsilon=opts.epsilon)
         s[:, solver.k] = solver.residual_variance(state, s)
         n_res = n - (p if opts.method == "REML" else 0)
-        out = _variance_components(solver, state, s, n_res) | {"niter": niter}
+        dl, fim = solver.score_information(state, s)
+        out = _variance_components(solver, state, s, dl, fim, n_res) | {"niter": niter}
         fixed = solver.fixed_effects(
             s,
             stats.XY[:, genes].T,
@@ -439,8 +440,9 @@ def _fit_block(
         out |= {name: getattr(fixed, name) for name in ("coef", "se", "cov", "fim_beta", "re")}
         df_block: np.ndarray | int = n - p
         if opts.satterthwaite:
-            out |= _satterthwaite(solver, state, s, out["fim_theta"], fixed.cov)
-            df_block = out["df_satterthwaite"]
+            satt = _satterthwaite(solver, state, s, fim, fixed.cov)
+            out |= satt
+            df_block = satt["df_satterthwaite"]
         t = fixed.coef / fixed.se
         out |= {"t": t, "p": t_pvalue(t, df_block)}
     return out
@@ -456,10 +458,9 @@ def _start_values(theta0: np.ndarray | None, s0: np.ndarray, k: int) -> np.ndarr
 
 
 def _variance_components(
-    solver: Kernel[Any], state: Any, s: np.ndarray, n_res: int
+    solver: Kernel[Any], state: Any, s: np.ndarray, dl: np.ndarray, fim: np.ndarray, n_res: int
 ) -> dict[str, np.ndarray | None]:
-    """Theta, its score, information and standard errors, and the log-likelihood at ``s``."""
-    dl, fim = solver.score_information(state, s)
+    """Theta with its score ``dl``, information ``fim`` and standard errors; the logLik."""
     cov_theta = pinv_small(fim)
     s0 = s[:, solver.k]
     return {
@@ -523,11 +524,11 @@ def _check_d(d: Any, q: int) -> tuple[int, ...]:
         raise ValueError(msg)
     if d is None:
         return (q,)
-    sizes = np.atleast_1d(np.asarray(d))
-    if sizes.dtype.kind not in "iu" and not np.all(np.mod(sizes, 1) == 0):
+    given = np.atleast_1d(np.asarray(d))
+    if given.dtype.kind not in "iu" and not np.all(np.mod(given, 1) == 0):
         msg = f"d must hold whole numbers of columns, got {d!r}."
         raise ValueError(msg)
-    sizes = tuple(int(x) for x in sizes)
+    sizes = tuple(int(x) for x in given)
     if any(x < 1 for x in sizes) or sum(sizes) != q:
         msg = f"d = {list(sizes)} must be positive component sizes that add up to ncol(Z) = {q}."
         raise ValueError(msg)
