@@ -56,13 +56,17 @@ def check_n_jobs(n_jobs: Any) -> int:
     return int(n_jobs)
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], n_jobs: int) -> Iterator[R]:
+def ordered_map(
+    fn: Callable[[T], R], items: Iterable[T], n_jobs: int, *, window: int | None = None
+) -> Iterator[R]:
     """``fn`` over ``items`` in ``n_jobs`` threads, yielding the results in the order of ``items``.
 
     ``items`` is drawn in the calling thread (so it may read from a file handle that is not
-    thread safe), at most ``n_jobs`` items ahead of the result being yielded, which bounds the
-    memory held by results not yet consumed. With ``n_jobs = 1`` no thread is started. An error
-    of ``fn`` is raised in the caller, and the items not yet started are cancelled.
+    thread safe), at most ``window`` (default ``n_jobs``) items ahead of the result being
+    yielded, which bounds the memory held by items and results not yet consumed; a larger
+    window keeps the threads busy when items take unequal times. With ``n_jobs = 1`` no thread
+    is started. An error of ``fn`` is raised in the caller, and the items not yet started are
+    cancelled.
     """
     if n_jobs == 1:
         yield from map(fn, items)
@@ -72,7 +76,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], n_jobs: int) -> Iterat
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
-                while len(pending) > n_jobs:
+                while len(pending) > (n_jobs if window is None else max(window, n_jobs)):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

@@ -403,7 +403,9 @@ def _fit_blocks(
     jobs = min(n_jobs, max(1, len(blocks)))
     fit = partial(_fit_block, solver, stats, reduced, opts)
     with single_threaded_blas():
-        for rows, result in zip(blocks, ordered_map(fit, blocks, jobs), strict=True):
+        # every block submitted at once (the blocks are small: only results wait in the queue)
+        results = ordered_map(fit, blocks, jobs, window=len(blocks))
+        for rows, result in zip(blocks, results, strict=True):
             for name, value in result.items():
                 target = out[name]
                 if target is not None and value is not None:
