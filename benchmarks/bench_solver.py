@@ -1,17 +1,16 @@
 """Time `scflashmm.lmm` on summary statistics against the plain per-gene implementation.
 
-    python benchmarks/bench_solver.py            # the three configurations of the core issue
+    python benchmarks/bench_solver.py            # the three configurations below
     python benchmarks/bench_solver.py --quick    # fewer genes
     python benchmarks/bench_solver.py --satterthwaite   # also time df="satterthwaite"
 
 Configurations: (a) 20,000 genes, p = 21, q = 25, k = 1; (b) the same plus a second component
 of 20 levels (k = 2); (c) 2,000 genes, p = 61, q = 259, k = 1 (the tuberculosis T-cell atlas
-shape). The per-gene implementation (tests/core/test_reml.py::plain_lmm, a direct
-transcription of docs/model.md, Fisher scoring) is timed on a sample of genes and extrapolated.
-With ``--satterthwaite`` the
-fit with ``df="satterthwaite"`` is timed too (with ``output_cov=True``, so including the
-(genes, k, p, p) derivatives kept for contrasts), best of three, interleaved with three more
-default fits, and its extra cost over the best default fit is reported.
+shape). The per-gene implementation (tests/core/test_reml.py::plain_lmm, a direct transcription
+of docs/model.md, Fisher scoring) is timed on a sample of genes and extrapolated. With
+``--satterthwaite`` the fit with ``df="satterthwaite"`` is timed too (with ``output_cov=True``,
+so including the (genes, k, p, p) derivatives kept for contrasts), best of three, interleaved
+with three more default fits, and its extra cost over the best default fit is reported.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 
 from ._contrast import parse_contrast
+from ._core._options import DfMethod, check_df
+from ._core.fit import LMMFit
 from ._core.inference import check_alternative, t_pvalue
-from ._core.reml import DfMethod, LMMFit
 
 
 def contrast_matrix(
@@ -80,10 +81,7 @@ def lmm_test(
     ``[<name>_df ...]`` with Satterthwaite df.
     """
     alternative = check_alternative(alternative)
-    df = fit.df_method if df is None else df
-    if df not in ("residual", "satterthwaite"):
-        msg = f"df must be 'residual' or 'satterthwaite', got {df!r}."
-        raise ValueError(msg)
+    df = check_df(fit.df_method if df is None else df)
     if df == "satterthwaite" and fit.df_satterthwaite is None:
         msg = "Satterthwaite df need a fit with df='satterthwaite' (scflashmm.lmm or lmm_fit)."
         raise ValueError(msg)

@@ -36,6 +36,10 @@ def fit(stats):
         ({"max_iter": 0}, "max_iter"),
         ({"epsilon": 0}, "epsilon"),
         ({"covariate_names": ["a"]}, "covariate_names has 1"),
+        ({"kernel": "sparse"}, "kernel must be one of 'auto', 'eigen', 'dense'"),
+        ({"d": [2, 4], "kernel": "eigen"}, "eigen kernel fits one random component"),
+        ({"theta0": [0.1, 0.0]}, "residual variance .* must be positive"),
+        ({"theta0": [np.nan, 1.0]}, "theta0 must be finite"),
     ],
 )
 def test_lmm_bad_arguments(stats, kwargs, match):

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import scflashmm
-from scflashmm._core import reml
+from scflashmm._core import fit as core_fit
+from scflashmm._core.kernels import DenseKernel, EigenKernel, select_kernel
 
 
 def plain_lmm(stats, d, method="REML", max_iter=50, epsilon=1e-5):
-    """DESIGN.md section 3, one gene at a time with explicit inverses (the test oracle)."""
+    """docs/model.md (Fisher scoring), gene by gene with explicit inverses (the test oracle)."""
     n, p, q, m = stats.shape
     k = len(d)
     A = np.linalg.inv(stats.XX)
@@ -91,12 +92,11 @@ def test_batched_equals_plain(d, method):
 
 
 @pytest.mark.parametrize("method", ["REML", "ML"])
-def test_eigen_path_equals_dense_path(method, monkeypatch):
+def test_eigen_path_equals_dense_path(method):
     X, Y, Z = simulate((15,), m=30, seed=3)
     stats = scflashmm.summary_stats(X, Y, Z)
-    fast = scflashmm.lmm(stats, method=method, output_re=True, output_fim=True)
-    monkeypatch.setattr(reml, "_EigenKernel", reml._DenseKernel)
-    dense = scflashmm.lmm(stats, method=method, output_re=True, output_fim=True)
+    fast = scflashmm.lmm(stats, method=method, output_re=True, output_fim=True, kernel="eigen")
+    dense = scflashmm.lmm(stats, method=method, output_re=True, output_fim=True, kernel="dense")
     for key in (
         "theta",
         "coef",
@@ -113,6 +113,25 @@ def test_eigen_path_equals_dense_path(method, monkeypatch):
             getattr(fast, key), getattr(dense, key), rtol=1e-9, atol=1e-10, err_msg=key
         )
     np.testing.assert_array_equal(fast.niter, dense.niter)
+
+
+@pytest.mark.parametrize(
+    ("d", "choice", "expected"),
+    [
+        ((15,), "auto", EigenKernel),
+        ((15,), "eigen", EigenKernel),
+        ((15,), "dense", DenseKernel),
+        ((10, 5), "auto", DenseKernel),
+        ((10, 5), "dense", DenseKernel),
+    ],
+)
+def test_select_kernel(d, choice, expected):
+    X, Y, Z = simulate(d, m=2)
+    stats = scflashmm.summary_stats(X, Y, Z)
+    zrz = stats.ZZ - stats.ZX @ np.linalg.solve(stats.XX, stats.ZX.T)
+    kernel = select_kernel(stats, d, zrz, "REML", kernel=choice)
+    assert type(kernel) is expected
+    assert kernel.k == len(d)
 
 
 def loglik(theta, X, y, Z, d, method):
@@ -143,15 +162,14 @@ def test_score_is_derivative_of_loglik(d, method):
     X, Y, Z = simulate(d, n=150, m=3, seed=5)
     stats = scflashmm.summary_stats(X, Y, Z)
     theta = np.array([*[0.3, 0.2, 0.1][: len(d)], 0.9])
-    n, p, _, m = stats.shape
+    m = stats.shape[3]
     A = np.linalg.inv(stats.XX)
     zrz = stats.ZZ - stats.ZX @ A @ stats.ZX.T
     zry = (stats.ZY - stats.ZX @ A @ stats.XY).T
     yry = stats.Ynorm - np.einsum("pm,pm->m", stats.XY, A @ stats.XY)
-    kernels = [reml._EigenKernel, reml._DenseKernel] if len(d) == 1 else [reml._DenseKernel]
-    for kernel_cls in kernels:
-        kernel = kernel_cls(stats, d, zrz, method)
-        state = kernel.prepare(zry, yry, n - p)
+    for choice in ["eigen", "dense"] if len(d) == 1 else ["dense"]:
+        kernel = select_kernel(stats, d, zrz, method, kernel=choice)
+        state = kernel.prepare(zry, yry)
         dl, _ = kernel.score_information(state, np.tile(theta, (m, 1)))
         for g in range(m):
             h = 1e-6
@@ -218,7 +236,7 @@ def test_threads_do_not_change_results(d, monkeypatch):
     """Blocks of genes fit in threads give the same numbers as one thread, bit for bit."""
     X, Y, Z = simulate(d, m=40, seed=7)
     stats = scflashmm.summary_stats(X, Y, Z)
-    monkeypatch.setattr(reml, "_block_size", lambda q, p, k: 7)  # six blocks of genes
+    monkeypatch.setattr(core_fit, "_block_size", lambda q, p, k: 7)  # six blocks of genes
     one = scflashmm.lmm(stats, d, n_jobs=1, df="satterthwaite")
     two = scflashmm.lmm(stats, d, n_jobs=2, df="satterthwaite")
     for key in ("coef", "se", "p", "theta", "logLik", "df_satterthwaite"):

@@ -3,8 +3,8 @@
 Tolerances against lmerTest 3.1-3 (tests/data/reference_satterthwaite, case b; lmer's optimiser
 and lmerTest's numerical Hessian and Jacobian limit the agreement, we see ~2e-7 relative):
 - df of every coefficient and of the contrast (satterthwaite_*.csv "df"): rtol 1e-4, well
-  inside the 1 % the issue allows;
-- t (column "t"): rtol 1e-5 (lme4's and FLASHMM's estimates agree to ~1e-9, DESIGN.md);
+  inside a 1 % tolerance;
+- t (column "t"): rtol 1e-5 (lme4's and FLASHMM's estimates agree to ~1e-9, docs/model.md);
 - p (column "p"): -log10(p) with atol 1e-4 (p changes with df and t as above).
 """
 
@@ -17,7 +17,8 @@ from _reference import REFERENCE, load_case
 from test_reml import loglik, simulate
 
 import scflashmm
-from scflashmm._core import reml, satterthwaite
+from scflashmm._core import satterthwaite
+from scflashmm._core.kernels import select_kernel
 
 SATT = REFERENCE.parent / "reference_satterthwaite" / "b_simu_reml_counts"
 
@@ -29,7 +30,7 @@ def _read(name: str) -> pd.DataFrame:
     return table
 
 
-def _kernel_parts(d, method, kernel_cls, theta, n=150, m=3, seed=5):
+def _kernel_parts(d, method, kernel, theta, n=150, m=3, seed=5):
     """Minus the Hessian (quadratic term - Fisher information) and d(X'V^-1X)/ds_i at theta."""
     X, Y, Z = simulate(d, n=n, m=m, seed=seed)
     stats = scflashmm.summary_stats(X, Y, Z)
@@ -37,11 +38,11 @@ def _kernel_parts(d, method, kernel_cls, theta, n=150, m=3, seed=5):
     zrz = stats.ZZ - stats.ZX @ A @ stats.ZX.T
     zry = (stats.ZY - stats.ZX @ A @ stats.XY).T
     yry = stats.Ynorm - np.einsum("pm,pm->m", stats.XY, A @ stats.XY)
-    kernel = kernel_cls(stats, d, zrz, method)
-    state = kernel.prepare(zry, yry, n)
+    solver = select_kernel(stats, d, zrz, method, kernel=kernel)
+    state = solver.prepare(zry, yry)
     s = np.tile(theta, (m, 1))
-    _, fim = kernel.score_information(state, s)
-    quad, dfim = kernel.satterthwaite_parts(state, s)
+    _, fim = solver.score_information(state, s)
+    quad, dfim = solver.satterthwaite_parts(state, s)
     return X, Y, Z, quad - fim, dfim
 
 
@@ -55,14 +56,14 @@ def _cell_cov(theta, X, Z, d):
     return np.linalg.inv(X.T @ np.linalg.solve(V, X))
 
 
-CASES = [((8,), reml._EigenKernel), ((8,), reml._DenseKernel), ((8, 5), reml._DenseKernel)]
+CASES = [((8,), "eigen"), ((8,), "dense"), ((8, 5), "dense")]
 
 
 @pytest.mark.parametrize("method", ["REML", "ML"])
-@pytest.mark.parametrize(("d", "kernel_cls"), CASES)
-def test_observed_information_is_minus_hessian_of_loglik(d, kernel_cls, method):
+@pytest.mark.parametrize(("d", "kernel"), CASES)
+def test_observed_information_is_minus_hessian_of_loglik(d, kernel, method):
     theta = np.array([*[0.3, 0.2][: len(d)], 0.9])
-    X, Y, Z, observed, _ = _kernel_parts(d, method, kernel_cls, theta)
+    X, Y, Z, observed, _ = _kernel_parts(d, method, kernel, theta)
     h = 1e-4
     E = np.eye(len(theta)) * h
     for g in range(Y.shape[1]):
@@ -78,10 +79,10 @@ def test_observed_information_is_minus_hessian_of_loglik(d, kernel_cls, method):
         np.testing.assert_allclose(observed[g], -numeric, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize(("d", "kernel_cls"), CASES)
-def test_covariance_jacobian_is_derivative_of_cov(d, kernel_cls):
+@pytest.mark.parametrize(("d", "kernel"), CASES)
+def test_covariance_jacobian_is_derivative_of_cov(d, kernel):
     theta = np.array([*[0.3, 0.2][: len(d)], 0.9])
-    X, _, Z, _, dfim = _kernel_parts(d, "REML", kernel_cls, theta)
+    X, _, Z, _, dfim = _kernel_parts(d, "REML", kernel, theta)
     m, p = dfim.shape[0], X.shape[1]
     cov = np.ascontiguousarray(np.broadcast_to(_cell_cov(theta, X, Z, d), (m, p, p)))
     jac = satterthwaite.covariance_jacobian(cov, dfim, np.tile(theta, (m, 1)))
@@ -135,11 +136,10 @@ def test_lmertest_contrast():
 
 
 @pytest.mark.parametrize("method", ["REML", "ML"])
-def test_eigen_path_equals_dense_path(method, monkeypatch):
+def test_eigen_path_equals_dense_path(method):
     X, Y, Z = simulate((15,), m=30, seed=3)
-    fast = scflashmm.lmm_fit(Y, X, Z, method=method, df="satterthwaite")
-    monkeypatch.setattr(reml, "_EigenKernel", reml._DenseKernel)
-    dense = scflashmm.lmm_fit(Y, X, Z, method=method, df="satterthwaite")
+    fast = scflashmm.lmm_fit(Y, X, Z, method=method, df="satterthwaite", kernel="eigen")
+    dense = scflashmm.lmm_fit(Y, X, Z, method=method, df="satterthwaite", kernel="dense")
     for key in ("df_satterthwaite", "vcov_theta", "dfim_beta", "p"):
         np.testing.assert_allclose(
             getattr(fast, key), getattr(dense, key), rtol=1e-8, atol=1e-12, err_msg=key

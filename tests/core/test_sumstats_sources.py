@@ -18,7 +18,8 @@ from anndata.io import sparse_dataset
 
 import scflashmm
 import scflashmm._core._accumulate as acc
-import scflashmm._core.sumstats as ss
+import scflashmm._core.blocks as blocks
+import scflashmm._core.plan as plan_module
 from scflashmm import SummaryStats, summary_stats
 from scflashmm._core.sumstats import ARRAY_FIELDS, DesignPlan, NonFiniteError
 
@@ -102,7 +103,7 @@ def test_in_memory_layouts_chunks_threads_agree(data, layout, chunk_size, n_jobs
 @pytest.mark.parametrize("layout", ["dense", "csr_matrix", "csc_matrix"])
 def test_pieces_within_a_block(data, layout, piece, monkeypatch):
     """A block is worked through in pieces of about _PIECE stored values (one row at least)."""
-    monkeypatch.setattr(ss, "_PIECE", piece)
+    monkeypatch.setattr(blocks, "_PIECE", piece)
     X, Y, Z = data
     stats = summary_stats(X, IN_MEMORY[layout](Y), Z, is_counts=True, n_jobs=1)
     check(stats, expected(X, Y, Z, True), X.shape[0])
@@ -113,8 +114,8 @@ def test_public_api_kernels_agree(data, layout, monkeypatch):
     """The fallback used when scipy's compiled kernels are unavailable gives the same numbers."""
     assert acc.COMPILED  # this scipy passes the self-test
     for name in ("scatter_add", "csc_matmul_add", "csr_matmul_add"):
-        monkeypatch.setattr(ss, name, getattr(acc, f"_public_{name}"))
-    monkeypatch.setattr(ss, "_PIECE", 101)
+        monkeypatch.setattr(blocks, name, getattr(acc, f"_public_{name}"))
+    monkeypatch.setattr(blocks, "_PIECE", 101)
     X, Y, Z = data
     stats = summary_stats(X, IN_MEMORY[layout](Y), Z, is_counts=True, chunk_size=97)
     check(stats, expected(X, Y, Z, True), X.shape[0])
@@ -147,7 +148,7 @@ def test_plan_splits_groups_at_the_pattern_bound(data, monkeypatch):
     m_large = 1 << 22  # many genes: the bound is 4 (p + q) patterns
     plan = DesignPlan(X, Z, m_large)
     assert len(plan.groups) == 1
-    monkeypatch.setattr(ss, "_MIN_GROUP_COLUMNS", 1)
+    monkeypatch.setattr(plan_module, "_MIN_GROUP_COLUMNS", 1)
     small = DesignPlan(X[:, :1], Z, m_large)  # only sam: 8 patterns, bound 36
     assert [U for _, U in small.groups] == [8]
     # with 2 * 40 levels of two crossed factors the 1600 combinations exceed 4 * 80 patterns

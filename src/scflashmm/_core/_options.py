@@ -23,7 +23,9 @@ def check_choice(value: Any, name: str, choices: Any) -> str:
     """Return ``value`` if it is one of ``choices`` (a ``Literal`` type or a tuple of strings)."""
     allowed = get_args(choices) or tuple(choices)
     if not isinstance(value, str) or value not in allowed:
-        msg = f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}."
+        names = list(map(repr, allowed))
+        listed = " or ".join(names) if len(names) == 2 else f"one of {', '.join(names)}"
+        msg = f"{name} must be {listed}, got {value!r}."
         raise ValueError(msg)
     return value
 

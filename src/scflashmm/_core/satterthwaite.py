@@ -10,9 +10,10 @@ Hessian of the REML, or profiled ML, log-likelihood) at the estimate. At a stati
 ``g'Ag`` does not depend on how ``theta`` is parameterised, so lmerTest's numbers (computed on
 the scale of relative standard deviations) are reproduced with the variances used here.
 
-Notation as in DESIGN.md: ``V = s0 (I + Z D Z')``, ``D = diag(r_i repeated q_i)``, ``r_i = s_i/s0``,
-``R = I - X (X'X)^-1 X'``, ``M = (D zrz + I)^-1``, ``V_j = dV/dtheta_j`` (``Z_j Z_j'`` for a
-component, ``I`` for the residual). Within the span of ``R`` (Woodbury)
+Notation as in docs/model.md (Satterthwaite degrees of freedom): ``V = s0 (I + Z D Z')``,
+``D = diag(r_i repeated q_i)``, ``r_i = s_i/s0``, ``R = I - X (X'X)^-1 X'``,
+``M = (D zrz + I)^-1``, ``V_j = dV/dtheta_j`` (``Z_j Z_j'`` for a component, ``I`` for the
+residual). Within the span of ``R`` (Woodbury)
 
     P = V^-1 - V^-1 X C X' V^-1 = (R - R Z M D Z' R) / s0,   e = P y,
 
@@ -35,10 +36,10 @@ The derivatives of ``C`` are ``dC/dtheta_j = C (X'V^-1 V_j V^-1 X) C``. With
 components' without ``X'V^-2X``. The fit keeps only ``d(X'V^-1X)/ds_i = -G_i G_i'``
 (genes, k, p, p); from it the gradient of ``c'Cc`` is ``g_i = (Cc)' G_i G_i' (Cc)``.
 
-Everything is ``q x q`` / ``p x p`` algebra, batched over genes. For one component the
-eigenbases of ``zrz`` (``U``, ``lam``) and ``ZZ`` (``V``, ``mu``) reduce the quadratic term to
-sums over ``q`` eigenvalues and ``G G'`` to a weighted sum of the precomputed outer products of
-the rows of ``B = V' ZX``.
+The quadratic term and ``d(X'V^-1X)/ds_i`` depend on how a kernel represents ``V``: each kernel
+computes them (``Kernel.satterthwaite_parts``, beside its score). This module holds what is
+generic: the inverse of the observed information, ``dC/dtheta`` and the df of coefficients and
+contrasts.
 """
 
 from __future__ import annotations
@@ -51,54 +52,6 @@ _EIGEN_RTOL = 1e-10
 
 
 # --------------------------------------------------------------------------- observed information
-
-
-def quadratic_eigen(lam: np.ndarray, w2: np.ndarray, yry: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``e' V_i P V_j e`` for one component (genes, 2, 2), from the eigenvalues ``lam`` of ``zrz``.
-
-    ``w2`` holds the squared coordinates ``(U' zry)^2`` (genes, q), ``s`` the ``(s_1, s_0)``.
-    """
-    r = (s[:, 0] / s[:, 1])[:, None]
-    s0 = s[:, 1]
-    h = 1 / (1 + r * lam)  # eigenvalues of M
-    h3w2 = h**3 * w2
-    yr2y = yry - r[:, 0] * np.sum(w2 * h * (h + 1), axis=1)
-    qcc = np.sum(lam * h3w2, axis=1)  # u' zrz M u
-    qcr = np.sum(h3w2, axis=1)  # u' M' u
-    qrr = yr2y - r[:, 0] * qcr  # yR2y - u' M D u
-    out = np.stack([np.column_stack([qcc, qcr]), np.column_stack([qcr, qrr])], axis=1)
-    return out / (s0**3)[:, None, None]
-
-
-def quadratic_dense(
-    zrz: np.ndarray,
-    zry: np.ndarray,
-    yry: np.ndarray,
-    s: np.ndarray,
-    M: np.ndarray,
-    rrep: np.ndarray,
-    slices: list[slice],
-) -> np.ndarray:
-    """``e' V_i P V_j e`` for k components (genes, k + 1, k + 1).
-
-    ``M = (D zrz + I)^-1`` (genes, q, q) and ``rrep`` the diagonal of ``D`` (genes, q) at ``s``.
-    """
-    k = len(slices)
-    s0 = s[:, k]
-    u = np.einsum("gi,gij->gj", zry, M)  # M' zry
-    mu = np.einsum("gji,gj->gi", M, u)  # M' u
-    yr2y = yry - np.einsum(
-        "gi,gi->g", np.einsum("gji,gj->gi", M, zry) + zry, np.einsum("gij,gj->gi", M, rrep * zry)
-    )
-    out = np.empty((s.shape[0], k + 1, k + 1))
-    for j, Ij in enumerate(slices):
-        Mu = np.einsum("gab,gb->ga", M[:, :, Ij], u[:, Ij])  # M[:, I_j] u_j
-        for i, Ii in enumerate(slices[j:], start=j):
-            # zrz M is symmetric, so the (i, j) and (j, i) terms agree.
-            out[:, i, j] = out[:, j, i] = np.einsum("gi,gi->g", u[:, Ii], Mu @ zrz[Ii].T)
-        out[:, j, k] = out[:, k, j] = np.einsum("gi,gi->g", u[:, Ij], mu[:, Ij])
-    out[:, k, k] = yr2y - np.einsum("gi,gi->g", u, rrep * mu)  # u' M D u = (M'u)' D u
-    return out / (s0**3)[:, None, None]
 
 
 def inverse_information(observed: np.ndarray) -> np.ndarray:
@@ -116,34 +69,6 @@ def inverse_information(observed: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- derivatives of C
-
-
-def precision_derivatives_eigen(
-    BB: np.ndarray, mu: np.ndarray, s: np.ndarray, p: int
-) -> np.ndarray:
-    """``d(X'V^-1X)/ds_1 = -G G'`` (genes, 1, p, p) for one component.
-
-    ``mu`` are the eigenvalues of ``ZZ`` (eigenvectors ``V``) and ``BB`` the flattened outer
-    products of the rows of ``B = V' ZX`` (q, p * p): ``G = B' diag(1 / (1 + r mu)) V' / s0``.
-    """
-    r = (s[:, 0] / s[:, 1])[:, None]
-    weights = 1 / ((1 + r * mu) * s[:, 1:2]) ** 2
-    return -(weights @ BB).reshape(-1, 1, p, p)
-
-
-def precision_derivatives_dense(
-    ZX: np.ndarray, N: np.ndarray, s: np.ndarray, slices: list[slice]
-) -> np.ndarray:
-    """``d(X'V^-1X)/ds_i = -G_i G_i'`` (genes, k, p, p) with ``N = (D ZZ + I)^-1`` (genes, q, q).
-
-    ``G = X'V^-1 Z = ZX' (I - W ZZ) / s0 = ZX' N / s0``.
-    """
-    k = len(slices)
-    G = np.einsum("qp,gqr->gpr", ZX, N) / s[:, k][:, None, None]
-    out = np.empty((s.shape[0], k, ZX.shape[1], ZX.shape[1]))
-    for i, Ii in enumerate(slices):
-        out[:, i] = -G[:, :, Ii] @ G[:, :, Ii].transpose(0, 2, 1)
-    return out
 
 
 def covariance_jacobian(cov: np.ndarray, dfim: np.ndarray, theta: np.ndarray) -> np.ndarray:

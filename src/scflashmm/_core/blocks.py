@@ -1,0 +1,164 @@
+"""Block kernels: one block of ``Y`` (cells or genes) -> packed partial statistics.
+
+The packing follows :class:`~scflashmm._core.plan.DesignPlan`: per-pattern sums of each group
+(a scatter-add of the stored values), the product columns, then the squared norms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._accumulate import csc_matmul_add, csr_matmul_add, scatter_add
+from .checks import NonFiniteError
+from .sources import CompressedBlock
+
+
+def _values(
+    values: np.ndarray, *, is_counts: bool, where: str, start=None, stop=None, axis: int = 0
+) -> np.ndarray:
+    """Check stored values and return them as float64, ``ln(1 + y)`` for counts.
+
+    The input is never modified: for counts (or another dtype) the result is a new array.
+    """
+    kind = values.dtype.kind
+    if kind not in "biuf":
+        msg = f"Y must be numeric, got dtype {values.dtype}."
+        raise ValueError(msg)
+    if values.size and (kind == "f" or is_counts):
+        lo, hi = values.min(), values.max()
+        if kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+            msg = f"Y contains NaN or infinite values (in {where})."
+            raise NonFiniteError(msg, start, stop, axis)
+        if is_counts and lo < 0:
+            msg = (
+                "Y contains negative values, so it cannot be counts: is_counts=True applies "
+                "log2(1 + y). Pass is_counts=False for already transformed data."
+            )
+            raise ValueError(msg)
+    if is_counts:
+        out = values.astype(np.float64)  # a copy, also for float64 input
+        return np.log1p(out, out=out)
+    return np.ascontiguousarray(values, dtype=np.float64)
+
+
+#: Stored values per piece of a block: the pieces' working arrays (about 1 MB each) stay in
+#: cache, which made the pass 1.4-1.6x faster than whole 10,000-cell blocks (measured on
+#: 100k x 1,000 and 60k x 6,000 counts), and bounds its temporaries.
+_PIECE = 1 << 17
+
+
+def _pieces(indptr: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Split the rows of a compressed matrix into ranges ``(a, b)`` of about ``_PIECE`` values."""
+    target = _PIECE
+    nnz = int(indptr[-1] - indptr[0])
+    cuts = np.searchsorted(indptr, indptr[0] + np.arange(target, nnz, target), side="left")
+    bounds = np.unique(np.concatenate([[0], cuts, [indptr.size - 1]]))
+    return zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+
+
+def block_stats(
+    chunk: Any,
+    codes: np.ndarray,
+    cont: np.ndarray,
+    sizes: Sequence[int],
+    *,
+    is_counts: bool,
+    axis: int = 0,
+    start: int = 0,
+) -> np.ndarray:
+    """Packed partial statistics of one block of ``Y``.
+
+    Row blocks (``axis=0``): ``chunk`` is cells x genes (numpy or sparse) and ``codes``
+    (n_groups, cells) and ``cont`` (cells, c) are those of its cells, the first being cell
+    ``start``. Column blocks (``axis=1``): ``chunk`` is a CSC all cells x some genes, the
+    first being gene ``start``, and ``codes``/``cont`` cover all cells. Returns ``(rows, genes
+    in the block)``: the per-pattern sums of each group, the product columns, then the squared
+    norms; values are ``ln(1 + y)`` for counts (rescaled in :meth:`DesignPlan.unpack`).
+    """
+    _n_cells, genes = chunk.shape
+    c = cont.shape[1]
+    out = np.zeros((sum(sizes) + c + 1, genes))
+    offsets = np.cumsum([0, *sizes])
+    S = [out[offsets[g] : offsets[g + 1]] for g in range(len(sizes))]
+    C = np.zeros((genes, c))  # product columns, genes x c
+    ynorm = out[-1]
+    compressed = isinstance(chunk, CompressedBlock)
+    if (compressed or sp.issparse(chunk)) and chunk.format == "csc" and axis == 1:
+        _csc_columns(chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
+    elif compressed and chunk.format == "csr":
+        _csr_rows(chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
+    elif sp.issparse(chunk) or compressed:
+        if compressed:
+            chunk = chunk.to_scipy()
+        if chunk.format != "csr":
+            chunk = sp.csr_matrix(chunk)
+        _csr_rows(chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
+    else:
+        _dense_rows(np.asarray(chunk), codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
+    out[offsets[-1] : -1] = C.T
+    return out
+
+
+def _csr_rows(chunk, codes, cont, S, C, ynorm, *, is_counts: bool, start: int) -> None:
+    data, indices, indptr = chunk.data, chunk.indices, chunk.indptr
+    c = cont.shape[1]
+    for a, b in _pieces(indptr):
+        lo, hi = int(indptr[a]), int(indptr[b])
+        if hi == lo:
+            continue
+        where = f"cells {start + a}..{start + b - 1}"
+        v = _values(data[lo:hi], is_counts=is_counts, where=where, start=start + a, stop=start + b)
+        idx = indices[lo:hi]
+        ip = indptr[a : b + 1] - lo  # the piece as CSC genes x cells
+        counts = np.diff(ip)
+        for g, Sg in enumerate(S):
+            scatter_add(Sg, np.repeat(codes[g, a:b], counts), idx, v)
+        if c == 1:
+            csc_matmul_add(C[:, 0], ip, idx, v, cont[a:b, 0])
+        elif c:
+            csc_matmul_add(C, ip, idx, v, cont[a:b])
+        csc_matmul_add(ynorm, ip, idx, v * v, np.ones(b - a))
+
+
+def _csc_columns(chunk, codes, cont, S, C, ynorm, *, is_counts: bool, start: int) -> None:
+    data, indices, indptr = chunk.data, chunk.indices, chunk.indptr
+    n_cells = chunk.shape[0]
+    c = cont.shape[1]
+    ones = np.ones(n_cells)
+    for a, b in _pieces(indptr):
+        lo, hi = int(indptr[a]), int(indptr[b])
+        if hi == lo:
+            continue
+        where = f"genes {start + a}..{start + b - 1}"
+        v = _values(
+            data[lo:hi], is_counts=is_counts, where=where, start=start + a, stop=start + b, axis=1
+        )
+        idx = indices[lo:hi]
+        ip = indptr[a : b + 1] - lo  # the piece as CSR genes x cells
+        gene = np.repeat(np.arange(a, b, dtype=idx.dtype), np.diff(ip))
+        for g, Sg in enumerate(S):
+            scatter_add(Sg, codes[g].take(idx), gene, v)
+        if c == 1:
+            csr_matmul_add(C[a:b, 0], ip, idx, v, cont[:, 0])
+        elif c:
+            csr_matmul_add(C[a:b], ip, idx, v, cont)
+        csr_matmul_add(ynorm[a:b], ip, idx, v * v, ones)
+
+
+def _dense_rows(chunk, codes, cont, S, C, ynorm, *, is_counts: bool, start: int) -> None:
+    n_cells, genes = chunk.shape
+    step = max(1, _PIECE // max(genes, 1))
+    for a in range(0, n_cells, step):
+        b = min(a + step, n_cells)
+        where = f"cells {start + a}..{start + b - 1}"
+        v = _values(chunk[a:b], is_counts=is_counts, where=where, start=start + a, stop=start + b)
+        pointers = np.arange(b - a + 1)
+        for g, Sg in enumerate(S):  # S += G' v with G the pattern indicator of the cells
+            csc_matmul_add(Sg, pointers, codes[g, a:b], np.ones(b - a), v)
+        if cont.shape[1]:
+            C += v.T @ cont[a:b]
+        ynorm += np.einsum("ij,ij->j", v, v)

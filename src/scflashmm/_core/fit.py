@@ -1,0 +1,624 @@
+"""REML and ML fits of linear mixed models from summary statistics, batched over genes.
+
+For every gene ``y = X beta + Z b + e`` with ``Z = [Z_1 .. Z_k]``, ``b_i ~ N(0, s_i I_{q_i})`` and
+``e ~ N(0, s_0 I_n)``. The variance components ``theta = (s_1 .. s_k, s_0)`` (residual last) are
+estimated by Fisher scoring on the restricted (REML) or full (ML) log-likelihood, written in
+terms of the summary statistics only, exactly as FLASHMM 1.3.0 computes them (docs/model.md,
+Fisher scoring). Then ``beta`` is the generalised least-squares estimate at the final ``theta``.
+
+:func:`lmm` reads top to bottom: check the options and the statistics, reduce the statistics
+by the fixed effects (:class:`Reduced`), select a kernel (:mod:`scflashmm._core.kernels`), fit
+blocks of genes in threads (:func:`_fit_block`: Fisher scoring, fixed effects, optional
+Satterthwaite df), and assemble the :class:`LMMFit`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from ._options import (
+    RANK_RTOL,
+    DfMethod,
+    Method,
+    check_df,
+    check_method,
+    check_positive_float,
+    check_positive_int,
+    check_theta0,
+)
+from ._threads import check_n_jobs, ordered_map, single_threaded_blas
+from .inference import contrast_estimates, t_pvalue
+from .kernels import Kernel, KernelChoice, select_kernel
+from .satterthwaite import coefficient_df, contrast_df, inverse_information
+from .scoring import fisher_scoring, pinv_small
+from .stats import ARRAY_FIELDS, SummaryStats
+from .sumstats import summary_stats
+
+#: Working-array budget (float64 elements) that bounds the genes processed per block.
+_BLOCK_ELEMENTS = 2**22
+
+#: A gene whose residual sum of squares after the fixed effects is below this fraction of its
+#: sum of squares lies (numerically) in the span of X: there is no variance left to fit.
+_DEGENERATE_RTOL = 1e-10
+
+
+class ConvergenceWarning(UserWarning):
+    """Fisher scoring stopped at ``max_iter`` with ``|dlogL| > epsilon`` for some genes."""
+
+
+class DegenerateFeatureWarning(UserWarning):
+    """Genes that cannot be fit (all zero, or exactly explained by the fixed effects)."""
+
+
+@dataclass(eq=False)
+class LMMFit:
+    """Per-gene fit of a linear mixed model (genes first).
+
+    Attributes
+    ----------
+    coef, se, t, p
+        Fixed effects, their standard errors, t values and two-sided p values (genes, p).
+    theta, se_theta, dlogL
+        Variance components ``(s_1 .. s_k, s_0)``, residual last; their standard errors from the
+        Fisher information; the score at the final estimate (genes, k + 1).
+    logLik, niter
+        Log-likelihood (REML: lme4's REML logLik + log det(X'X) / 2) and Fisher-scoring passes.
+    converged
+        ``all(|dlogL| <= epsilon)`` per gene; False for genes that could not be fit.
+    df
+        Residual degrees of freedom ``n - p`` (FLASHMM's df for every t test).
+    df_method
+        ``"residual"`` (``p`` on ``df``) or ``"satterthwaite"`` (``p`` on ``df_satterthwaite``).
+    df_satterthwaite, vcov_theta, dfim_beta
+        Only with ``df_method="satterthwaite"``: per-coefficient Satterthwaite df (genes, p);
+        covariance of theta from the observed information (genes, k + 1, k + 1); and, when
+        ``cov`` is kept, the derivatives of ``X'V^-1X`` (``cov^-1``) with respect to the
+        component variances ``s_1 .. s_k`` (genes, k, p, p), from which
+        :func:`scflashmm.lmm_test` gets the df of contrasts
+        (:func:`scflashmm._core.satterthwaite.covariance_jacobian` gives ``dcov/dtheta``).
+    cov, fim_beta, fim_theta, re
+        Covariance of beta (genes, p, p); Fisher information of beta (genes, p, p) and of theta
+        (genes, k + 1, k + 1); BLUPs of the random effects (genes, q). None unless requested.
+    method, epsilon
+        Estimation method and convergence tolerance.
+    feature_names, covariate_names, component_names
+        Names of genes, fixed-effect columns and random components, where given.
+    """
+
+    coef: np.ndarray
+    se: np.ndarray
+    t: np.ndarray
+    p: np.ndarray
+    theta: np.ndarray
+    se_theta: np.ndarray
+    dlogL: np.ndarray
+    logLik: np.ndarray
+    niter: np.ndarray
+    converged: np.ndarray
+    df: int
+    method: str
+    epsilon: float
+    cov: np.ndarray | None = None
+    fim_beta: np.ndarray | None = None
+    fim_theta: np.ndarray | None = None
+    re: np.ndarray | None = None
+    feature_names: list[str] | None = None
+    covariate_names: list[str] | None = None
+    component_names: list[str] | None = None
+    d: tuple[int, ...] = field(default=())
+    df_method: str = "residual"
+    df_satterthwaite: np.ndarray | None = None
+    vcov_theta: np.ndarray | None = None
+    dfim_beta: np.ndarray | None = None
+
+    @property
+    def n_features(self) -> int:
+        """Number of genes."""
+        return self.coef.shape[0]
+
+    def contrast_estimates(
+        self, contrast: np.ndarray, df: DfMethod | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | int]:
+        """Estimates, standard errors and degrees of freedom of contrasts for every gene.
+
+        Parameters
+        ----------
+        contrast
+            Contrast matrix (p, c), one column per contrast.
+        df
+            ``"residual"`` (``n - p``) or ``"satterthwaite"``; default the fit's ``df_method``.
+
+        Returns
+        -------
+        ``c' beta`` and ``sqrt(c' cov c)`` (genes, c), and the df: ``n - p``, or Satterthwaite's
+        per gene and contrast (genes, c).
+        """
+        if self.cov is None:
+            msg = "Testing contrasts needs the covariance of beta: fit with output_cov=True."
+            raise ValueError(msg)
+        estimate, se = contrast_estimates(self.coef, self.cov, contrast)
+        if (self.df_method if df is None else df) == "residual":
+            return estimate, se, self.df
+        if self.dfim_beta is None or self.vcov_theta is None:
+            msg = "Satterthwaite df of contrasts need dfim_beta: fit with output_cov=True."
+            raise ValueError(msg)
+        ddf = contrast_df(self.cov, self.dfim_beta, self.theta, self.vcov_theta, contrast)
+        return estimate, se, ddf
+
+    def to_frame(self) -> Any:
+        """One row per gene: coefficients, se, t, p, variance components and diagnostics.
+
+        Returns
+        -------
+        pandas.DataFrame with columns ``<cov>_coef``, ``<cov>_se``, ``<cov>_t``, ``<cov>_p`` (and
+        ``<cov>_df`` with Satterthwaite df) per covariate, ``theta_<component>`` and
+        ``theta_residual``, ``niter``, ``converged`` and ``logLik``.
+        """
+        import pandas as pd
+
+        covs = self.covariate_names or [f"x{j + 1}" for j in range(self.coef.shape[1])]
+        comps = self.component_names or [f"var{i + 1}" for i in range(self.theta.shape[1] - 1)]
+        columns: dict[str, np.ndarray] = {}
+        for j, name in enumerate(covs):
+            for what in ("coef", "se", "t", "p"):
+                columns[f"{name}_{what}"] = getattr(self, what)[:, j]
+            if self.df_satterthwaite is not None:
+                columns[f"{name}_df"] = self.df_satterthwaite[:, j]
+        for i, name in enumerate([*comps, "residual"]):
+            columns[f"theta_{name}"] = self.theta[:, i]
+        columns |= {"niter": self.niter, "converged": self.converged, "logLik": self.logLik}
+        return pd.DataFrame(columns, index=self.feature_names)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The checked options of one call of :func:`lmm`."""
+
+    method: Method
+    theta0: np.ndarray | None
+    max_iter: int
+    epsilon: float
+    df: DfMethod
+    output_cov: bool
+    output_fim: bool
+    output_re: bool
+
+    @property
+    def satterthwaite(self) -> bool:
+        return self.df == "satterthwaite"
+
+
+@dataclass(frozen=True)
+class _Names:
+    features: list[str] | None
+    covariates: list[str] | None
+    components: list[str] | None
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """The statistics reduced by the fixed effects (``R = I - X (X'X)^-1 X'``).
+
+    ``zrz = Z'RZ`` (q, q), ``zry = Z'Ry`` (q, genes) and ``yry = y'Ry`` (genes,).
+    """
+
+    zrz: np.ndarray
+    zry: np.ndarray
+    yry: np.ndarray
+
+
+def lmm(
+    stats: SummaryStats,
+    d: Any = None,
+    *,
+    method: Method = "REML",
+    theta0: Any = None,
+    max_iter: int = 50,
+    epsilon: float = 1e-5,
+    output_cov: bool = True,
+    output_fim: bool = False,
+    output_re: bool = False,
+    df: DfMethod = "residual",
+    feature_names: Any = None,
+    covariate_names: Any = None,
+    component_names: Any = None,
+    kernel: KernelChoice = "auto",
+    n_jobs: int | None = None,
+) -> LMMFit:
+    """Fit a linear mixed model to every gene from summary statistics (FLASHMM's ``lmm``).
+
+    Parameters
+    ----------
+    stats
+        Summary statistics, e.g. from :func:`scflashmm.summary_stats`.
+    d
+        Sizes ``(q_1 .. q_k)`` of the random components, in the column order of ``Z``; the
+        default is one component of all ``q`` columns.
+    method
+        ``"REML"`` (restricted maximum likelihood) or ``"ML"``.
+    theta0
+        Start values ``(s_1 .. s_k, s_0)`` used for every gene; default ``(0 .. 0, yRy/(n-p))``
+        per gene.
+    max_iter
+        Maximum number of Fisher-scoring passes.
+    epsilon
+        Convergence tolerance on the largest absolute score ``|dlogL|``.
+    output_cov, output_fim, output_re
+        Keep the covariance of beta; the Fisher information of beta and theta; the BLUPs.
+    df
+        Degrees of freedom of the t tests: ``"residual"`` (``n - p`` for every test, as FLASHMM)
+        or ``"satterthwaite"`` (per gene and coefficient, as lmerTest; computed from the summary
+        statistics at a small extra cost). Prefer ``"satterthwaite"`` when a coefficient is
+        estimated between few samples (e.g. samples nested in the treatment): ``n - p`` then
+        counts cells as replicates and makes the tests liberal. With ``output_cov`` the fit
+        also keeps (genes, k, p, p) derivatives of ``cov^-1`` for the df of contrasts.
+    feature_names, covariate_names, component_names
+        Names of genes (m), fixed-effect columns (p) and random components (k), kept on the fit.
+    kernel
+        Solver kernel: ``"auto"`` (the eigen kernel for one component, else dense), or a
+        forced ``"eigen"`` or ``"dense"`` (to compare them; the numbers agree to rounding).
+    n_jobs
+        Threads over blocks of genes (default: the cores available). Results do not depend on it.
+
+    Returns
+    -------
+    The per-gene fit. Genes with only zeros, or exactly explained by the fixed effects, are NaN
+    (with a :class:`DegenerateFeatureWarning`); genes still above ``epsilon`` after ``max_iter``
+    are flagged in ``converged`` (with a :class:`ConvergenceWarning`).
+    """
+    if not isinstance(stats, SummaryStats):
+        msg = f"stats must be a SummaryStats (from summary_stats), got {type(stats).__name__}."
+        raise TypeError(msg)
+    d = _check_d(stats.d if d is None else d, stats.shape[2])
+    opts = _Options(
+        method=check_method(method),
+        theta0=check_theta0(theta0, len(d)),
+        max_iter=check_positive_int(max_iter, "max_iter"),
+        epsilon=check_positive_float(epsilon, "epsilon"),
+        df=check_df(df),
+        output_cov=bool(output_cov),
+        output_fim=bool(output_fim),
+        output_re=bool(output_re),
+    )
+    jobs = check_n_jobs(n_jobs)
+    names = _check_stats(stats, d, feature_names, covariate_names, component_names)
+    reduced = reduce_fixed_effects(stats, names.covariates)
+    genes = _select_fittable(stats.Ynorm, reduced.yry, names.features)
+    solver = select_kernel(stats, d, reduced.zrz, opts.method, kernel=kernel)
+    out = _empty_results(stats.shape, len(d), opts)
+    _fit_blocks(solver, stats, reduced, opts, out, genes, jobs)
+    return _assemble(out, stats, d, opts, names, genes)
+
+
+def lmm_fit(
+    Y: Any,
+    X: Any,
+    Z: Any,
+    d: Any = None,
+    *,
+    chunk_size: int | None = None,
+    is_counts: bool = False,
+    **kwargs: Any,
+) -> LMMFit:
+    """Fit a linear mixed model to every gene from cell-level data (FLASHMM's ``lmmfit``).
+
+    Computes :func:`scflashmm.summary_stats` in one pass over the cells, then :func:`lmm`.
+
+    Parameters
+    ----------
+    Y
+        Response, cells x genes (numpy, scipy sparse, or row-sliceable such as backed AnnData X).
+    X
+        Fixed-effects design, cells x p.
+    Z
+        Random-effects design ``[Z_1 .. Z_k]``, cells x q.
+    d
+        Sizes of the random components (default: one component of size q).
+    chunk_size
+        Cells per chunk of the pass over ``Y``.
+    is_counts
+        Fit ``log2(1 + Y)`` (applied to stored values, chunk by chunk).
+    **kwargs
+        Passed on to :func:`lmm` (method, theta0, max_iter, epsilon, output_*, df, names).
+
+    Returns
+    -------
+    The per-gene fit.
+    """
+    stats = summary_stats(X, Y, Z, chunk_size=chunk_size, is_counts=is_counts)
+    return lmm(stats, d, **kwargs)
+
+
+# --------------------------------------------------------------------------- steps of lmm
+
+
+def _check_stats(
+    stats: SummaryStats,
+    d: tuple[int, ...],
+    feature_names: Any,
+    covariate_names: Any,
+    component_names: Any,
+) -> _Names:
+    """Check the statistics; names given here, else those the statistics carry."""
+    n, p, _, m = stats.shape
+    k = len(d)
+    for name in ARRAY_FIELDS:
+        if not np.isfinite(getattr(stats, name)).all():
+            msg = f"Summary statistic {name} contains NaN or infinite values."
+            raise ValueError(msg)
+    if n <= p:
+        msg = f"Need more cells than fixed-effect columns: n = {n}, p = {p}."
+        raise ValueError(msg)
+    if component_names is None and stats.component_names is not None:
+        if len(stats.component_names) == k:
+            component_names = stats.component_names
+    return _Names(
+        features=_check_names(
+            stats.feature_names if feature_names is None else feature_names, m, "feature_names"
+        ),
+        covariates=_check_names(
+            stats.covariate_names if covariate_names is None else covariate_names,
+            p,
+            "covariate_names",
+        ),
+        components=_check_names(component_names, k, "component_names"),
+    )
+
+
+def reduce_fixed_effects(stats: SummaryStats, covariate_names: list[str] | None) -> Reduced:
+    """``Z'RZ``, ``Z'Ry`` and ``y'Ry`` from the statistics (docs/model.md, Fisher scoring)."""
+    XXinv = _inverse_fixed_crossprod(stats.XX, covariate_names)
+    AXY = XXinv @ stats.XY
+    zrz = stats.ZZ - stats.ZX @ XXinv @ stats.ZX.T
+    zry = stats.ZY - stats.ZX @ AXY
+    yry = stats.Ynorm - np.einsum("pm,pm->m", stats.XY, AXY)
+    return Reduced(zrz=(zrz + zrz.T) / 2, zry=zry, yry=yry)
+
+
+def _fit_blocks(
+    solver: Kernel[Any],
+    stats: SummaryStats,
+    reduced: Reduced,
+    opts: _Options,
+    out: dict[str, np.ndarray | None],
+    genes: np.ndarray,
+    n_jobs: int,
+) -> None:
+    """Fit the genes in blocks, in threads, and write each block's rows of ``out``.
+
+    Blocks are independent; numpy's batched linear algebra releases the GIL, and BLAS is
+    limited to one thread per worker. Results do not depend on the number of threads.
+    """
+    _, p, q, _ = stats.shape
+    size = _block_size(q, p, solver.k)
+    if opts.satterthwaite:  # (genes, k + 1, p, p) working arrays
+        size = max(1, min(size, _BLOCK_ELEMENTS // (4 * (solver.k + 1) * p * p)))
+    blocks = [genes[lo : lo + size] for lo in range(0, genes.size, size)]
+    jobs = min(n_jobs, max(1, len(blocks)))
+    fit = partial(_fit_block, solver, stats, reduced, opts)
+    with single_threaded_blas():
+        # every block submitted at once (the blocks are small: only results wait in the queue)
+        results = ordered_map(fit, blocks, jobs, window=len(blocks))
+        for rows, result in zip(blocks, results, strict=True):
+            for name, value in result.items():
+                target = out[name]
+                if target is not None and value is not None:
+                    target[rows] = value
+
+
+def _fit_block(
+    solver: Kernel[Any],
+    stats: SummaryStats,
+    reduced: Reduced,
+    opts: _Options,
+    genes: np.ndarray,
+) -> dict[str, np.ndarray | None]:
+    """Fisher scoring, then fixed effects (and Satterthwaite df) for one block of genes."""
+    n, p, _, _ = stats.shape
+    # Fisher scoring is unconstrained (as in FLASHMM): a gene may step to a singular V,
+    # giving inf/NaN for that gene only; `converged` and a ConvergenceWarning report it.
+    # (errstate is per thread, so it is set here, in the worker.)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        state = solver.prepare(reduced.zry[:, genes].T, reduced.yry[genes])
+        s = _start_values(opts.theta0, reduced.yry[genes] / (n - p), solver.k)
+        s, niter = fisher_scoring(solver, state, s, max_iter=opts.max_iter, epsilon=opts.epsilon)
+        s[:, solver.k] = solver.residual_variance(state, s)
+        n_res = n - (p if opts.method == "REML" else 0)
+        dl, fim = solver.score_information(state, s)
+        out = _variance_components(solver, state, s, dl, fim, n_res) | {"niter": niter}
+        fixed = solver.fixed_effects(
+            s,
+            stats.XY[:, genes].T,
+            stats.ZY[:, genes].T,
+            output_re=opts.output_re,
+            output_fim=opts.output_fim,
+        )
+        out |= {name: getattr(fixed, name) for name in ("coef", "se", "cov", "fim_beta", "re")}
+        df_block: np.ndarray | int = n - p
+        if opts.satterthwaite:
+            satt = _satterthwaite(solver, state, s, fim, fixed.cov)
+            out |= satt
+            df_block = satt["df_satterthwaite"]
+        t = fixed.coef / fixed.se
+        out |= {"t": t, "p": t_pvalue(t, df_block)}
+    return out
+
+
+def _start_values(theta0: np.ndarray | None, s0: np.ndarray, k: int) -> np.ndarray:
+    """``theta0`` for every gene, or ``(0 .. 0, s0)`` with the genes' ``s0`` (genes, k + 1)."""
+    if theta0 is not None:
+        return np.tile(theta0, (s0.size, 1))
+    s = np.zeros((s0.size, k + 1))
+    s[:, k] = s0
+    return s
+
+
+def _variance_components(
+    solver: Kernel[Any], state: Any, s: np.ndarray, dl: np.ndarray, fim: np.ndarray, n_res: int
+) -> dict[str, np.ndarray | None]:
+    """Theta with its score ``dl``, information ``fim`` and standard errors; the logLik."""
+    cov_theta = pinv_small(fim)
+    s0 = s[:, solver.k]
+    return {
+        "theta": s,
+        "dlogL": dl,
+        "fim_theta": fim,
+        "se_theta": np.sqrt(np.diagonal(cov_theta, axis1=1, axis2=2)),
+        "logLik": -n_res * (1 + np.log(2 * np.pi * s0)) / 2 + solver.logdet(state, s) / 2,
+    }
+
+
+def _satterthwaite(
+    solver: Kernel[Any], state: Any, s: np.ndarray, fim: np.ndarray, cov: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Satterthwaite df of the coefficients, covariance of theta and ``d(X'V^-1X)/ds_i``."""
+    # observed information = quadratic term - Fisher information (satterthwaite.py)
+    quad, dfim = solver.satterthwaite_parts(state, s)
+    vcov_theta = inverse_information(quad - fim)
+    return {
+        "df_satterthwaite": coefficient_df(cov, dfim, s, vcov_theta),
+        "vcov_theta": vcov_theta,
+        "dfim_beta": dfim,
+    }
+
+
+def _assemble(
+    out: dict[str, Any],
+    stats: SummaryStats,
+    d: tuple[int, ...],
+    opts: _Options,
+    names: _Names,
+    genes: np.ndarray,
+) -> LMMFit:
+    """Build the :class:`LMMFit`, with a :class:`ConvergenceWarning` for genes above epsilon."""
+    n, p, _, _ = stats.shape
+    out["converged"] = np.all(np.abs(out["dlogL"]) <= opts.epsilon, axis=1)
+    n_failed = int((~out["converged"][genes]).sum())
+    if n_failed:
+        msg = (
+            f"{n_failed} feature(s) for which LMM fitting did not converge, i.e. "
+            f"abs(dlogL) > epsilon={opts.epsilon:g} after at most {opts.max_iter} iterations; "
+            "see the `converged` flag."
+        )
+        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    return LMMFit(
+        **out,
+        df=n - p,
+        method=opts.method,
+        epsilon=opts.epsilon,
+        feature_names=names.features,
+        covariate_names=names.covariates,
+        component_names=names.components,
+        d=tuple(d),
+        df_method=opts.df,
+    )
+
+
+def _check_d(d: Any, q: int) -> tuple[int, ...]:
+    if q == 0:
+        msg = "Z has no columns: a mixed model needs at least one random-effect column."
+        raise ValueError(msg)
+    if d is None:
+        return (q,)
+    given = np.atleast_1d(np.asarray(d))
+    if given.dtype.kind not in "iu" and not np.all(np.mod(given, 1) == 0):
+        msg = f"d must hold whole numbers of columns, got {d!r}."
+        raise ValueError(msg)
+    sizes = tuple(int(x) for x in given)
+    if any(x < 1 for x in sizes) or sum(sizes) != q:
+        msg = f"d = {list(sizes)} must be positive component sizes that add up to ncol(Z) = {q}."
+        raise ValueError(msg)
+    return sizes
+
+
+def _check_names(names: Any, size: int, what: str) -> list[str] | None:
+    if names is None:
+        return None
+    names = [str(x) for x in names]
+    if len(names) != size:
+        msg = f"{what} has {len(names)} names, expected {size}."
+        raise ValueError(msg)
+    return names
+
+
+def _inverse_fixed_crossprod(XX: np.ndarray, names: list[str] | None) -> np.ndarray:
+    """``XX^-1`` by Cholesky; a clear error naming collinear columns when X is rank deficient."""
+    scale = np.sqrt(np.diag(XX))
+    labels = names or [f"column {j + 1}" for j in range(XX.shape[0])]
+    if np.any(scale == 0):
+        zero = [labels[j] for j in np.flatnonzero(scale == 0)]
+        msg = f"The fixed design X is rank deficient: column(s) {zero} are all zero."
+        raise ValueError(msg)
+    corr = XX / np.outer(scale, scale)
+    eigval, eigvec = np.linalg.eigh(corr)
+    if eigval[0] <= RANK_RTOL * eigval[-1]:
+        null = eigvec[:, eigval <= RANK_RTOL * eigval[-1]]
+        involved = [labels[j] for j in np.flatnonzero(np.abs(null).max(axis=1) > 1e-6)]
+        msg = (
+            "XX is not positive definite: the fixed design X is rank deficient (not full column "
+            f"rank); these columns are linearly dependent: {involved}."
+        )
+        raise ValueError(msg)
+    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(XX), np.eye(XX.shape[0]))
+
+
+def _select_fittable(Ynorm: np.ndarray, yry: np.ndarray, names: list[str] | None) -> np.ndarray:
+    """Return the indices of genes that can be fit; warn about the others (left as NaN)."""
+    zero = Ynorm <= 0
+    if zero.any():
+        msg = f"{int(zero.sum())} feature(s) with only zero counts! They are left as NaN."
+        warnings.warn(msg, DegenerateFeatureWarning, stacklevel=3)
+    flat = ~zero & (yry <= _DEGENERATE_RTOL * Ynorm)
+    if flat.any():
+        idx = np.flatnonzero(flat)
+        labels = [names[j] if names else f"#{j}" for j in idx[:10]]
+        more = f" and {idx.size - 10} more" if idx.size > 10 else ""
+        msg = (
+            f"{idx.size} feature(s) are exactly explained by the fixed effects (no residual "
+            f"variance, e.g. constant genes): {', '.join(labels)}{more}. They are left as NaN."
+        )
+        warnings.warn(msg, DegenerateFeatureWarning, stacklevel=3)
+    return np.flatnonzero(~zero & ~flat)
+
+
+def _empty_results(
+    shape: tuple[int, int, int, int], k: int, opts: _Options
+) -> dict[str, np.ndarray | None]:
+    """NaN arrays for every result of :class:`LMMFit` (None for those not requested)."""
+    _, p, q, m = shape
+
+    def nan(*dims: int) -> np.ndarray:
+        return np.full((m, *dims), np.nan)
+
+    satt = opts.satterthwaite
+    return {
+        "coef": nan(p),
+        "se": nan(p),
+        "t": nan(p),
+        "p": nan(p),
+        "theta": nan(k + 1),
+        "se_theta": nan(k + 1),
+        "dlogL": nan(k + 1),
+        "logLik": nan(),
+        "niter": np.zeros(m, dtype=np.int64),
+        "converged": None,
+        "cov": nan(p, p) if opts.output_cov else None,
+        "fim_beta": nan(p, p) if opts.output_fim else None,
+        "fim_theta": nan(k + 1, k + 1) if opts.output_fim else None,
+        "re": nan(q) if opts.output_re else None,
+        "df_satterthwaite": nan(p) if satt else None,
+        "vcov_theta": nan(k + 1, k + 1) if satt else None,
+        "dfim_beta": nan(k, p, p) if satt and opts.output_cov else None,
+    }
+
+
+def _block_size(q: int, p: int, k: int) -> int:
+    """Genes per block so that each (genes, ., .) working array stays within the budget."""
+    per_gene = max(q * q if k > 1 else q, p * p)
+    return max(1, _BLOCK_ELEMENTS // (4 * per_gene))

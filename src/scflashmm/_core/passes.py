@@ -1,0 +1,111 @@
+"""The pass over the cells: blocks of a local source in threads, or a Dask array where it lives.
+
+Blocks of cells are processed in a thread pool (``n_jobs``) and added in block order, so the
+result does not depend on the number of threads. A Dask array is reduced where its blocks
+live: each block gives its partial statistics, summed by a tree reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ._threads import ordered_map
+from .blocks import block_stats
+from .plan import DesignPlan
+from .sources import Source
+
+
+def _local_pass(
+    source: Source,
+    plan: DesignPlan,
+    *,
+    is_counts: bool,
+    size: int,
+    n_jobs: int,
+    progress: Callable[[int, int], None] | None,
+) -> np.ndarray:
+    """Packed statistics of a local source, its blocks summed (or placed) in block order."""
+    n, m = source.shape
+    total_units = n if source.axis == 0 else m
+    total = np.zeros((plan.rows, m))
+    spans = list(source.spans(size))
+
+    def read(span: tuple[int, int]) -> tuple[int, Any, np.ndarray, np.ndarray]:
+        # in the calling thread (ordered_map draws its items there): one reader of a file
+        start, stop = span
+        chunk = source.read(start, stop)
+        if source.axis == 0:
+            return start, chunk, plan.codes[:, start:stop], plan.cont[start:stop]
+        return start, chunk, plan.codes, plan.cont
+
+    def run(args: tuple[int, Any, np.ndarray, np.ndarray]) -> np.ndarray:
+        start, chunk, codes, cont = args
+        return block_stats(
+            chunk, codes, cont, plan.sizes, is_counts=is_counts, axis=source.axis, start=start
+        )
+
+    jobs = 1 if len(spans) == 1 else n_jobs
+    done = 0
+    results = ordered_map(run, map(read, spans), jobs)
+    for (start, stop), result in zip(spans, results, strict=True):
+        if source.axis == 0:
+            total += result
+        else:
+            total[:, start:stop] = result
+        done += stop - start
+        if progress is not None:
+            progress(done, total_units)
+    return total
+
+
+def _dask_block(
+    y: Any,
+    codes: np.ndarray,
+    cont: np.ndarray,
+    start: np.ndarray,
+    *,
+    sizes: tuple[int, ...],
+    is_counts: bool,
+) -> np.ndarray:
+    """Partial statistics of one Dask block of cells, shaped (1, rows, genes) for the tree sum."""
+    codes = np.ascontiguousarray(codes.T)
+    out = block_stats(y, codes, cont, sizes, is_counts=is_counts, axis=0, start=int(start[0]))
+    return out[None]
+
+
+def _dask_pass(Y: Any, plan: DesignPlan, *, is_counts: bool) -> np.ndarray:
+    import dask.array as da
+
+    dtype = getattr(Y, "dtype", None)
+    if dtype is not None and np.dtype(dtype).kind not in "biuf":
+        msg = f"Y must be numeric, got dtype {dtype}."
+        raise ValueError(msg)
+    # the per-cell design arrays, cut like the cells of Y, and the first cell of each block
+    rows = Y.chunks[0]
+    codes = da.from_array(plan.codes.T, chunks=(rows, plan.codes.shape[0]))
+    cont = da.from_array(plan.cont, chunks=(rows, plan.cont.shape[1]))
+    starts = da.from_array(np.cumsum((0, *rows[:-1])), chunks=1)
+    blocks = da.blockwise(
+        _dask_block,
+        "ikj",
+        Y,
+        "ij",
+        codes,
+        "ia",
+        cont,
+        "ib",
+        starts,
+        "i",
+        new_axes={"k": plan.rows},
+        adjust_chunks={"i": 1},
+        align_arrays=False,
+        concatenate=True,
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0), dtype=np.float64),
+        sizes=tuple(plan.sizes),
+        is_counts=is_counts,
+    )
+    return np.asarray(blocks.sum(axis=0).compute())
