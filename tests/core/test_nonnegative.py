@@ -17,6 +17,7 @@ for k = 1, 6e-5 for k = 2); the singular flag exactly.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cache
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from scipy import sparse
 from test_reml import simulate
 
 import scflashmm
-from scflashmm._core import reml
 from scflashmm._core.boundary import fisher_scoring_nonnegative, kkt_score, profiled_loglik
+from scflashmm._core.kernels import select_kernel
 
 DATA = Path(__file__).parents[1] / "data"
 FEWDONOR = DATA / "reference_kenward_roger" / "fewdonor_3v3"
@@ -90,7 +91,7 @@ def lme4_coef(case: dict, ddf: str, what: str) -> np.ndarray:
     return table[what].to_numpy(dtype=float).reshape(-1, len(case["terms"]))
 
 
-def fit_nonnegative(stats, d, *, method="REML", kernel_cls=None, max_iter=50, epsilon=1e-5):
+def fit_nonnegative(stats, d, *, method="REML", kernel="auto", max_iter=50, epsilon=1e-5):
     """The reductions ``lmm`` does before fitting, then the nonnegative driver and GLS."""
     n, p, _, m = stats.shape
     A = np.linalg.inv(stats.XX)
@@ -99,21 +100,21 @@ def fit_nonnegative(stats, d, *, method="REML", kernel_cls=None, max_iter=50, ep
     zry = (stats.ZY - stats.ZX @ A @ stats.XY).T
     yry = stats.Ynorm - np.einsum("pm,pm->m", stats.XY, A @ stats.XY)
     n_res = n - (p if method == "REML" else 0)
-    if kernel_cls is None:
-        kernel_cls = reml._EigenKernel if len(d) == 1 else reml._DenseKernel
-    kernel = kernel_cls(stats, d, zrz, method)
-    state = kernel.prepare(zry, yry, n_res)
+    solver = select_kernel(stats, tuple(d), zrz, method, kernel=kernel)
+    state = solver.prepare(zry, yry)
     s = np.zeros((m, len(d) + 1))
     s[:, -1] = yry / (n - p)
-    s, niter, singular = fisher_scoring_nonnegative(kernel, state, s, max_iter, epsilon)
-    dl, _ = kernel.score_information(state, s)
-    fixed = kernel.fixed_effects(s, stats.XY.T, stats.ZY.T, False, False)
+    s, niter, singular = fisher_scoring_nonnegative(solver, state, s, max_iter, epsilon)
+    dl, _ = solver.score_information(state, s)
+    fixed = dataclasses.asdict(
+        solver.fixed_effects(s, stats.XY.T, stats.ZY.T, output_re=False, output_fim=False)
+    )
     return {
         "theta": s,
         "niter": niter,
         "singular": singular,
         "dl": dl,
-        "logLik": profiled_loglik(kernel, state, s, n_res),
+        "logLik": profiled_loglik(solver, state, s, n_res),
         **fixed,
     }
 
@@ -123,10 +124,10 @@ def reml_criterion(fit: dict, stats) -> np.ndarray:
     return -2 * (fit["logLik"] - np.linalg.slogdet(stats.XX)[1] / 2)
 
 
-@pytest.mark.parametrize("kernel_cls", [reml._EigenKernel, reml._DenseKernel])
-def test_one_component_matches_lme4(kernel_cls):
+@pytest.mark.parametrize("kernel", ["eigen", "dense"])
+def test_one_component_matches_lme4(kernel):
     case = fewdonor()
-    fit = fit_nonnegative(case["stats"], case["d"], kernel_cls=kernel_cls)
+    fit = fit_nonnegative(case["stats"], case["d"], kernel=kernel)
     lme4 = case["variances"]
     assert lme4["singular"].sum() == 15  # the case has singular fits to check
     np.testing.assert_array_equal(fit["singular"], lme4["singular"])

@@ -35,9 +35,9 @@ whether it converged). The singular flag is ``any(s_i == 0)`` over components.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
 import numpy as np
+
+from .kernels.base import GeneState, Kernel
 
 #: Relative slack on the objective when accepting a step (rounding of ``l`` near the optimum).
 _OBJECTIVE_RTOL = 1e-12
@@ -46,21 +46,9 @@ _OBJECTIVE_RTOL = 1e-12
 _SNAP_RTOL = 1e-12
 
 
-class BoundedKernel(Protocol):
-    """What :func:`fisher_scoring_nonnegative` needs from a kernel."""
-
-    def score_information(
-        self, state: dict[str, np.ndarray], s: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def residual_variance(self, state: dict[str, np.ndarray], s: np.ndarray) -> np.ndarray: ...
-
-    def logdet(self, state: dict[str, np.ndarray], s: np.ndarray) -> np.ndarray: ...
-
-
 def fisher_scoring_nonnegative(
-    kernel: BoundedKernel,
-    state: dict[str, np.ndarray],
+    kernel: Kernel,
+    state: GeneState,
     s: np.ndarray,
     max_iter: int,
     epsilon: float,
@@ -105,7 +93,7 @@ def fisher_scoring_nonnegative(
         for _ in range(max_iter):
             if active.size == 0:
                 break
-            sub = _subset(state, active)
+            sub = kernel.subset(state, active)
             sa = s[active]
             dl, fim = kernel.score_information(sub, sa)
             # a component that halving has left within rounding of 0 while its score points
@@ -115,7 +103,7 @@ def fisher_scoring_nonnegative(
             if rows.size:
                 snapped = sa[rows]
                 snapped[:, :k][snap[rows]] = 0.0
-                part = _subset(sub, rows)
+                part = kernel.subset(sub, rows)
                 sa[rows] = _profile(kernel, part, snapped)
                 s[active[rows]] = sa[rows]
                 obj[active[rows]] = profiled_loglik(kernel, part, sa[rows], n_res)
@@ -133,7 +121,7 @@ def fisher_scoring_nonnegative(
             )
             if active.size == 0:
                 break
-            sub = _subset(state, active)
+            sub = kernel.subset(state, active)
             delta = _free_step(fim, free_dl, bound)
             s_new, obj_new, accepted = _line_search(
                 kernel, sub, sa, delta, obj[active], n_res, max_halvings
@@ -162,9 +150,7 @@ def _bound(dl: np.ndarray, s: np.ndarray) -> np.ndarray:
     return bound
 
 
-def profiled_loglik(
-    kernel: BoundedKernel, state: dict[str, np.ndarray], s: np.ndarray, n_res: int
-) -> np.ndarray:
+def profiled_loglik(kernel: Kernel, state: GeneState, s: np.ndarray, n_res: int) -> np.ndarray:
     """Return the solver's ``logLik`` at ``s_0 = s0_hat(r)``.
 
     ``-(n_res / 2)(1 + log(2 pi s0_hat)) + logdet / 2``, a function of the ratios
@@ -174,7 +160,7 @@ def profiled_loglik(
     return -n_res * (1 + np.log(2 * np.pi * s0)) / 2 + kernel.logdet(state, s) / 2
 
 
-def _profile(kernel: BoundedKernel, state: dict[str, np.ndarray], s: np.ndarray) -> np.ndarray:
+def _profile(kernel: Kernel, state: GeneState, s: np.ndarray) -> np.ndarray:
     """``s_0 = s0_hat(r)`` and ``s_i = r_i s_0`` at the ratios ``r`` of ``s``."""
     k = s.shape[1] - 1
     s0 = kernel.residual_variance(state, s)
@@ -194,8 +180,8 @@ def _free_step(fim: np.ndarray, dl: np.ndarray, bound: np.ndarray) -> np.ndarray
 
 
 def _line_search(
-    kernel: BoundedKernel,
-    state: dict[str, np.ndarray],
+    kernel: Kernel,
+    state: GeneState,
     s: np.ndarray,
     delta: np.ndarray,
     obj: np.ndarray,
@@ -213,7 +199,7 @@ def _line_search(
         cand = s[todo] + t * delta[todo]
         cand[:, :k] = np.maximum(cand[:, :k], 0)
         ok = cand[:, k] > 0
-        sub = _subset(state, todo)
+        sub = kernel.subset(state, todo)
         cand = _profile(kernel, sub, np.where(ok[:, None], cand, s[todo]))
         new = profiled_loglik(kernel, sub, cand, n_res)
         good = (
@@ -227,7 +213,3 @@ def _line_search(
             break
         t /= 2
     return out, out_obj, accepted
-
-
-def _subset(state: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, Any]:
-    return {key: value[rows] for key, value in state.items()}
