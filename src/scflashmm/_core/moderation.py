@@ -1,0 +1,356 @@
+r"""Empirical-Bayes moderation of the between-sample variance, borrowing strength across genes.
+
+With a handful of samples (donors) each gene's own estimate of its between-sample variance rests
+on a few degrees of freedom: genes whose estimate falls near zero get tiny standard errors and
+become top false discoveries. This module shrinks that estimate towards a value shared by all
+genes, by an amount estimated from the data (limma's ``squeezeVar``; Smyth 2004), and maps it back
+to the mixed model's covariance of ``beta`` for every coefficient and contrast.
+
+The model
+---------
+One random component (a random intercept per sample, ``Z`` of ``q`` columns), so that for gene
+``g``: ``y = X beta + Z b + e``, ``b ~ N(0, s_b I_q)``, ``e ~ N(0, s_e I_n)``. Project off the
+fixed effects, ``R_ZZ = Z'(I - H)Z = U diag(lambda) U'`` with ``d`` non-zero eigenvalues
+(``d = q - dim(col X cap col Z)``; for samples nested in two treatments and only within-sample
+covariates besides, ``d = samples - 2``). The projected sample totals ``w = U' Z'(I - H) y``
+are independent, ``w_j ~ N(0, lambda_j (s_e + s_b lambda_j))``: the data hold ``d`` degrees of
+freedom about the **between-sample variance**
+
+.. math:: \tau_g = s_{b,g} + s_{e,g} / \bar\lambda ,
+          \qquad \bar\lambda = d \Big/ \sum_{j \le d} \lambda_j^{-1},
+
+the variance of a sample's mean (``bar lambda`` is the harmonic mean of the non-zero
+eigenvalues, about the number of cells per sample). For a balanced design and an interior
+REML optimum, ``tau_hat_g`` (from the REML estimates) equals the sample-level mean square, and
+``tau_hat_g ~ tau_g chi2_d / d``. Every between-sample coefficient has a variance proportional
+to ``tau_g``; within-sample ones depend on ``s_e`` only, which rests on ``n - p - d`` df.
+
+Prior and estimator (limma's ``fitFDist``)
+------------------------------------------
+``1 / tau_g ~ chi2_{d0} / (d0 tau0)`` across genes (a scaled inverse chi-square prior), so
+that marginally ``tau_hat_g / tau0 ~ F(d, d0)``. ``d0`` and ``tau0`` are estimated by the method
+of moments on ``z_g = log tau_hat_g``: with ``e_g = z_g - digamma(d/2) + log(d/2)``,
+``E e = log tau0 - digamma(d0/2) + log(d0/2)`` and ``Var e = trigamma(d/2) + trigamma(d0/2)``.
+So ``trigamma(d0/2) = var(e) - trigamma(d/2)`` (``d0 = inf``, full pooling, when that is <= 0)
+and ``tau0 = exp(mean(e) + digamma(d0/2) - log(d0/2))``. The amount of pooling, ``d0``, is thus
+estimated from how much the genes' variances differ beyond their sampling noise. ``robust=True``
+first winsorises ``e`` (at quantiles 0.05 and 0.95 of a normal fit), a simple version of
+limma's ``robust`` idea, so that a few outlying genes do not inflate ``var(e)``.
+
+The posterior mean of ``1 / tau_g`` gives
+
+.. math:: \tilde\tau_g = \frac{d_0 \tau_0 + d\, \hat\tau_g}{d_0 + d},
+
+with ``d0 + d`` degrees of freedom. Mapping back: ``s_b~ = max(tau~ - s_e / bar lambda, 0)``
+with the gene's own ``s_e`` (many df); ``beta`` and its covariance are the GLS estimates at
+``(s_b~, s_e)``. The df of a coefficient or contrast ``c' beta`` is Satterthwaite's,
+``2 v^2 / (g' S g)`` with ``v = c' cov c``, ``g = dv / d(tau, s_e)`` and ``S`` the variance of
+the moderated ``(tau~, s_e)``, ``diag(2 tau~^2 / (d0 + d), 2 s_e^2 / (n - p - d))``: a purely
+between-sample contrast gets ``d0 + d``, a within-sample one about ``n - p - d``.
+
+Assumptions: one random component; ``tau_hat_g`` is close to a scaled chi-square on ``d`` df
+(sample means of many cells; unequal cells per sample make this an approximation); the genes'
+true ``tau_g`` follow roughly a scaled inverse chi-square (limma's assumption; a mixture of a
+few very different groups is where it is tested in ``benchmarks/few_donors.md``).
+
+As ``d0 -> 0`` the moderated fit is the REML fit, tested on Satterthwaite-like df with ``d`` df
+for ``tau``; as ``d0 -> inf`` every gene gets ``tau0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import special, stats
+
+__all__ = [
+    "between_sample_variance",
+    "fit_f_dist",
+    "gls_at",
+    "moderate",
+    "squeeze_var",
+    "trigamma_inverse",
+]
+
+#: Eigenvalues of ``R_ZZ`` below this fraction of the largest are zero (directions of Z in col X).
+_EIGEN_RTOL = 1e-10
+
+
+def trigamma_inverse(x: Any) -> np.ndarray:
+    """Solve ``trigamma(y) = x`` for ``y > 0`` (Newton's method on ``1 / trigamma``, as limma).
+
+    Parameters
+    ----------
+    x
+        Positive values.
+
+    Returns
+    -------
+    ``y`` with the shape of ``x``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.where(x > 1e7, 1 / np.sqrt(np.maximum(x, 1e-300)), 0.5 + 1 / np.maximum(x, 1e-300))
+    y = np.where(x < 1e-6, 1 / np.maximum(x, 1e-300), y)
+    iterate = (x >= 1e-6) & (x <= 1e7)
+    for _ in range(50):
+        tri = special.polygamma(1, y)
+        dif = tri * (1 - tri / x) / special.polygamma(2, y)
+        dif = np.where(iterate, dif, 0.0)
+        y = y + dif
+        if np.all(-dif / y < 1e-8):
+            break
+    return y
+
+
+def fit_f_dist(s2: Any, df1: Any, *, robust: bool = False) -> tuple[float, float]:
+    """Moment estimates of a scaled F distribution for variances (limma's ``fitFDist``).
+
+    ``s2_g ~ scale * F(df1_g, df2)``, i.e. ``s2_g`` is a chi-square estimate on ``df1_g`` df of a
+    variance drawn from a scaled inverse chi-square with ``df2`` df and scale ``scale``.
+
+    Parameters
+    ----------
+    s2
+        Per-gene variance estimates (genes,); non-finite values are ignored, values <= 0 are
+        raised to ``1e-5`` times the median (as limma).
+    df1
+        Their degrees of freedom, a scalar or (genes,).
+    robust
+        Winsorise the centred log variances at the 5 % and 95 % normal quantiles of their own
+        spread before taking moments (fewer genes with outlying variance inflate ``df2`` less).
+
+    Returns
+    -------
+    ``(scale, df2)``; ``df2`` is ``inf`` when the variances differ no more than their sampling
+    noise (full pooling).
+    """
+    s2 = np.asarray(s2, dtype=np.float64)
+    df1 = np.broadcast_to(np.asarray(df1, dtype=np.float64), s2.shape)
+    ok = np.isfinite(s2) & np.isfinite(df1) & (df1 > 0)
+    if ok.sum() < 2:
+        msg = f"fit_f_dist needs at least two finite variances, got {int(ok.sum())}."
+        raise ValueError(msg)
+    x, d = s2[ok], df1[ok]
+    x = np.maximum(x, 0.0)
+    median = np.median(x)
+    x = np.maximum(x, 1e-5 * (median if median > 0 else 1.0))
+    e = np.log(x) - special.digamma(d / 2) + np.log(d / 2)
+    if robust:
+        center = np.median(e)
+        spread = stats.iqr(e) / (2 * stats.norm.ppf(0.75))
+        bound = stats.norm.ppf(0.95) * spread
+        e = np.clip(e, center - bound, center + bound)
+    emean = e.mean()
+    evar = e.var(ddof=1) - special.polygamma(1, d / 2).mean()
+    if evar > 0:
+        df2 = float(2 * trigamma_inverse(evar))
+        scale = float(np.exp(emean + special.digamma(df2 / 2) - np.log(df2 / 2)))
+    else:
+        df2 = np.inf
+        scale = float(np.exp(emean))
+    return scale, df2
+
+
+def squeeze_var(s2: Any, df: Any, *, robust: bool = False) -> tuple[np.ndarray, float, float]:
+    """Posterior variances of an empirical-Bayes scaled inverse chi-square prior (``squeezeVar``).
+
+    Parameters
+    ----------
+    s2
+        Per-gene variance estimates (genes,).
+    df
+        Their degrees of freedom, a scalar or (genes,).
+    robust
+        Passed to :func:`fit_f_dist`.
+
+    Returns
+    -------
+    ``(s2_post, var_prior, df_prior)``: ``(df_prior var_prior + df s2) / (df_prior + df)`` per
+    gene (``var_prior`` everywhere when ``df_prior`` is ``inf``), and the prior's scale and df.
+    The posterior variances have ``df_prior + df`` degrees of freedom.
+    """
+    s2 = np.asarray(s2, dtype=np.float64)
+    df = np.asarray(df, dtype=np.float64)
+    var_prior, df_prior = fit_f_dist(s2, df, robust=robust)
+    if np.isinf(df_prior):
+        return np.full(s2.shape, var_prior), var_prior, df_prior
+    post = (df_prior * var_prior + df * s2) / (df_prior + df)
+    return post, var_prior, df_prior
+
+
+def between_sample_variance(zrz: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """Per-gene between-sample variance ``tau = s_b + s_e / bar lambda`` and its df ``d``.
+
+    Parameters
+    ----------
+    zrz
+        ``R_ZZ = Z'Z - Z'X (X'X)^-1 X'Z`` (q, q), one random component.
+    theta
+        Per-gene ``(s_b, s_e)`` (genes, 2), e.g. the REML estimates.
+
+    Returns
+    -------
+    ``(tau, d, bar_lambda)``: tau (genes,), the number ``d`` of non-zero eigenvalues of ``R_ZZ``
+    and their harmonic mean.
+    """
+    lam = np.linalg.eigvalsh((zrz + zrz.T) / 2)
+    lam = lam[lam > _EIGEN_RTOL * max(lam.max(), 0.0)]
+    d = int(lam.size)
+    if d == 0:
+        msg = "The random effects are confounded with the fixed effects: no between-sample df."
+        raise ValueError(msg)
+    bar_lambda = float(d / np.sum(1 / lam))
+    theta = np.asarray(theta, dtype=np.float64)
+    return theta[:, 0] + theta[:, 1] / bar_lambda, d, bar_lambda
+
+
+def gls_at(
+    XX: np.ndarray,
+    XY: np.ndarray,
+    ZX: np.ndarray,
+    ZY: np.ndarray,
+    ZZ: np.ndarray,
+    theta: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GLS ``beta``, its covariance and ``dcov/dtheta`` at given ``(s_b, s_e)`` per gene.
+
+    One random component; ``V = s_e I + s_b Z Z'``. Uses one eigendecomposition of ``Z'Z``
+    shared by all genes (``O(q p^2)`` per gene).
+
+    Parameters
+    ----------
+    XX, XY, ZX, ZY, ZZ
+        Summary statistics (p, p), (p, genes), (q, p), (q, genes), (q, q).
+    theta
+        ``(s_b, s_e)`` per gene (genes, 2), ``s_e > 0`` and ``s_b > -s_e / max eig(Z'Z)``.
+
+    Returns
+    -------
+    ``coef`` (genes, p), ``cov`` (genes, p, p) and ``dcov`` (genes, 2, p, p), the derivatives of
+    ``cov`` with respect to ``s_b`` and ``s_e``.
+    """
+    lam, U = np.linalg.eigh((ZZ + ZZ.T) / 2)
+    lam = np.maximum(lam, 0.0)
+    sb, se = theta[:, 0], theta[:, 1]
+    rho = sb / se
+    f = 1 / (1 + rho[:, None] * lam[None, :])  # (genes, q): eigenvalues of (I + rho Z'Z)^-1
+    XZU = ZX.T @ U  # (p, q)
+    UZY = U.T @ ZY  # (q, genes)
+    # X'V^-1X = (X'X - X'Z W Z'X) / s_e with W = U diag(rho f) U'
+    w = rho[:, None] * f
+    P = (XX[None] - np.einsum("pj,gj,rj->gpr", XZU, w, XZU)) / se[:, None, None]
+    rhs = (XY.T - np.einsum("pj,gj,jg->gp", XZU, w, UZY)) / se[:, None]
+    cov = np.linalg.inv(P)
+    cov = (cov + np.swapaxes(cov, 1, 2)) / 2
+    coef = np.einsum("gpr,gr->gp", cov, rhs)
+    # dP/ds_b = -X'V^-1 Z Z' V^-1 X = -(XZU) diag(f^2 / s_e^2) (XZU)'
+    dPb = -np.einsum("pj,gj,rj->gpr", XZU, f**2, XZU) / se[:, None, None] ** 2
+    # dP/ds_e = -X'V^-2 X = -(X'X - X'Q diag(1 - f^2) Q'X) / s_e^2, Q = Z U lam^-1/2
+    inv_lam = np.divide(1.0, lam, out=np.zeros_like(lam), where=lam > 0)
+    dPe = (
+        -(XX[None] - np.einsum("pj,gj,rj->gpr", XZU, (1 - f**2) * inv_lam[None, :], XZU))
+        / se[:, None, None] ** 2
+    )
+    dcov = -np.stack([cov @ dPb @ cov, cov @ dPe @ cov], axis=1)
+    return coef, cov, dcov
+
+
+def moderate(
+    XX: np.ndarray,
+    XY: np.ndarray,
+    ZX: np.ndarray,
+    ZY: np.ndarray,
+    ZZ: np.ndarray,
+    n: int,
+    theta: np.ndarray,
+    *,
+    contrast: np.ndarray | None = None,
+    df_prior: float | None = None,
+    robust: bool = False,
+) -> dict[str, Any]:
+    """Empirical-Bayes moderated tests of a one-component mixed model (see the module docstring).
+
+    Parameters
+    ----------
+    XX, XY, ZX, ZY, ZZ
+        Summary statistics (p, p), (p, genes), (q, p), (q, genes), (q, q).
+    n
+        Number of cells.
+    theta
+        Per-gene variance components ``(s_b, s_e)`` from the fit (genes, 2), e.g. REML.
+    contrast
+        Contrast matrix (p, c) to test; default the identity (every coefficient).
+    df_prior
+        Fix ``d0`` instead of estimating it (``0``: no moderation; ``inf``: full pooling).
+    robust
+        Passed to :func:`fit_f_dist`.
+
+    Returns
+    -------
+    dict with ``coef`` (genes, p), ``cov`` (genes, p, p), ``estimate``, ``se``, ``t``, ``df``,
+    ``p`` (genes, c), ``theta`` (moderated ``(s_b~, s_e)``, genes x 2), ``tau``, ``tau_post``
+    (genes,), and ``d``, ``bar_lambda``, ``df_prior``, ``var_prior`` (numbers).
+    """
+    theta = np.asarray(theta, dtype=np.float64)
+    XXinv = np.linalg.inv(XX)
+    zrz = ZZ - ZX @ XXinv @ ZX.T
+    tau, d, bar_lambda = between_sample_variance(zrz, theta)
+    ok = np.isfinite(tau)
+    if df_prior is None:
+        var_prior, d0 = fit_f_dist(tau[ok], d, robust=robust)
+    else:
+        d0 = float(df_prior)
+        if d0 < 0:
+            msg = f"df_prior must be >= 0, got {df_prior!r}."
+            raise ValueError(msg)
+        var_prior = fit_f_dist(tau[ok], d)[0] if d0 > 0 else np.nan
+    tau_floor = np.maximum(tau, 1e-5 * np.median(tau[ok]))
+    if np.isinf(d0):
+        tau_post = np.full(tau.shape, var_prior)
+    elif d0 == 0:
+        tau_post = tau.copy()
+    else:
+        tau_post = (d0 * var_prior + d * tau_floor) / (d0 + d)
+    se_res = theta[:, 1]
+    sb = tau_post - se_res / bar_lambda
+    if d0 > 0:
+        sb = np.maximum(sb, 0.0)  # the prior puts no mass below s_e / bar_lambda
+    theta_mod = np.column_stack([sb, se_res])
+    p = XX.shape[0]
+    C = np.eye(p) if contrast is None else np.asarray(contrast, dtype=np.float64)
+    if C.ndim == 1:
+        C = C[:, None]
+    coef = np.full((theta.shape[0], p), np.nan)
+    cov = np.full((theta.shape[0], p, p), np.nan)
+    dcov = np.full((theta.shape[0], 2, p, p), np.nan)
+    coef[ok], cov[ok], dcov[ok] = gls_at(XX, XY[:, ok], ZX, ZY[:, ok], ZZ, theta_mod[ok])
+    estimate = coef @ C
+    v = np.einsum("pc,gpr,rc->gc", C, cov, C)
+    g = np.einsum("pc,gkpr,rc->gkc", C, dcov, C)  # (genes, 2, c)
+    var_tau = 2 * tau_post**2 / (d0 + d) if np.isfinite(d0) else np.zeros_like(tau_post)
+    var_se = 2 * se_res**2 / max(n - p - d, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # v as a function of (tau, s_e): dv/dtau = g_b, dv/ds_e = g_e - g_b / bar_lambda
+        g_e = g[:, 1] - g[:, 0] / bar_lambda
+        ddf = 2 * v**2 / (g[:, 0] ** 2 * var_tau[:, None] + g_e**2 * var_se[:, None])
+        se = np.sqrt(v)
+        t = estimate / se
+    ddf = np.minimum(ddf, n - p)
+    pval = 2 * stats.t.sf(np.abs(t), ddf)
+    return {
+        "coef": coef,
+        "cov": cov,
+        "estimate": estimate,
+        "se": se,
+        "t": t,
+        "df": ddf,
+        "p": pval,
+        "theta": theta_mod,
+        "tau": tau,
+        "tau_post": tau_post,
+        "d": d,
+        "bar_lambda": bar_lambda,
+        "df_prior": d0,
+        "var_prior": var_prior,
+    }

@@ -1,0 +1,154 @@
+"""Empirical-Bayes moderation of the between-sample variance (scflashmm._core.moderation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from numpy.testing import assert_allclose
+from scipy import optimize, special, stats
+
+from scflashmm import lmm, summary_stats
+from scflashmm._core.moderation import (
+    between_sample_variance,
+    fit_f_dist,
+    gls_at,
+    moderate,
+    squeeze_var,
+    trigamma_inverse,
+)
+from scflashmm._design import make_design
+
+
+def test_trigamma_inverse_against_root_finding():
+    x = np.array([1e-4, 0.01, 0.3, 1.0, 5.0, 100.0, 1e4])
+    expected = [optimize.brentq(lambda y, v=v: special.polygamma(1, y) - v, 1e-8, 1e8) for v in x]
+    assert_allclose(trigamma_inverse(x), expected, rtol=1e-7)
+
+
+def test_fit_f_dist_solves_the_moment_equations():
+    rng = np.random.default_rng(0)
+    s2 = rng.lognormal(0.0, 1.5, 500)  # spread well beyond chi-square noise: finite df2
+    df1 = rng.integers(2, 10, 500).astype(float)
+    scale, df2 = fit_f_dist(s2, df1)
+    assert np.isfinite(df2)
+    e = np.log(s2) - special.digamma(df1 / 2) + np.log(df1 / 2)
+    # mean: E e = log(scale) - digamma(df2 / 2) + log(df2 / 2)
+    assert_allclose(e.mean(), np.log(scale) - special.digamma(df2 / 2) + np.log(df2 / 2))
+    # variance: var e = mean trigamma(df1 / 2) + trigamma(df2 / 2)
+    assert_allclose(
+        e.var(ddof=1), special.polygamma(1, df1 / 2).mean() + special.polygamma(1, df2 / 2)
+    )
+
+
+@pytest.mark.parametrize(("df1", "df2", "scale"), [(4, 6.0, 0.2), (4, 20.0, 3.0), (10, 3.0, 1.0)])
+def test_fit_f_dist_recovers_a_simulated_prior(df1, df2, scale):
+    # true variances from the scaled inverse chi-square prior, estimates chi-square on df1 df
+    rng = np.random.default_rng(1)
+    m = 20_000
+    sigma2 = df2 * scale / rng.chisquare(df2, m)
+    s2 = sigma2 * rng.chisquare(df1, m) / df1
+    est_scale, est_df2 = fit_f_dist(s2, df1)
+    assert est_scale == pytest.approx(scale, rel=0.05)
+    assert est_df2 == pytest.approx(df2, rel=0.15)
+
+    # and the independent check: the F likelihood is (nearly) maximal at the moment estimates
+    def nll(par):
+        return -stats.f.logpdf(s2 / np.exp(par[0]), df1, np.exp(par[1])).sum() + m * par[0]
+
+    mle = optimize.minimize(nll, [np.log(scale), np.log(df2)], method="Nelder-Mead").x
+    assert np.exp(mle[0]) == pytest.approx(est_scale, rel=0.05)
+    assert np.exp(mle[1]) == pytest.approx(est_df2, rel=0.15)
+
+
+def test_fit_f_dist_full_pooling_and_robust():
+    s2 = np.full(100, 0.5)  # no spread beyond sampling noise at all
+    # the scale is then exp(mean(e)), the bias-corrected geometric mean (as limma)
+    expected = 0.5 * np.exp(np.log(2) - special.digamma(2))
+    assert fit_f_dist(s2, 4) == (pytest.approx(expected), np.inf)
+    post, prior, d0 = squeeze_var(s2, 4)
+    assert d0 == np.inf
+    assert_allclose(post, prior)
+    rng = np.random.default_rng(2)
+    s2 = 0.3 * rng.chisquare(4, 2000) / 4
+    s2[:20] *= 1e4  # a few outlying genes
+    assert fit_f_dist(s2, 4, robust=True)[1] > fit_f_dist(s2, 4)[1]
+    with pytest.raises(ValueError, match="at least two"):
+        fit_f_dist([1.0], 4)
+
+
+def _fixture(paired: bool):
+    rng = np.random.default_rng(3)
+    n, m = 1200, 60
+    donor = rng.integers(0, 6, n)
+    obs = pd.DataFrame(
+        {
+            "sam": [f"S{i}" for i in donor],
+            "cls": rng.choice(["a", "b"], n),
+            "trt": rng.choice(["A", "B"], n) if paired else np.where(donor < 3, "A", "B"),
+        }
+    )
+    design = make_design(obs, "~0+cls+cls:trt", "sam")
+    tau = rng.gamma(2.0, 0.1, m)
+    Y = (
+        design.Z.toarray() @ (rng.standard_normal((6, m)) * np.sqrt(tau))
+        + rng.standard_normal((n, m))
+        + 3
+    )
+    return design, summary_stats(design.X, Y, design.Z)
+
+
+def test_no_moderation_is_the_reml_fit():
+    design, st = _fixture(paired=False)
+    fit = lmm(st, df="satterthwaite")
+    args = (st.XX, st.XY, st.ZX, st.ZY, st.ZZ, st.n, fit.theta)
+    res = moderate(*args, df_prior=0)
+    assert res["d"] == 4  # 6 samples - (intercept, treatment)
+    assert_allclose(res["coef"], fit.coef, rtol=1e-8, atol=1e-10)
+    assert_allclose(res["cov"], fit.cov, rtol=1e-8, atol=1e-14)
+    assert_allclose(res["t"], fit.t, rtol=1e-8)
+    # the between-sample coefficients (cls:trt) are tested on about d df, as Satterthwaite's
+    inter = [j for j, c in enumerate(design.x_columns) if ":trt" in c]
+    assert_allclose(res["df"][:, inter], fit.df_satterthwaite[:, inter], rtol=0.1)
+    # and d0 -> 0 is continuous
+    near = moderate(*args, df_prior=1e-9)
+    assert_allclose(near["t"], res["t"], rtol=1e-6)
+
+
+def test_moderation_shrinks_towards_the_prior():
+    _, st = _fixture(paired=False)
+    fit = lmm(st)
+    args = (st.XX, st.XY, st.ZX, st.ZY, st.ZZ, st.n, fit.theta)
+    res = moderate(*args)
+    assert 0 < res["df_prior"] < np.inf
+    tau, tau_post, prior = res["tau"], res["tau_post"], res["var_prior"]
+    # the posterior lies between the gene's estimate and the prior, at the weights of squeezeVar
+    w = res["d"] / (res["d"] + res["df_prior"])
+    assert_allclose(tau_post, w * tau + (1 - w) * prior, rtol=1e-10)
+    full = moderate(*args, df_prior=np.inf)
+    assert_allclose(full["tau_post"], full["var_prior"])
+    assert np.isfinite(full["p"]).all()
+
+
+def test_within_sample_coefficients_are_untouched():
+    design, st = _fixture(paired=True)  # treatment within donors
+    fit = lmm(st)
+    res = moderate(st.XX, st.XY, st.ZX, st.ZY, st.ZZ, st.n, fit.theta)
+    inter = [j for j, c in enumerate(design.x_columns) if ":trt" in c]
+    assert res["d"] == 5
+    assert_allclose(res["se"][:, inter], fit.se[:, inter], rtol=1e-3)
+    assert (res["df"][:, inter] > 0.9 * (st.n - st.XX.shape[0] - 5)).all()
+
+
+def test_gls_covariance_derivative_is_numerical():
+    _, st = _fixture(paired=False)
+    theta = np.array([[0.2, 1.1], [0.05, 0.9]])
+    _, _, dcov = gls_at(st.XX, st.XY[:, :2], st.ZX, st.ZY[:, :2], st.ZZ, theta)
+    for k in range(2):
+        h = np.zeros(2)
+        h[k] = 1e-6
+        up = gls_at(st.XX, st.XY[:, :2], st.ZX, st.ZY[:, :2], st.ZZ, theta + h)[1]
+        down = gls_at(st.XX, st.XY[:, :2], st.ZX, st.ZY[:, :2], st.ZZ, theta - h)[1]
+        assert_allclose(dcov[:, k], (up - down) / 2e-6, rtol=1e-5, atol=1e-8)  # entries ~1e-3
+    with pytest.raises(ValueError, match="confounded"):
+        between_sample_variance(np.zeros((3, 3)), theta)
