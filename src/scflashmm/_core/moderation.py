@@ -103,11 +103,56 @@ def trigamma_inverse(x: Any) -> np.ndarray:
     return y
 
 
-def fit_f_dist(s2: Any, df1: Any, *, robust: bool = False) -> tuple[float, float]:
+def natural_spline_basis(x: Any, df: int) -> np.ndarray:
+    """Natural cubic spline basis with an intercept (``df`` columns; R's ``ns(x, df, intercept=TRUE)``
+    spans the same space).
+
+    Knots at the ``df`` quantiles ``0, 1/(df-1), .., 1`` of ``x`` (the outer two are the boundary
+    knots); linear beyond them. The truncated-power form of Hastie, Tibshirani and Friedman (2009),
+    eq. 5.4-5.5, scaled to the range of ``x``.
+
+    Parameters
+    ----------
+    x
+        Covariate values (genes,).
+    df
+        Number of columns, >= 1 (1: intercept only; 2: a straight line).
+
+    Returns
+    -------
+    (genes, df) basis.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    span = np.ptp(x)
+    u = (x - x.min()) / (span if span > 0 else 1.0)
+    if df <= 2 or span == 0:
+        return np.column_stack([np.ones_like(u), u][: max(df, 1)])
+    knots = np.unique(np.quantile(u, np.linspace(0, 1, df)))
+    if knots.size < 3:
+        return np.column_stack([np.ones_like(u), u])
+
+    def dk(k: int) -> np.ndarray:
+        last = knots[-1]
+        return (np.maximum(u - knots[k], 0) ** 3 - np.maximum(u - last, 0) ** 3) / (last - knots[k])
+
+    cols = [np.ones_like(u), u] + [dk(k) - dk(knots.size - 2) for k in range(knots.size - 2)]
+    return np.column_stack(cols)
+
+
+def fit_f_dist(
+    s2: Any,
+    df1: Any,
+    *,
+    covariate: Any = None,
+    trend_df: int = 4,
+    robust: bool = False,
+) -> tuple[Any, float]:
     """Moment estimates of a scaled F distribution for variances (limma's ``fitFDist``).
 
-    ``s2_g ~ scale * F(df1_g, df2)``, i.e. ``s2_g`` is a chi-square estimate on ``df1_g`` df of a
-    variance drawn from a scaled inverse chi-square with ``df2`` df and scale ``scale``.
+    ``s2_g ~ scale_g * F(df1_g, df2)``, i.e. ``s2_g`` is a chi-square estimate on ``df1_g`` df of a
+    variance drawn from a scaled inverse chi-square with ``df2`` df and scale ``scale_g``: one
+    scale for all genes, or a smooth trend in ``covariate`` (limma-trend, e.g. against mean
+    expression: genes with a higher mean vary more between samples on the log scale).
 
     Parameters
     ----------
@@ -116,18 +161,30 @@ def fit_f_dist(s2: Any, df1: Any, *, robust: bool = False) -> tuple[float, float
         raised to ``1e-5`` times the median (as limma).
     df1
         Their degrees of freedom, a scalar or (genes,).
+    covariate
+        Per-gene covariate of the prior scale (genes,), or None for one scale.
+    trend_df
+        Columns (intercept included) of the natural-spline trend in ``covariate``; limma uses 4.
     robust
-        Winsorise the centred log variances at the 5 % and 95 % normal quantiles of their own
-        spread before taking moments (fewer genes with outlying variance inflate ``df2`` less).
+        Winsorise the (trend-)centred log variances at the 5 % and 95 % normal quantiles of their
+        own spread (median and IQR) before taking moments, so that a few genes with outlying
+        variance inflate ``var(e)`` less (a simple version of limma's ``robust=TRUE``).
 
     Returns
     -------
-    ``(scale, df2)``; ``df2`` is ``inf`` when the variances differ no more than their sampling
-    noise (full pooling).
+    ``(scale, df2)``: ``scale`` a float, or (genes,) with a covariate (NaN where ``s2`` is not
+    finite); ``df2`` is ``inf`` when the variances differ no more than their sampling noise
+    (full pooling).
     """
     s2 = np.asarray(s2, dtype=np.float64)
     df1 = np.broadcast_to(np.asarray(df1, dtype=np.float64), s2.shape)
     ok = np.isfinite(s2) & np.isfinite(df1) & (df1 > 0)
+    if covariate is not None:
+        covariate = np.asarray(covariate, dtype=np.float64)
+        if covariate.shape != s2.shape:
+            msg = f"covariate must have one value per gene ({s2.shape}), got {covariate.shape}."
+            raise ValueError(msg)
+        ok &= np.isfinite(covariate)
     if ok.sum() < 2:
         msg = f"fit_f_dist needs at least two finite variances, got {int(ok.sum())}."
         raise ValueError(msg)
@@ -136,23 +193,37 @@ def fit_f_dist(s2: Any, df1: Any, *, robust: bool = False) -> tuple[float, float
     median = np.median(x)
     x = np.maximum(x, 1e-5 * (median if median > 0 else 1.0))
     e = np.log(x) - special.digamma(d / 2) + np.log(d / 2)
+    if covariate is None:
+        basis = np.ones((e.size, 1))
+    else:
+        basis = natural_spline_basis(covariate[ok], min(trend_df, e.size - 1))
+    coef, *_ = np.linalg.lstsq(basis, e, rcond=None)
+    emean = basis @ coef
+    resid = e - emean
+    rank = np.linalg.matrix_rank(basis)
     if robust:
-        center = np.median(e)
-        spread = stats.iqr(e) / (2 * stats.norm.ppf(0.75))
+        center = np.median(resid)
+        spread = stats.iqr(resid) / (2 * stats.norm.ppf(0.75))
         bound = stats.norm.ppf(0.95) * spread
-        e = np.clip(e, center - bound, center + bound)
-    emean = e.mean()
-    evar = e.var(ddof=1) - special.polygamma(1, d / 2).mean()
+        resid = np.clip(resid, center - bound, center + bound)
+        resid = resid - resid.mean()
+    evar = np.sum(resid**2) / max(e.size - rank, 1) - special.polygamma(1, d / 2).mean()
     if evar > 0:
         df2 = float(2 * trigamma_inverse(evar))
-        scale = float(np.exp(emean + special.digamma(df2 / 2) - np.log(df2 / 2)))
+        log_scale = emean + special.digamma(df2 / 2) - np.log(df2 / 2)
     else:
         df2 = np.inf
-        scale = float(np.exp(emean))
+        log_scale = emean
+    if covariate is None:
+        return float(np.exp(log_scale[0])), df2
+    scale = np.full(s2.shape, np.nan)
+    scale[ok] = np.exp(log_scale)
     return scale, df2
 
 
-def squeeze_var(s2: Any, df: Any, *, robust: bool = False) -> tuple[np.ndarray, float, float]:
+def squeeze_var(
+    s2: Any, df: Any, *, covariate: Any = None, trend_df: int = 4, robust: bool = False
+) -> tuple[np.ndarray, Any, float]:
     """Posterior variances of an empirical-Bayes scaled inverse chi-square prior (``squeezeVar``).
 
     Parameters
@@ -161,20 +232,20 @@ def squeeze_var(s2: Any, df: Any, *, robust: bool = False) -> tuple[np.ndarray, 
         Per-gene variance estimates (genes,).
     df
         Their degrees of freedom, a scalar or (genes,).
-    robust
+    covariate, trend_df, robust
         Passed to :func:`fit_f_dist`.
 
     Returns
     -------
     ``(s2_post, var_prior, df_prior)``: ``(df_prior var_prior + df s2) / (df_prior + df)`` per
-    gene (``var_prior`` everywhere when ``df_prior`` is ``inf``), and the prior's scale and df.
-    The posterior variances have ``df_prior + df`` degrees of freedom.
+    gene (``var_prior`` when ``df_prior`` is ``inf``), and the prior's scale (a float, or per
+    gene with a covariate) and df. The posterior variances have ``df_prior + df`` df.
     """
     s2 = np.asarray(s2, dtype=np.float64)
     df = np.asarray(df, dtype=np.float64)
-    var_prior, df_prior = fit_f_dist(s2, df, robust=robust)
+    var_prior, df_prior = fit_f_dist(s2, df, covariate=covariate, trend_df=trend_df, robust=robust)
     if np.isinf(df_prior):
-        return np.full(s2.shape, var_prior), var_prior, df_prior
+        return np.broadcast_to(var_prior, s2.shape).copy(), var_prior, df_prior
     post = (df_prior * var_prior + df * s2) / (df_prior + df)
     return post, var_prior, df_prior
 
@@ -266,6 +337,8 @@ def moderate(
     theta: np.ndarray,
     *,
     contrast: np.ndarray | None = None,
+    covariate: np.ndarray | None = None,
+    trend_df: int = 4,
     df_prior: float | None = None,
     robust: bool = False,
 ) -> dict[str, Any]:
@@ -281,6 +354,12 @@ def moderate(
         Per-gene variance components ``(s_b, s_e)`` from the fit (genes, 2), e.g. REML.
     contrast
         Contrast matrix (p, c) to test; default the identity (every coefficient).
+    covariate, trend_df
+        A per-gene covariate of the prior scale ``tau0`` (genes,) and the columns of its spline
+        trend, e.g. the mean log expression ``ZY.sum(axis=0) / n`` (with ``Z`` the indicators of
+        the samples): between-sample variances on the log scale grow with the mean, and one
+        ``tau0`` for all genes then under-moderates the highly expressed genes. None: one
+        ``tau0``.
     df_prior
         Fix ``d0`` instead of estimating it (``0``: no moderation; ``inf``: full pooling).
     robust
@@ -290,24 +369,28 @@ def moderate(
     -------
     dict with ``coef`` (genes, p), ``cov`` (genes, p, p), ``estimate``, ``se``, ``t``, ``df``,
     ``p`` (genes, c), ``theta`` (moderated ``(s_b~, s_e)``, genes x 2), ``tau``, ``tau_post``
-    (genes,), and ``d``, ``bar_lambda``, ``df_prior``, ``var_prior`` (numbers).
+    (genes,), ``var_prior`` (a number, or per gene with a covariate), and ``d``, ``bar_lambda``,
+    ``df_prior`` (numbers).
     """
     theta = np.asarray(theta, dtype=np.float64)
     XXinv = np.linalg.inv(XX)
     zrz = ZZ - ZX @ XXinv @ ZX.T
     tau, d, bar_lambda = between_sample_variance(zrz, theta)
     ok = np.isfinite(tau)
-    if df_prior is None:
-        var_prior, d0 = fit_f_dist(tau[ok], d, robust=robust)
-    else:
+    if covariate is not None:
+        covariate = np.asarray(covariate, dtype=np.float64)
+    fitted = fit_f_dist(tau, d, covariate=covariate, trend_df=trend_df, robust=robust)
+    var_prior, d0 = fitted
+    if df_prior is not None:
         d0 = float(df_prior)
         if d0 < 0:
             msg = f"df_prior must be >= 0, got {df_prior!r}."
             raise ValueError(msg)
-        var_prior = fit_f_dist(tau[ok], d)[0] if d0 > 0 else np.nan
+        if np.isinf(d0) and np.isfinite(fitted[1]):  # full pooling: tau0 without the df factor
+            var_prior = var_prior * np.exp(np.log(fitted[1] / 2) - special.digamma(fitted[1] / 2))
     tau_floor = np.maximum(tau, 1e-5 * np.median(tau[ok]))
     if np.isinf(d0):
-        tau_post = np.full(tau.shape, var_prior)
+        tau_post = np.broadcast_to(var_prior, tau.shape).astype(np.float64)
     elif d0 == 0:
         tau_post = tau.copy()
     else:
