@@ -22,8 +22,9 @@ Designs: samples nested in treatment (3 vs 3, 4 vs 4, 8 vs 8, 5 vs 5 = "10 sampl
 (4 donors, each with treated and control cells, so the tested effect is within samples).
 
 Reported per method (mean over repeats): FPR at 0.05 and at 0.001 (the tail that BH uses) over
-null gene x cell-type pairs, power at 0.05, FDP and power at BH 5 %, and ranking power (share of true DE pairs found at the deepest
-cut of the p-value ranking, pooled over repeats, whose actual FDP is at most 5 %).
+null gene x cell-type pairs, power at 0.05, FDP and power at BH 5 %, and ranking power (share
+of true DE pairs found at the deepest cut of the p-value ranking, pooled over repeats, whose
+actual FDP is at most 5 %).
 
 Usage::
 
@@ -272,7 +273,8 @@ def main() -> None:
         d0 = g["d0"].mean()
         lines.append(
             f"| {design} | {variances} | {method} | {g['fpr'].mean():.3f} | "
-            f"{g['fpr_tail'].mean():.4f} | {g['power'].mean():.3f} | {g['fdp'].mean():.2f} | {g['power_bh'].mean():.3f} | "
+            f"{g['fpr_tail'].mean():.4f} | {g['power'].mean():.3f} | {g['fdp'].mean():.2f} | "
+            f"{g['power_bh'].mean():.3f} | "
             f"{ranking_power(p, truth):.3f} | {'' if np.isnan(d0) else f'{d0:.1f}'} |"
         )
     print("\n".join(lines))
