@@ -14,6 +14,7 @@ from scflashmm._core.moderation import (
     fit_f_dist,
     gls_at,
     moderate,
+    natural_spline_basis,
     squeeze_var,
     trigamma_inverse,
 )
@@ -59,6 +60,36 @@ def test_fit_f_dist_recovers_a_simulated_prior(df1, df2, scale):
     mle = optimize.minimize(nll, [np.log(scale), np.log(df2)], method="Nelder-Mead").x
     assert np.exp(mle[0]) == pytest.approx(est_scale, rel=0.05)
     assert np.exp(mle[1]) == pytest.approx(est_df2, rel=0.15)
+
+
+def test_natural_spline_basis_spans_lines_and_curves():
+    x = np.linspace(-2.0, 5.0, 200)
+    basis = natural_spline_basis(x, 4)
+    assert basis.shape == (200, 4)
+    for target in (np.ones_like(x), 3 * x - 1):
+        coef, *_ = np.linalg.lstsq(basis, target, rcond=None)
+        assert_allclose(basis @ coef, target, atol=1e-10)
+    # a smooth curve is fit much better than by a line
+    curve = np.sin(x)
+    line = natural_spline_basis(x, 2)
+    rss = [np.linalg.lstsq(b, curve, rcond=None)[1][0] for b in (basis, line)]
+    assert rss[0] < 0.15 * rss[1]
+    assert natural_spline_basis(np.zeros(5), 4).shape == (5, 2)
+
+
+def test_fit_f_dist_recovers_a_trend():
+    rng = np.random.default_rng(4)
+    m, df1, df2 = 20_000, 6, 8.0
+    x = rng.uniform(0, 3, m)
+    scale = np.exp(-3 + 0.8 * x)  # prior scale grows with the covariate
+    s2 = df2 * scale / rng.chisquare(df2, m) * rng.chisquare(df1, m) / df1
+    est_scale, est_df2 = fit_f_dist(s2, df1, covariate=x)
+    assert est_df2 == pytest.approx(df2, rel=0.15)
+    assert_allclose(est_scale, scale, rtol=0.1)
+    # without the trend the spread of the scales looks like prior variance: fewer prior df
+    assert fit_f_dist(s2, df1)[1] < 0.6 * est_df2
+    with pytest.raises(ValueError, match="one value per gene"):
+        fit_f_dist(s2, df1, covariate=x[:10])
 
 
 def test_fit_f_dist_full_pooling_and_robust():
@@ -128,6 +159,10 @@ def test_moderation_shrinks_towards_the_prior():
     full = moderate(*args, df_prior=np.inf)
     assert_allclose(full["tau_post"], full["var_prior"])
     assert np.isfinite(full["p"]).all()
+    trend = moderate(*args, covariate=st.ZY.sum(axis=0) / st.n)
+    assert trend["var_prior"].shape == tau.shape
+    w = res["d"] / (res["d"] + trend["df_prior"])
+    assert_allclose(trend["tau_post"], w * tau + (1 - w) * trend["var_prior"], rtol=1e-10)
 
 
 def test_within_sample_coefficients_are_untouched():
