@@ -13,7 +13,9 @@ is tested for "treated vs control within cell type k" (the ``cls<k>:trt`` terms 
 - ``EB moderated``: the REML fit with the between-sample variance moderated across genes with an
   estimated prior df (``scflashmm._core.moderation.moderate``); ``EB trend``: the same with the
   prior scale a spline trend in the mean log expression (limma-trend); ``EB trend robust``: and
-  the winsorised moment estimator; ``EB full pooling``: the prior df set to infinity;
+  the winsorised moment estimator; ``EB trend, penalised REML``: the posterior mode of the
+  restricted likelihood times the same prior, df from the penalised information; ``EB full
+  pooling``: the prior df set to infinity;
 - ``pseudobulk PyDESeq2``: counts summed per sample and cell type, PyDESeq2 per cell type with
   design ``~trt`` (``~sam + trt`` when paired).
 
@@ -139,6 +141,7 @@ def lmm_pvalues(adata: ad.AnnData) -> tuple[dict[str, np.ndarray], dict[str, flo
         ("EB moderated", {}),
         ("EB trend", {"covariate": mean}),
         ("EB trend robust", {"covariate": mean, "robust": True}),
+        ("EB trend, penalised REML", {"covariate": mean, "estimator": "mode"}),
         ("EB full pooling", {"df_prior": np.inf}),
     ]:
         start = time.perf_counter()
@@ -253,6 +256,8 @@ def main() -> None:
                         | metrics(p, truth)
                         | {"d0": info.get(method, np.nan)}
                     )
+                if args.out:  # after every repeat, so that an interrupted run keeps its rows
+                    pd.DataFrame(rows).to_csv(args.out, index=False)
                 print(
                     f"# {design} {variances} repeat {r}: "
                     + ", ".join(f"{k} {v:.3g}" for k, v in info.items()),
