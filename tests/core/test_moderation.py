@@ -15,6 +15,7 @@ from scflashmm._core.moderation import (
     gls_at,
     moderate,
     natural_spline_basis,
+    penalized_tau,
     squeeze_var,
     trigamma_inverse,
 )
@@ -187,3 +188,29 @@ def test_gls_covariance_derivative_is_numerical():
         assert_allclose(dcov[:, k], (up - down) / 2e-6, rtol=1e-5, atol=1e-8)  # entries ~1e-3
     with pytest.raises(ValueError, match="confounded"):
         between_sample_variance(np.zeros((3, 3)), theta)
+
+
+def test_penalized_tau_is_the_posterior_mode():
+    rng = np.random.default_rng(5)
+    lam = np.array([150.0, 180.0, 200.0, 260.0])
+    s_e = rng.uniform(0.5, 1.5, 5)
+    a = (s_e[:, None] + rng.gamma(1.0, 0.05, (5, 1)) * lam) * rng.chisquare(1, (5, 4))
+    tau0, d0 = 0.08, 6.0
+    bar = lam.size / np.sum(1 / lam)
+    tau, var_tau = penalized_tau(lam, a, s_e, tau0, d0)
+    for g in range(5):
+
+        def neg(sb, g=g):
+            v = s_e[g] + sb * lam
+            t = sb + s_e[g] / bar
+            ll = -0.5 * np.sum(np.log(v) + a[g] / v)
+            return -(ll - (d0 / 2 + 1) * np.log(t) - d0 * tau0 / (2 * t))
+
+        best = optimize.minimize_scalar(
+            neg, bounds=(0, 10), method="bounded", options={"xatol": 1e-10}
+        )
+        assert tau[g] - s_e[g] / bar == pytest.approx(max(best.x, 0), rel=1e-3, abs=1e-6)
+        h = 1e-4 * tau[g]
+        sb = tau[g] - s_e[g] / bar
+        info = (neg(sb + h) - 2 * neg(sb) + neg(sb - h)) / h**2
+        assert var_tau[g] == pytest.approx(1 / info, rel=1e-2)
