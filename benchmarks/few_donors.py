@@ -14,7 +14,8 @@ is tested for "treated vs control within cell type k" (the ``cls<k>:trt`` terms 
   estimated prior df (``scflashmm._core.moderation.moderate``); ``EB trend``: the same with the
   prior scale a spline trend in the mean log expression (limma-trend); ``EB trend robust``: and
   the winsorised moment estimator; ``EB trend, penalised REML``: the posterior mode of the
-  restricted likelihood times the same prior, df from the penalised information; ``EB full
+  restricted likelihood times the same prior, df from the penalised information; ``EB trend,
+  grid prior``: a nonparametric prior on a grid around the trend, ``mixture_moderate``; ``EB full
   pooling``: the prior df set to infinity;
 - ``pseudobulk PyDESeq2``: counts summed per sample and cell type, PyDESeq2 per cell type with
   design ``~trt`` (``~sam + trt`` when paired).
@@ -48,7 +49,7 @@ from scipy import stats
 from scipy.stats import false_discovery_control
 
 from scflashmm import lmm, summary_stats
-from scflashmm._core.moderation import moderate
+from scflashmm._core.moderation import mixture_moderate, moderate
 from scflashmm._design import make_design
 from scflashmm.datasets import simulate_rnaseq
 
@@ -149,6 +150,9 @@ def lmm_pvalues(adata: ad.AnnData) -> tuple[dict[str, np.ndarray], dict[str, flo
         out[name] = res["p"][:, inter]
         info[name] = res["df_prior"]
         info["seconds " + name] = time.perf_counter() - start
+    start = time.perf_counter()
+    out["EB trend, grid prior"] = mixture_moderate(*args, covariate=mean)["p"][:, inter]
+    info["seconds EB trend, grid prior"] = time.perf_counter() - start
     info["seconds LMM"] = seconds
     return out, info
 
