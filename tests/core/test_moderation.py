@@ -13,6 +13,7 @@ from scflashmm._core.moderation import (
     between_sample_variance,
     fit_f_dist,
     gls_at,
+    mixture_moderate,
     moderate,
     natural_spline_basis,
     penalized_tau,
@@ -214,3 +215,27 @@ def test_penalized_tau_is_the_posterior_mode():
         sb = tau[g] - s_e[g] / bar
         info = (neg(sb + h) - 2 * neg(sb) + neg(sb - h)) / h**2
         assert var_tau[g] == pytest.approx(1 / info, rel=1e-2)
+
+
+def test_mixture_prior_one_point_and_a_grid():
+    _, st = _fixture(paired=False)
+    fit = lmm(st)
+    args = (st.XX, st.XY, st.ZX, st.ZY, st.ZZ, st.n, fit.theta)
+    # one grid point: every gene is tested at the common center, a normal-theory GLS test
+    one = mixture_moderate(*args, multipliers=[1.0])
+    assert_allclose(one["weights"], [1.0])
+    center = fit_f_dist(one["tau"], one["d"])[0]
+    sb = np.maximum(
+        center
+        - fit.theta[:, 1]
+        / between_sample_variance(st.ZZ - st.ZX @ np.linalg.solve(st.XX, st.ZX.T), fit.theta)[2],
+        0,
+    )
+    coef, cov, _ = gls_at(st.XX, st.XY, st.ZX, st.ZY, st.ZZ, np.column_stack([sb, fit.theta[:, 1]]))
+    z = coef / np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    assert_allclose(one["p"], 2 * stats.t.sf(np.abs(z), st.n - st.XX.shape[0]), rtol=1e-8)
+    # the default grid: a proper prior, p-values in [0, 1], posterior means inside the grid
+    res = mixture_moderate(*args)
+    assert res["weights"].sum() == pytest.approx(1.0)
+    assert ((res["p"] >= 0) & (res["p"] <= 1)).all()
+    assert (res["tau_post"] > 0).all()
