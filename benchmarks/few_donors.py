@@ -272,7 +272,7 @@ def main() -> None:
         results.to_csv(args.out, index=False)
     lines = [
         "| design | donor variances | method | FPR at 0.05 | FPR at 0.001 | power at 0.05 "
-        "| FDP at BH 5 % | power at BH 5 % | ranking power | prior df d0 |",
+        "| FDP at BH 5 % (sd) | power at BH 5 % | ranking power | prior df d0 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (design, variances, method), g in results.groupby(
@@ -282,8 +282,8 @@ def main() -> None:
         d0 = g["d0"].mean()
         lines.append(
             f"| {design} | {variances} | {method} | {g['fpr'].mean():.3f} | "
-            f"{g['fpr_tail'].mean():.4f} | {g['power'].mean():.3f} | {g['fdp'].mean():.2f} | "
-            f"{g['power_bh'].mean():.3f} | "
+            f"{g['fpr_tail'].mean():.4f} | {g['power'].mean():.3f} | "
+            f"{g['fdp'].mean():.2f} ({g['fdp'].std():.2f}) | {g['power_bh'].mean():.3f} | "
             f"{ranking_power(p, truth):.3f} | {'' if np.isnan(d0) else f'{d0:.1f}'} |"
         )
     print("\n".join(lines))
