@@ -161,6 +161,10 @@ def test_moderation_shrinks_towards_the_prior():
     full = moderate(*args, df_prior=np.inf)
     assert_allclose(full["tau_post"], full["var_prior"])
     assert np.isfinite(full["p"]).all()
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        moderate(*args, estimator="median")
+    with pytest.raises(ValueError, match="df_prior must be >= 0"):
+        moderate(*args, df_prior=-1)
     trend = moderate(*args, covariate=st.ZY.sum(axis=0) / st.n)
     assert trend["var_prior"].shape == tau.shape
     w = res["d"] / (res["d"] + trend["df_prior"])
