@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -132,7 +133,7 @@ def _parse_groups(rhs: str, term: str) -> list[tuple[str, ...]]:
     return out
 
 
-def _bad_term(term: str, why: str) -> None:
+def _bad_term(term: str, why: str) -> NoReturn:
     msg = f"Cannot parse random-effects term {term.strip()!r}: {why}."
     raise ValueError(msg)
 
@@ -254,7 +255,10 @@ def random_design(terms: str | list[RandomTerm], data: pd.DataFrame) -> RandomDe
     """
     parsed = parse_random_terms(terms) if isinstance(terms, str) else list(terms)
     n = len(data)
-    blocks, names, levels, structs = [], [], [], []
+    blocks: list = []
+    names: list[str] = []
+    levels: list = []
+    structs: list = []
     for term in parsed:
         for col in (*term.group, *(e for e in term.effects if e != INTERCEPT)):
             if col not in data.columns:
