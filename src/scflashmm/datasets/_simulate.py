@@ -282,8 +282,8 @@ def simulate_rnaseq(
         var_re=var_re,
         n_jobs=n_jobs,
     )
-    var = _var_table(ref, genes, de, clusters, var_re)
-    params: dict[str, object] = {
+    # the AnnData
+    params = {
         "reference": "generated" if counts is None else "counts",
         "n_genes": int(n_genes),
         "n_cells": int(n_cells),
@@ -304,14 +304,12 @@ def simulate_rnaseq(
         params["seed"] = int(seed)
     if de.prob is not None and p_de_genes_per_cluster is not None:
         params["p_de_genes_per_cluster"] = dict(zip(clusters, map(float, de.prob), strict=True))
-    uns = {
-        "simulate_rnaseq": {
-            "treatment": treatment,
-            "n_de_genes_per_cluster": {c: int(k) for c, k in zip(clusters, de.n_per, strict=True)},
-            "params": params,
-        }
-    }
-    return AnnData(X=X, obs=meta, var=var, uns=uns)
+    return AnnData(
+        X=X,
+        obs=meta,
+        var=_var_table(ref, genes, de, clusters, var_re),
+        uns={"simulate_rnaseq": _uns(treatment, clusters, de, params)},
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -688,6 +686,14 @@ def _counts(
         de_beta=de.beta,
         n_jobs=n_jobs,
     )
+
+
+def _uns(treatment: str, clusters: list[str], de: _DEGenes, params: dict) -> dict:
+    return {
+        "treatment": treatment,
+        "n_de_genes_per_cluster": {c: int(k) for c, k in zip(clusters, de.n_per, strict=True)},
+        "params": params,
+    }
 
 
 def _var_table(
