@@ -38,7 +38,7 @@ Untestable pairs (NaN p-values, e.g. a gene without counts in a cell type) count
 Usage::
 
     python benchmarks/calibration.py                           # the table in docs/calibration.md
-    python benchmarks/calibration.py --quick                   # ~1 min
+    python benchmarks/calibration.py --quick                   # a few minutes
     python benchmarks/calibration.py --repeats 3 --scenarios 3v3,8v8 --methods "LMM, Satterthwaite"
     python benchmarks/calibration.py --list                    # scenario keys and method names
 """
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -330,6 +331,7 @@ def run(
     for scenario in scenarios:
         for variance in variances:
             var_re = VAR_MEAN if variance == "common" else ("gamma", VAR_MEAN, VAR_CV)
+            print(f"{scenario.name}, {variance} variance ...", file=sys.stderr, flush=True)
             for r in range(repeats):
                 rng = np.random.default_rng(next(seeds))
                 kwargs = scenario.kwargs(n_cells, n_genes, rng)
@@ -436,7 +438,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             METHODS[m](warm, SCENARIOS["25"])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     results, ranking = run(
         scenarios,
         methods,
@@ -447,7 +449,10 @@ def main() -> None:
         variances=variances,
     )
     print(table(results, ranking))
-    print(f"\n(mean ± sd over repeats; total {time.perf_counter() - start:.0f} s)")
+    print(
+        f"\n(mean ± sd over repeats; total {time.perf_counter() - start:.0f} s wall, "
+        f"{time.process_time() - cpu_start:.0f} s CPU)"
+    )
     if args.csv:
         results.to_csv(args.csv, index=False)
 
