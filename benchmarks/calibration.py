@@ -393,10 +393,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 genes, 2000 cells, 1 repeat")
     parser.add_argument(
-        "--repeats", type=int, default=None, help="simulations per scenario and variance (3)"
+        "--repeats", type=int, default=None, help="simulations per scenario and variance (2)"
     )
-    parser.add_argument("--genes", type=int, default=None, help="genes per data set (500)")
-    parser.add_argument("--cells", type=int, default=None, help="cells per data set (5000)")
+    parser.add_argument("--genes", type=int, default=None, help="genes per data set (300)")
+    parser.add_argument("--cells", type=int, default=None, help="cells per data set (3000)")
     parser.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help="comma-separated keys (see --list)"
     )
@@ -414,7 +414,7 @@ def main() -> None:
         for m in METHODS:
             print(f"method {m!r}")
         return
-    n_genes, n_cells, repeats = (200, 2000, 1) if args.quick else (500, 5000, 3)
+    n_genes, n_cells, repeats = (200, 2000, 1) if args.quick else (300, 3000, 2)
     n_genes = args.genes or n_genes
     n_cells = args.cells or n_cells
     repeats = args.repeats or repeats
