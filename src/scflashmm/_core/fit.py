@@ -47,12 +47,12 @@ from .sumstats import summary_stats
 #: Working-array budget (float64 elements) that bounds the genes processed per block.
 _BLOCK_ELEMENTS = 2**22
 
-#: A gene whose residual sum of squares after the fixed effects is below this fraction of its
-#: sum of squares lies in the span of X up to the rounding of the reduction (whose error is a
-#: few machine epsilons of ``y'y``): no variance is left to fit. ~450 epsilons, so that data
-#: with a large offset (``y + 1e5``, ``y'Ry / y'y ~ 1e-10``) are still fit (docs/model.md,
-#: Convergence).
-_DEGENERATE_RTOL = 1e-13
+#: A gene whose residual sum of squares ``y'Ry`` after the fixed effects is below this multiple
+#: of its rounding error (:attr:`Reduced.yry_error`) lies in the span of X up to round-off: no
+#: variance is left to fit (it would have fewer than two correct digits). Relative to the
+#: rounding error rather than to ``y'y``, so that data with a large offset (``y + 1e5``,
+#: ``y'Ry / y'y ~ 1e-10``) are still fit (docs/model.md, Convergence).
+_DEGENERATE_ROUNDING = 100.0
 
 #: Powers of the scale of ``y`` in each result (``theta`` is a variance: ``c^2``). A fit on
 #: ``y / c`` is mapped back to the units of ``y`` with them (docs/model.md, Convergence).
@@ -281,12 +281,15 @@ class _Names:
 class Reduced:
     """The statistics reduced by the fixed effects (``R = I - X (X'X)^-1 X'``).
 
-    ``zrz = Z'RZ`` (q, q), ``zry = Z'Ry`` (q, genes) and ``yry = y'Ry`` (genes,).
+    ``zrz = Z'RZ`` (q, q), ``zry = Z'Ry`` (q, genes) and ``yry = y'Ry`` (genes,);
+    ``yry_error`` bounds the rounding error of ``yry``:
+    ``eps (y'y + |X'y|' |(X'X)^-1| |X'y|)`` (genes,).
     """
 
     zrz: np.ndarray
     zry: np.ndarray
     yry: np.ndarray
+    yry_error: np.ndarray | None = None
 
 
 def lmm(
@@ -388,7 +391,7 @@ def lmm(
         stats, reduced, scale = standardise(stats, names.covariates)
     else:
         reduced = reduce_fixed_effects(stats, names.covariates)
-    genes = _select_fittable(stats.Ynorm, reduced.yry, names.features)
+    genes = _select_fittable(stats.Ynorm, reduced.yry, names.features, reduced.yry_error)
     solver = select_kernel(stats, d, reduced.zrz, opts.method, kernel=kernel)
     out = _empty_results(stats.shape, len(d), opts)
     _fit_blocks(solver, stats, reduced, opts, out, genes, jobs, d, scale)
@@ -478,7 +481,11 @@ def reduce_fixed_effects(stats: SummaryStats, covariate_names: list[str] | None)
     zrz = stats.ZZ - stats.ZX @ XXinv @ stats.ZX.T
     zry = stats.ZY - stats.ZX @ AXY
     yry = stats.Ynorm - np.einsum("pm,pm->m", stats.XY, AXY)
-    return Reduced(zrz=(zrz + zrz.T) / 2, zry=zry, yry=yry)
+    absXY = np.abs(stats.XY)
+    error = np.finfo(np.float64).eps * (
+        stats.Ynorm + np.einsum("pm,pm->m", absXY, np.abs(XXinv) @ absXY)
+    )
+    return Reduced(zrz=(zrz + zrz.T) / 2, zry=zry, yry=yry, yry_error=error)
 
 
 def standardise(
@@ -502,7 +509,10 @@ def standardise(
         c2[~(np.isfinite(c2) & (c2 > 0))] = 1.0
         c = c * c2
         stats = scaled(c)
-    reduced = Reduced(zrz=pre.zrz, zry=pre.zry / c2, yry=pre.yry / c2**2)
+    assert pre.yry_error is not None
+    reduced = Reduced(
+        zrz=pre.zrz, zry=pre.zry / c2, yry=pre.yry / c2**2, yry_error=pre.yry_error / c2**2
+    )
     return stats, reduced, c
 
 
@@ -776,20 +786,32 @@ def _inverse_fixed_crossprod(XX: np.ndarray, names: list[str] | None) -> np.ndar
     return scipy.linalg.cho_solve(scipy.linalg.cho_factor(XX), np.eye(XX.shape[0]))
 
 
-def _select_fittable(Ynorm: np.ndarray, yry: np.ndarray, names: list[str] | None) -> np.ndarray:
-    """Return the indices of genes that can be fit; warn about the others (left as NaN)."""
+def _select_fittable(
+    Ynorm: np.ndarray,
+    yry: np.ndarray,
+    names: list[str] | None,
+    yry_error: np.ndarray | None = None,
+) -> np.ndarray:
+    """Return the indices of genes that can be fit; warn about the others (left as NaN).
+
+    A gene is flat when ``y'Ry`` is within 100 times its rounding error ``yry_error`` (by
+    default ``eps y'y``).
+    """
     zero = Ynorm <= 0
     if zero.any():
         msg = f"{int(zero.sum())} feature(s) with only zero counts! They are left as NaN."
         warnings.warn(msg, DegenerateFeatureWarning, stacklevel=3)
-    flat = ~zero & (yry <= _DEGENERATE_RTOL * Ynorm)
+    if yry_error is None:
+        yry_error = np.finfo(np.float64).eps * Ynorm
+    flat = ~zero & (yry <= _DEGENERATE_ROUNDING * yry_error)
     if flat.any():
         idx = np.flatnonzero(flat)
         labels = [names[j] if names else f"#{j}" for j in idx[:10]]
         more = f" and {idx.size - 10} more" if idx.size > 10 else ""
         msg = (
             f"{idx.size} feature(s) are exactly explained by the fixed effects (no residual "
-            f"variance, e.g. constant genes): {', '.join(labels)}{more}. They are left as NaN."
+            "variance beyond rounding, e.g. constant genes): "
+            f"{', '.join(labels)}{more}. They are left as NaN."
         )
         warnings.warn(msg, DegenerateFeatureWarning, stacklevel=3)
     return np.flatnonzero(~zero & ~flat)
