@@ -643,10 +643,15 @@ def _kenward_roger(
 
 def _unscale(out: dict[str, Any], c: np.ndarray, n_res: int) -> dict[str, Any]:
     """Map the results of a fit of ``y / c`` back to the units of ``y`` (:data:`_SCALE_POWERS`)."""
-    for name, power in _SCALE_POWERS.items():
-        value = out.get(name)
-        if value is not None:
-            out[name] = value * (c**power).reshape(-1, *([1] * (value.ndim - 1)))
+    with np.errstate(over="ignore", under="ignore"):
+        for name, power in _SCALE_POWERS.items():
+            value = out.get(name)
+            if value is not None:
+                # one factor at a time: c**power alone may overflow where the result does not
+                factor = (c if power > 0 else 1 / c).reshape(-1, *([1] * (value.ndim - 1)))
+                for _ in range(abs(power)):
+                    value = value * factor
+                out[name] = value
     out["logLik"] = out["logLik"] - n_res * np.log(c)
     return out
 
