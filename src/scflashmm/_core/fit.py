@@ -610,7 +610,7 @@ def _fit_block(
             out |= satt
             df_block = satt["df_satterthwaite"]
         elif opts.kenward_roger:
-            kr = _kenward_roger(solver, stats, d, s)
+            kr = _kenward_roger(solver, stats, d, s, fixed.cov, fim)
             out |= kr
             df_block = kr["df_kenward_roger"]
         t = out["coef"] / out["se"]
@@ -621,23 +621,40 @@ def _fit_block(
 
 
 def _kenward_roger(
-    solver: Kernel[Any], stats: SummaryStats, d: tuple[int, ...], s: np.ndarray
+    solver: Kernel[Any],
+    stats: SummaryStats,
+    d: tuple[int, ...],
+    s: np.ndarray,
+    cov: np.ndarray,
+    fim: np.ndarray,
 ) -> dict[str, Any]:
     """Kenward-Roger adjusted se and df at ``s`` (docs/model.md, Kenward-Roger).
 
+    The fit's covariance of beta ``cov`` and REML Fisher information ``fim`` are reused.
     Defined at nonnegative estimates: genes with a negative component get NaN.
     """
     k = solver.k
     theta = np.where((s[:, :k] < 0).any(axis=1, keepdims=True), np.nan, s)
     kr = kenward_roger(
-        stats.XX, stats.ZX, stats.ZZ, stats.n, d, theta, eigen=isinstance(solver, EigenKernel)
+        stats.XX,
+        stats.ZX,
+        stats.ZZ,
+        stats.n,
+        d,
+        theta,
+        eigen=isinstance(solver, EigenKernel),
+        cov=cov,
+        information=fim,
     )
+    dfim = kr.dprec[:, :k]
     return {
         "se": kr.se(),
-        "df_kenward_roger": kr.df(),
+        # the df is Satterthwaite's formula with W (docs/model.md, Kenward-Roger): only the
+        # diagonals of Phi P_i Phi are formed
+        "df_kenward_roger": coefficient_df(kr.cov, dfim, s, kr.W),
         "vcov_theta_kr": kr.W,
         "cov_adjusted": kr.cov_adjusted,
-        "dfim_beta": kr.dprec[:, :k],
+        "dfim_beta": dfim,
     }
 
 
