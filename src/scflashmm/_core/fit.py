@@ -509,10 +509,8 @@ def standardise(
         c2[~(np.isfinite(c2) & (c2 > 0))] = 1.0
         c = c * c2
         stats = scaled(c)
-    assert pre.yry_error is not None
-    reduced = Reduced(
-        zrz=pre.zrz, zry=pre.zry / c2, yry=pre.yry / c2**2, yry_error=pre.yry_error / c2**2
-    )
+    error = None if pre.yry_error is None else pre.yry_error / c2**2
+    reduced = Reduced(zrz=pre.zrz, zry=pre.zry / c2, yry=pre.yry / c2**2, yry_error=error)
     return stats, reduced, c
 
 
