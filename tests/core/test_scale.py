@@ -115,3 +115,13 @@ def test_flashmm_criterion_on_tiny_data_does_not_crash():
     with pytest.warns(scflashmm.ConvergenceWarning):
         fit = scflashmm.lmm(stats_of(X, Y * 1e-160, Z), d, df="satterthwaite", max_iter=5)
     assert not fit.converged.any()
+
+
+def test_theta0_is_in_the_units_of_y():
+    """With ``criterion="relative"`` a given ``theta0`` is scaled with the data."""
+    d = (10,)
+    X, Y, Z = null_data(d)
+    base = scflashmm.lmm(stats_of(X, Y, Z), d, criterion="relative", theta0=[0.1, 1.0])
+    fit = scflashmm.lmm(stats_of(X, Y * 1e3, Z), d, criterion="relative", theta0=[1e5, 1e6])
+    np.testing.assert_array_equal(fit.niter, base.niter)
+    np.testing.assert_allclose(fit.p, base.p, rtol=1e-8)
