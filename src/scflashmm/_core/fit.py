@@ -7,9 +7,12 @@ terms of the summary statistics only, exactly as FLASHMM 1.3.0 computes them (do
 Fisher scoring). Then ``beta`` is the generalised least-squares estimate at the final ``theta``.
 
 :func:`lmm` reads top to bottom: check the options and the statistics, reduce the statistics
-by the fixed effects (:class:`Reduced`), select a kernel (:mod:`scflashmm._core.kernels`), fit
-blocks of genes in threads (:func:`_fit_block`: Fisher scoring, fixed effects, optional
-Satterthwaite df), and assemble the :class:`LMMFit`.
+by the fixed effects (:class:`Reduced`; with ``criterion="relative"`` those of ``y / c`` per
+gene, :func:`standardise`), select a kernel (:mod:`scflashmm._core.kernels`), fit blocks of
+genes in threads (:func:`_fit_block`: Fisher scoring, unconstrained or over nonnegative
+components (:mod:`.boundary`), fixed effects, optional Satterthwaite or Kenward-Roger df, and
+the results mapped back to the units of ``y``), and assemble the :class:`LMMFit`.
+docs/model.md: Convergence, Nonnegative variance components, Kenward-Roger.
 """
 
 from __future__ import annotations
