@@ -646,6 +646,7 @@ def _kenward_roger(
         eigen=isinstance(solver, EigenKernel),
         cov=cov,
         information=fim,
+        basis=(solver.mu, solver.BB) if isinstance(solver, EigenKernel) else None,
     )
     dfim = kr.dprec[:, :k]
     return {

@@ -111,6 +111,7 @@ def kenward_roger(
     eigen: bool | None = None,
     cov: np.ndarray | None = None,
     information: np.ndarray | None = None,
+    basis: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> KenwardRoger:
     """Kenward-Roger adjusted covariance of beta and the parts of its df, for every gene.
 
@@ -132,6 +133,10 @@ def kenward_roger(
         and the REML Fisher information of theta ``IE / 2`` (genes, k + 1, k + 1). Given, they
         are not computed again (the fit's solver has them; it saves a p x p inverse per gene
         and the traces of ``IE``).
+    basis
+        Optional, for the eigen path: ``(mu, BB)``, the eigenvalues of ``Z'Z`` and the
+        flattened outer products of the rows of ``V'Z'X`` (q, p * p), as the fit's eigen
+        kernel holds them (saves a ``q x q`` eigendecomposition per call).
 
     Returns
     -------
@@ -149,8 +154,8 @@ def kenward_roger(
     if eigen and k != 1:
         msg = "The eigen path needs a single random component (k = 1)."
         raise ValueError(msg)
-    parts = _parts_eigen if eigen else _parts_dense
-    xv1x, P, Q, K = parts(np.asarray(XX), np.asarray(ZX), np.asarray(ZZ), int(n), d, theta)
+    args = (np.asarray(XX), np.asarray(ZX), np.asarray(ZZ), int(n), d, theta)
+    xv1x, P, Q, K = _parts_eigen(*args, basis=basis) if eigen else _parts_dense(*args)
     return _assemble(xv1x, P, Q, K, Phi=cov, IE=None if information is None else 2 * information)
 
 
@@ -253,13 +258,20 @@ def _inverse_ie(IE: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- kernels
 
 
-def _parts_eigen(XX, ZX, ZZ, n, d, theta):
-    """``X'V^-1X``, ``P``, ``Q`` and ``K`` for one component, in the eigenbasis of ``Z'Z``."""
+def _parts_eigen(XX, ZX, ZZ, n, d, theta, basis=None):
+    """``X'V^-1X``, ``P``, ``Q`` and ``K`` for one component, in the eigenbasis of ``Z'Z``.
+
+    ``basis`` may give ``(mu, BB)``: the eigenvalues of ``Z'Z`` and the flattened outer
+    products of the rows of ``B = V'Z'X`` (q, p * p), as the fit's eigen kernel holds them.
+    """
     p, q = XX.shape[0], ZZ.shape[0]
-    mu, V = np.linalg.eigh(ZZ)
+    if basis is None:
+        mu, V = np.linalg.eigh(ZZ)
+        B = V.T @ ZX
+        BB = np.einsum("jp,jr->jpr", B, B).reshape(q, p * p)
+    else:
+        mu, BB = basis
     mu = np.clip(mu, 0, None)
-    B = V.T @ ZX
-    BB = np.einsum("jp,jr->jpr", B, B).reshape(q, p * p)
 
     def weighted(c: np.ndarray) -> np.ndarray:  # B' diag(c) B for weights c (genes, q)
         return (c @ BB).reshape(-1, p, p)  # exactly symmetric: BB holds outer products
