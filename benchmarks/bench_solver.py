@@ -3,6 +3,7 @@
     python benchmarks/bench_solver.py            # the three configurations below
     python benchmarks/bench_solver.py --quick    # fewer genes
     python benchmarks/bench_solver.py --satterthwaite   # also time df="satterthwaite"
+    python benchmarks/bench_solver.py --options  # cost of nonnegative, Satterthwaite, KR
 
 Configurations: (a) 20,000 genes, p = 21, q = 25, k = 1; (b) the same plus a second component
 of 20 levels (k = 2); (c) 2,000 genes, p = 61, q = 259, k = 1 (the tuberculosis T-cell atlas
@@ -11,6 +12,11 @@ of docs/model.md, Fisher scoring) is timed on a sample of genes and extrapolated
 ``--satterthwaite`` the fit with ``df="satterthwaite"`` is timed too (with ``output_cov=True``,
 so including the (genes, k, p, p) derivatives kept for contrasts), best of three, interleaved
 with three more default fits, and its extra cost over the best default fit is reported.
+With ``--options`` the table is instead the time of each option set, best of three
+interleaved: the default fit; ``nonnegative=True``; ``df="satterthwaite"``;
+``nonnegative=True, df="satterthwaite"``; ``nonnegative=True, df="kenward-roger"``; and
+``criterion="relative"``; each relative to the default fit, and Kenward-Roger's extra cost
+relative to Satterthwaite's extra cost (both with ``nonnegative=True``).
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--satterthwaite", action="store_true", help="also time df='satterthwaite'")
+    parser.add_argument("--options", action="store_true", help="time each option of lmm")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
     configs = [
@@ -72,6 +79,9 @@ def main() -> None:
         ("b", 20_000 // scale, 21, (25, 20), 20_000),
         ("c", 2_000 // scale, 61, (259,), 30_000),
     ]
+    if args.options:
+        time_options(configs)
+        return
     extra = " satterthwaite s | extra |" if args.satterthwaite else ""
     header = "| case | genes | p | d | scflashmm s | genes/s | plain genes/s (sample) | speed-up |"
     print(header + extra)
@@ -110,6 +120,40 @@ def main() -> None:
             f"| {name} | {m} | {p} | {d} | {fast:.2f} | {m / fast:,.0f} | {1 / plain:,.0f} "
             f"| {plain * m / fast:,.0f}x |{cells}"
         )
+
+
+OPTIONS = {
+    "default": {},
+    "nonnegative": {"nonnegative": True},
+    "satterthwaite": {"df": "satterthwaite"},
+    "nonneg+satt": {"nonnegative": True, "df": "satterthwaite"},
+    "nonneg+KR": {"nonnegative": True, "df": "kenward-roger"},
+    "relative": {"criterion": "relative"},
+}
+
+
+def time_options(configs: list) -> None:
+    """Best of three interleaved fits per option set; times relative to the default fit."""
+    names = list(OPTIONS)
+    print("| case | genes | " + " | ".join(names) + " | KR extra / Satt extra |")
+    print("|---|---|" + "---|" * len(names) + "---|")
+    for name, m, p, d, n in configs:
+        stats = make_stats(m, p, d, n)
+        times: dict[str, list[float]] = {key: [] for key in names}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(3):
+                for key, options in OPTIONS.items():
+                    t0 = time.perf_counter()
+                    scflashmm.lmm(stats, list(d), **options)
+                    times[key].append(time.perf_counter() - t0)
+        best = {key: min(value) for key, value in times.items()}
+        base = best["default"]
+        cells = [f"{best['default']:.2f} s"] + [f"{best[key] / base:.2f}x" for key in names[1:]]
+        kr_extra = best["nonneg+KR"] - best["nonnegative"]
+        satt_extra = best["nonneg+satt"] - best["nonnegative"]
+        ratio = kr_extra / satt_extra if satt_extra > 0 else float("nan")
+        print(f"| {name} | {m} | " + " | ".join(cells) + f" | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

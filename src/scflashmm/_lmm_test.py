@@ -71,26 +71,33 @@ def lmm_test(
     alternative
         ``"two-sided"``, ``"less"`` (lower tail) or ``"greater"`` (upper tail).
     df
-        Degrees of freedom: ``"residual"`` (``n - p``, FLASHMM) or ``"satterthwaite"`` (needs a
-        fit with ``df="satterthwaite"``, and ``output_cov=True`` for contrasts); default the
-        fit's ``df_method``.
+        Degrees of freedom: ``"residual"`` (``n - p``, FLASHMM), ``"satterthwaite"`` or
+        ``"kenward-roger"`` (each needs a fit with that ``df``, and ``output_cov=True`` for
+        contrasts); default the fit's ``df_method``. Kenward-Roger tests use its adjusted
+        standard errors; ``"residual"`` on a Kenward-Roger fit uses the unadjusted ones.
 
     Returns
     -------
     Genes x ``[<name>_coef ..., <name>_t ..., <name>_p ...]`` in FLASHMM's order, followed by
-    ``[<name>_df ...]`` with Satterthwaite df.
+    ``[<name>_df ...]`` with Satterthwaite or Kenward-Roger df.
     """
     alternative = check_alternative(alternative)
     df = check_df(fit.df_method if df is None else df)
-    if df == "satterthwaite" and fit.df_satterthwaite is None:
-        msg = "Satterthwaite df need a fit with df='satterthwaite' (scflashmm.lmm or lmm_fit)."
+    per_gene = {"satterthwaite": fit.df_satterthwaite, "kenward-roger": fit.df_kenward_roger}
+    if df != "residual" and per_gene[df] is None:
+        msg = f"{df} df need a fit with df={df!r} (scflashmm.lmm or lmm_fit)."
         raise ValueError(msg)
     covariates = fit.covariate_names or [f"x{j + 1}" for j in range(fit.coef.shape[1])]
     if contrast is None:
         positions = _positions(index, covariates)
         labels = [covariates[j] for j in positions]
         estimate, se = fit.coef[:, positions], fit.se[:, positions]
-        ddf = fit.df_satterthwaite[:, positions] if df == "satterthwaite" else fit.df
+        if df != fit.df_method and fit.df_method == "kenward-roger":  # unadjusted se
+            if fit.cov is None:
+                msg = "Residual df on a Kenward-Roger fit need output_cov=True."
+                raise ValueError(msg)
+            se = np.sqrt(np.diagonal(fit.cov, axis1=1, axis2=2))[:, positions]
+        ddf = fit.df if df == "residual" else per_gene[df][:, positions]  # type: ignore[index]
     else:
         matrix = _as_contrast_frame(contrast, covariates)
         labels = [str(c) for c in matrix.columns]
@@ -98,7 +105,7 @@ def lmm_test(
     t = estimate / se
     p = t_pvalue(t, ddf, alternative)
     parts = [("coef", estimate), ("t", t), ("p", p)]
-    if df == "satterthwaite":
+    if df != "residual":
         parts.append(("df", ddf))
     blocks = [
         pd.DataFrame(values, columns=[f"{name}_{what}" for name in labels])

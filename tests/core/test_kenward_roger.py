@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from _reference import REFERENCE, load_case
-from test_nonnegative import CASES, fewdonor, fit_nonnegative, lme4_coef
+from test_nonnegative import CASES, fewdonor, lme4_coef
 from test_reml import simulate
 
+import scflashmm
 from scflashmm._core.kenward_roger import kenward_roger, kenward_roger_df
 
 CASE_B = REFERENCE.parent / "reference_kenward_roger" / "b_simu_reml_counts"
@@ -84,18 +85,65 @@ def test_matches_pbkrtest_at_lme4_variances(name, eigen):
     np.testing.assert_allclose(kr.df(ref["contrast"])[:, 0], ref["contrast_df"], rtol=1e-7)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "dense"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_after_nonnegative_fit_matches_pbkrtest(name):
-    """The whole path: our nonnegative REML fit, then Kenward-Roger at our estimates."""
+def test_lmm_kenward_roger_matches_pbkrtest(name, kernel):
+    """The whole path: lmm(nonnegative=True, df="kenward-roger"), coefficients and contrasts."""
     case = CASES[name]()
     ref = _lme4_case(name)
-    fit = fit_nonnegative(case["stats"], case["d"], epsilon=1e-8)
-    kr = kenward_roger(*ref["stats"], ref["d"], fit["theta"])
-    np.testing.assert_allclose(kr.cov, fit["cov"], rtol=1e-10, atol=1e-14)  # same Phi as the fit
-    np.testing.assert_allclose(kr.se(), ref["se"], rtol=1e-3)
-    np.testing.assert_allclose(kr.df(), ref["df"], rtol=1e-2)
-    np.testing.assert_allclose(kr.se(ref["contrast"])[:, 0], ref["contrast_se"], rtol=1e-3)
-    np.testing.assert_allclose(kr.df(ref["contrast"])[:, 0], ref["contrast_df"], rtol=1e-2)
+    fit = scflashmm.lmm(
+        case["stats"],
+        case["d"],
+        nonnegative=True,
+        df="kenward-roger",
+        epsilon=1e-8,
+        kernel=kernel,
+        covariate_names=case["terms"],
+    )
+    assert fit.df_method == "kenward-roger" and fit.converged.all()
+    np.testing.assert_array_equal(fit.singular, case["variances"]["singular"])
+    kr = kenward_roger(*ref["stats"], ref["d"], fit.theta)
+    np.testing.assert_allclose(kr.cov, fit.cov, rtol=1e-10, atol=1e-14)  # same Phi as the fit
+    np.testing.assert_allclose(fit.se, ref["se"], rtol=1e-3)  # adjusted se, as lmerTest
+    np.testing.assert_allclose(fit.df_kenward_roger, ref["df"], rtol=1e-2)
+    np.testing.assert_allclose(fit.t, fit.coef / fit.se, rtol=1e-12)
+    _, se, df = fit.contrast_estimates(ref["contrast"])
+    np.testing.assert_allclose(se[:, 0], ref["contrast_se"], rtol=1e-3)
+    np.testing.assert_allclose(df[:, 0], ref["contrast_df"], rtol=1e-2)
+    table = scflashmm.lmm_test(fit, contrast=ref["contrast"])
+    np.testing.assert_allclose(table["contrast1_df"], ref["contrast_df"], rtol=1e-2)
+    lme4 = case["contrast_table"]
+    lme4 = lme4[lme4["ddf"] == "Kenward-Roger"]
+    np.testing.assert_allclose(table["contrast1_t"], lme4["t"].to_numpy(float), rtol=1e-3)
+    coefficients = scflashmm.lmm_test(fit)
+    np.testing.assert_allclose(coefficients.filter(like="_p").to_numpy(), fit.p, rtol=1e-12)
+    # the unadjusted residual-df test of the same fit uses the unadjusted se
+    residual = scflashmm.lmm_test(fit, df="residual")
+    np.testing.assert_allclose(
+        residual.filter(like="_t").to_numpy(), fit.coef / np.sqrt(np.diagonal(fit.cov, 0, 1, 2))
+    )
+
+
+def test_lmm_boundary_df_as_lmertest():
+    """Through lmm: at singular fits Satterthwaite gives n - p, Kenward-Roger donor-scale df."""
+    case = fewdonor()
+    singular = case["variances"]["singular"].to_numpy()
+    n, p = case["stats"].n, len(case["terms"])
+    trt = [j for j, t in enumerate(case["terms"]) if t.endswith(":trtB")]
+    fits = {
+        df: scflashmm.lmm(case["stats"], case["d"], nonnegative=True, df=df, epsilon=1e-8)
+        for df in ("satterthwaite", "kenward-roger")
+    }
+    satt = fits["satterthwaite"].df_satterthwaite
+    np.testing.assert_allclose(satt[singular], n - p, rtol=1e-12)
+    np.testing.assert_allclose(satt, lme4_coef(case, "Satterthwaite", "df"), rtol=1e-3)
+    kr = fits["kenward-roger"].df_kenward_roger[singular][:, trt]
+    assert np.all((kr > 2) & (kr < 10))
+    lme4 = case["contrast_table"]
+    lme4 = lme4[lme4["ddf"] == "Satterthwaite"]
+    _, se, df = fits["satterthwaite"].contrast_estimates(case["contrast"])
+    np.testing.assert_allclose(df[:, 0], lme4["df"].to_numpy(float), rtol=1e-3)
+    np.testing.assert_allclose(se[:, 0], lme4["se"].to_numpy(float), rtol=1e-4)
 
 
 def test_boundary_keeps_donor_scale_df():
@@ -232,3 +280,38 @@ def test_genes_without_estimate_stay_nan(eigen):
     alone = kenward_roger(*args, theta[[0, 2]], eigen=eigen)
     np.testing.assert_allclose(kr.se()[[0, 2]], alone.se(), rtol=1e-12)
     np.testing.assert_allclose(kr.df()[[0, 2]], alone.df(), rtol=1e-12)
+
+
+# two genes of this case diverge without the constraint (FLASHMM's behaviour)
+@pytest.mark.filterwarnings("ignore::scflashmm.ConvergenceWarning")
+def test_errors_and_negative_components():
+    """KR needs REML; nonnegative needs theta0 >= 0; KR at a negative component is NaN + warning."""
+    case = fewdonor()
+    stats, d = case["stats"], case["d"]
+    with pytest.raises(ValueError, match="needs method='REML'"):
+        scflashmm.lmm(stats, d, method="ML", df="kenward-roger")
+    with pytest.raises(ValueError, match="must be >= 0 with nonnegative=True"):
+        scflashmm.lmm(stats, d, nonnegative=True, theta0=[-0.1, 1.0])
+    with pytest.raises(ValueError, match="criterion must be"):
+        scflashmm.lmm(stats, d, criterion="absolute")
+    with pytest.warns(UserWarning, match="negative variance component") as record:
+        fit = scflashmm.lmm(stats, d, df="kenward-roger")  # unconstrained: some s_1 < 0
+    negative = fit.theta[:, 0] < 0
+    assert negative.any() and not negative.all()
+    assert not any("SVD" in str(w.message) for w in record)
+    assert np.isnan(fit.df_kenward_roger[negative]).all() and np.isnan(fit.p[negative]).all()
+    assert np.isfinite(fit.p[~negative]).all() and np.isfinite(fit.coef).all()
+    assert not fit.singular.any()
+    # each df method needs a fit with it
+    plain = scflashmm.lmm(stats, d)
+    for df in ("satterthwaite", "kenward-roger"):
+        with pytest.raises(ValueError, match=f"fit with df='{df}'"):
+            plain.contrast_estimates(case["contrast"], df=df)
+        with pytest.raises(ValueError, match=f"fit with df='{df}'"):
+            scflashmm.lmm_test(plain, df=df)
+    no_cov = scflashmm.lmm(stats, d, nonnegative=True, df="kenward-roger", output_cov=False)
+    assert no_cov.cov_adjusted is None and no_cov.df_kenward_roger is not None
+    with pytest.raises(ValueError, match="output_cov=True"):
+        no_cov.contrast_estimates(case["contrast"])
+    with pytest.raises(ValueError, match="criterion must be"):
+        scflashmm.lmm_fit(np.ones((3, 1)), np.ones((3, 1)), np.eye(3), criterion=1)

@@ -17,7 +17,6 @@ for k = 1, 6e-5 for k = 2); the singular flag exactly.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import cache
 from pathlib import Path
 
@@ -29,8 +28,7 @@ from scipy import sparse
 from test_reml import simulate
 
 import scflashmm
-from scflashmm._core.boundary import fisher_scoring_nonnegative, kkt_score, profiled_loglik
-from scflashmm._core.kernels import select_kernel
+from scflashmm._core.boundary import kkt_score
 
 DATA = Path(__file__).parents[1] / "data"
 FEWDONOR = DATA / "reference_kenward_roger" / "fewdonor_3v3"
@@ -91,31 +89,29 @@ def lme4_coef(case: dict, ddf: str, what: str) -> np.ndarray:
     return table[what].to_numpy(dtype=float).reshape(-1, len(case["terms"]))
 
 
-def fit_nonnegative(stats, d, *, method="REML", kernel="auto", max_iter=50, epsilon=1e-5):
-    """The reductions ``lmm`` does before fitting, then the nonnegative driver and GLS."""
-    n, p, _, m = stats.shape
-    A = np.linalg.inv(stats.XX)
-    zrz = stats.ZZ - stats.ZX @ A @ stats.ZX.T
-    zrz = (zrz + zrz.T) / 2
-    zry = (stats.ZY - stats.ZX @ A @ stats.XY).T
-    yry = stats.Ynorm - np.einsum("pm,pm->m", stats.XY, A @ stats.XY)
-    n_res = n - (p if method == "REML" else 0)
-    solver = select_kernel(stats, tuple(d), zrz, method, kernel=kernel)
-    state = solver.prepare(zry, yry)
-    s = np.zeros((m, len(d) + 1))
-    s[:, -1] = yry / (n - p)
-    s, niter, singular = fisher_scoring_nonnegative(solver, state, s, max_iter, epsilon)
-    dl, _ = solver.score_information(state, s)
-    fixed = dataclasses.asdict(
-        solver.fixed_effects(s, stats.XY.T, stats.ZY.T, output_re=False, output_fim=False)
+def fit_nonnegative(stats, d, *, method="REML", kernel="auto", max_iter=50, epsilon=1e-5, **kw):
+    """``lmm(..., nonnegative=True)`` as a dict of the quantities compared below."""
+    fit = scflashmm.lmm(
+        stats,
+        d,
+        method=method,
+        kernel=kernel,
+        max_iter=max_iter,
+        epsilon=epsilon,
+        nonnegative=True,
+        **kw,
     )
     return {
-        "theta": s,
-        "niter": niter,
-        "singular": singular,
-        "dl": dl,
-        "logLik": profiled_loglik(solver, state, s, n_res),
-        **fixed,
+        "fit": fit,
+        "theta": fit.theta,
+        "niter": fit.niter,
+        "singular": fit.singular,
+        "converged": fit.converged,
+        "dl": fit.dlogL,
+        "logLik": fit.logLik,
+        "coef": fit.coef,
+        "se": fit.se,
+        "cov": fit.cov,
     }
 
 
@@ -172,6 +168,7 @@ def test_kkt_conditions(name, method):
     assert at_zero.any()
     assert np.all(fit["dl"][:, :k][at_zero] <= 0)
     np.testing.assert_array_equal(fit["singular"], at_zero.any(axis=1))
+    assert fit["converged"].all()  # lmm's flag is the KKT test
 
 
 @pytest.mark.parametrize("method", ["REML", "ML"])

@@ -167,8 +167,8 @@ def test_nested_design_gives_sample_level_df():
 
 def test_errors():
     X, Y, Z = simulate((6,), n=100, m=2)
-    with pytest.raises(ValueError, match="df must be 'residual' or 'satterthwaite'"):
-        scflashmm.lmm_fit(Y, X, Z, df="kenward-roger")
+    with pytest.raises(ValueError, match="df must be one of 'residual', 'satterthwaite'"):
+        scflashmm.lmm_fit(Y, X, Z, df="kenward_roger")
     fit = scflashmm.lmm_fit(Y, X, Z)
     with pytest.raises(ValueError, match="fit with df='satterthwaite'"):
         scflashmm.lmm_test(fit, df="satterthwaite")

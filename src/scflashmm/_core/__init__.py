@@ -9,7 +9,8 @@ Modules in the order the data flow (docs/model.md has the mathematics):
   container and its file format);
 - :mod:`.fit`: :func:`lmm` and :class:`LMMFit`: checks (:mod:`._options`), reduction by the
   fixed effects, a kernel from :mod:`.kernels` (one module per kernel behind the
-  ``Kernel`` interface), Fisher scoring (:mod:`.scoring`), Satterthwaite df
-  (:mod:`.satterthwaite`), tests (:mod:`.inference`);
+  ``Kernel`` interface), Fisher scoring (:mod:`.scoring`, or :mod:`.boundary` over nonnegative
+  variance components), Satterthwaite df (:mod:`.satterthwaite`), Kenward-Roger adjusted
+  covariance and df (:mod:`.kenward_roger`), tests (:mod:`.inference`);
 - :mod:`._threads`: core count, BLAS limit and the ordered thread map shared by both.
 """

@@ -12,7 +12,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 Method = Literal["REML", "ML"]
-DfMethod = Literal["residual", "satterthwaite"]
+DfMethod = Literal["residual", "satterthwaite", "kenward-roger"]
+#: Convergence criterion of Fisher scoring: FLASHMM's absolute score, or the score of the
+#: standardised response (invariant to the units of y; docs/model.md, Convergence).
+Criterion = Literal["flashmm", "relative"]
 
 # Relative tolerance of every rank check on a design (singular values of a column-scaled
 # matrix below this, relative to the largest, count as zero).
@@ -35,9 +38,24 @@ def check_method(method: Any) -> Method:
     return check_choice(method, "method", Method)  # type: ignore[return-value]
 
 
-def check_df(df: Any) -> DfMethod:
-    """Return ``df`` if it names a degrees-of-freedom method."""
-    return check_choice(df, "df", DfMethod)  # type: ignore[return-value]
+def check_df(df: Any, method: Any = None) -> DfMethod:
+    """Return ``df`` if it names a degrees-of-freedom method (usable with ``method``, if given).
+
+    Kenward-Roger is defined for REML fits only.
+    """
+    out = check_choice(df, "df", DfMethod)
+    if out == "kenward-roger" and method == "ML":
+        msg = (
+            "df='kenward-roger' needs method='REML': the Kenward-Roger adjustment is defined "
+            "for REML estimates (use df='satterthwaite' with ML)."
+        )
+        raise ValueError(msg)
+    return out  # type: ignore[return-value]
+
+
+def check_criterion(criterion: Any) -> Criterion:
+    """Return ``criterion`` if it is ``"flashmm"`` or ``"relative"``."""
+    return check_choice(criterion, "criterion", Criterion)  # type: ignore[return-value]
 
 
 def check_positive_int(value: Any, name: str) -> int:
@@ -62,11 +80,12 @@ def check_positive_float(value: Any, name: str) -> float:
     return float(value)
 
 
-def check_theta0(theta0: Any, k: int) -> np.ndarray | None:
+def check_theta0(theta0: Any, k: int, *, nonnegative: bool = False) -> np.ndarray | None:
     """Return start values ``(s_1 .. s_k, s_0)`` as floats, or None.
 
     They must be finite, the residual variance ``s_0`` positive (``V = s_0 I`` at the start is
-    then positive definite whatever the components, since FLASHMM allows negative components).
+    then positive definite whatever the components, since FLASHMM allows negative components)
+    and, with ``nonnegative``, the components ``s_1 .. s_k`` at least 0.
     """
     if theta0 is None:
         return None
@@ -86,5 +105,11 @@ def check_theta0(theta0: Any, k: int) -> np.ndarray | None:
         raise ValueError(msg)
     if start[-1] <= 0:
         msg = f"theta0's residual variance (last value) must be positive, got {start[-1]!r}."
+        raise ValueError(msg)
+    if nonnegative and np.any(start[:-1] < 0):
+        msg = (
+            "theta0's variance components must be >= 0 with nonnegative=True, got "
+            f"{start[:-1].tolist()}."
+        )
         raise ValueError(msg)
     return start

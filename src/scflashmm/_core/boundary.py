@@ -1,6 +1,6 @@
 """REML / ML over nonnegative variance components (as lme4), batched over genes.
 
-See docs/model.md, Kenward-Roger (nonnegative variance components). FLASHMM's Fisher scoring is
+See docs/model.md, Nonnegative variance components. FLASHMM's Fisher scoring is
 unconstrained: a component ``s_i`` (``i = 1 .. k``) may end below zero. lme4 maximises the same
 restricted (or full) likelihood over ``s_i >= 0`` and reports a *singular fit* when a component
 ends exactly at 0. This driver does the same with any kernel that evaluates, for a block of

@@ -7,15 +7,18 @@ terms of the summary statistics only, exactly as FLASHMM 1.3.0 computes them (do
 Fisher scoring). Then ``beta`` is the generalised least-squares estimate at the final ``theta``.
 
 :func:`lmm` reads top to bottom: check the options and the statistics, reduce the statistics
-by the fixed effects (:class:`Reduced`), select a kernel (:mod:`scflashmm._core.kernels`), fit
-blocks of genes in threads (:func:`_fit_block`: Fisher scoring, fixed effects, optional
-Satterthwaite df), and assemble the :class:`LMMFit`.
+by the fixed effects (:class:`Reduced`; with ``criterion="relative"`` those of ``y / c`` per
+gene, :func:`standardise`), select a kernel (:mod:`scflashmm._core.kernels`), fit blocks of
+genes in threads (:func:`_fit_block`: Fisher scoring, unconstrained or over nonnegative
+components (:mod:`.boundary`), fixed effects, optional Satterthwaite or Kenward-Roger df, and
+the results mapped back to the units of ``y``), and assemble the :class:`LMMFit`.
+docs/model.md: Convergence, Nonnegative variance components, Kenward-Roger.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -24,8 +27,10 @@ import scipy.linalg
 
 from ._options import (
     RANK_RTOL,
+    Criterion,
     DfMethod,
     Method,
+    check_criterion,
     check_df,
     check_method,
     check_positive_float,
@@ -33,8 +38,10 @@ from ._options import (
     check_theta0,
 )
 from ._threads import check_n_jobs, ordered_map, single_threaded_blas
+from .boundary import fisher_scoring_nonnegative, kkt_score
 from .inference import contrast_estimates, t_pvalue
-from .kernels import Kernel, KernelChoice, select_kernel
+from .kenward_roger import adjusted_se, kenward_roger
+from .kernels import EigenKernel, Kernel, KernelChoice, select_kernel
 from .satterthwaite import coefficient_df, contrast_df, inverse_information
 from .scoring import fisher_scoring, pinv_small
 from .stats import ARRAY_FIELDS, SummaryStats
@@ -43,9 +50,30 @@ from .sumstats import summary_stats
 #: Working-array budget (float64 elements) that bounds the genes processed per block.
 _BLOCK_ELEMENTS = 2**22
 
-#: A gene whose residual sum of squares after the fixed effects is below this fraction of its
-#: sum of squares lies (numerically) in the span of X: there is no variance left to fit.
-_DEGENERATE_RTOL = 1e-10
+#: A gene whose residual sum of squares ``y'Ry`` after the fixed effects is below this multiple
+#: of its rounding error (:attr:`Reduced.yry_error`) lies in the span of X up to round-off: no
+#: variance is left to fit (it would have fewer than two correct digits). Relative to the
+#: rounding error rather than to ``y'y``, so that data with a large offset (``y + 1e5``,
+#: ``y'Ry / y'y ~ 1e-10``) are still fit (docs/model.md, Convergence).
+_DEGENERATE_ROUNDING = 100.0
+
+#: Powers of the scale of ``y`` in each result (``theta`` is a variance: ``c^2``). A fit on
+#: ``y / c`` is mapped back to the units of ``y`` with them (docs/model.md, Convergence).
+_SCALE_POWERS = {
+    "coef": 1,
+    "se": 1,
+    "re": 1,
+    "cov": 2,
+    "cov_adjusted": 2,
+    "theta": 2,
+    "se_theta": 2,
+    "fim_beta": -2,
+    "dlogL": -2,
+    "fim_theta": -4,
+    "dfim_beta": -4,
+    "vcov_theta": 4,
+    "vcov_theta_kr": 4,
+}
 
 
 class ConvergenceWarning(UserWarning):
@@ -63,18 +91,26 @@ class LMMFit:
     Attributes
     ----------
     coef, se, t, p
-        Fixed effects, their standard errors, t values and two-sided p values (genes, p).
+        Fixed effects, their standard errors, t values and two-sided p values (genes, p). With
+        ``df_method="kenward-roger"`` the standard errors are Kenward-Roger's adjusted ones
+        (as lmerTest reports them), and t and p use them.
     theta, se_theta, dlogL
         Variance components ``(s_1 .. s_k, s_0)``, residual last; their standard errors from the
         Fisher information; the score at the final estimate (genes, k + 1).
     logLik, niter
         Log-likelihood (REML: lme4's REML logLik + log det(X'X) / 2) and Fisher-scoring passes.
     converged
-        ``all(|dlogL| <= epsilon)`` per gene; False for genes that could not be fit.
+        ``all(|dlogL| <= epsilon)`` per gene (with ``criterion="relative"`` on the score of the
+        standardised response, with ``nonnegative`` over the components not held at 0); False
+        for genes that could not be fit.
+    singular
+        Per gene, whether a variance component is exactly 0 (lme4's singular fit; only with
+        ``nonnegative=True``, else all False).
     df
         Residual degrees of freedom ``n - p`` (FLASHMM's df for every t test).
     df_method
-        ``"residual"`` (``p`` on ``df``) or ``"satterthwaite"`` (``p`` on ``df_satterthwaite``).
+        ``"residual"`` (``p`` on ``df``), ``"satterthwaite"`` (``p`` on ``df_satterthwaite``) or
+        ``"kenward-roger"`` (``p`` on ``df_kenward_roger``).
     df_satterthwaite, vcov_theta, dfim_beta
         Only with ``df_method="satterthwaite"``: per-coefficient Satterthwaite df (genes, p);
         covariance of theta from the observed information (genes, k + 1, k + 1); and, when
@@ -82,11 +118,17 @@ class LMMFit:
         component variances ``s_1 .. s_k`` (genes, k, p, p), from which
         :func:`scflashmm.lmm_test` gets the df of contrasts
         (:func:`scflashmm._core.satterthwaite.covariance_jacobian` gives ``dcov/dtheta``).
+    df_kenward_roger, vcov_theta_kr, cov_adjusted
+        Only with ``df_method="kenward-roger"``: per-coefficient Kenward-Roger df (genes, p);
+        the expected-information covariance of theta ``2 IE^-1`` it uses (genes, k + 1, k + 1);
+        and, when ``cov`` is kept, the adjusted covariance of beta (genes, p, p). With
+        ``dfim_beta`` and ``cov`` (the unadjusted one) these give the df of later contrasts.
     cov, fim_beta, fim_theta, re
         Covariance of beta (genes, p, p); Fisher information of beta (genes, p, p) and of theta
         (genes, k + 1, k + 1); BLUPs of the random effects (genes, q). None unless requested.
-    method, epsilon
-        Estimation method and convergence tolerance.
+    method, epsilon, criterion, nonnegative
+        Estimation method, convergence tolerance and criterion, and whether variance components
+        were kept >= 0.
     feature_names, covariate_names, component_names
         Names of genes, fixed-effect columns and random components, where given.
     """
@@ -116,6 +158,12 @@ class LMMFit:
     df_satterthwaite: np.ndarray | None = None
     vcov_theta: np.ndarray | None = None
     dfim_beta: np.ndarray | None = None
+    singular: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    nonnegative: bool = False
+    criterion: str = "flashmm"
+    df_kenward_roger: np.ndarray | None = None
+    vcov_theta_kr: np.ndarray | None = None
+    cov_adjusted: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -132,24 +180,42 @@ class LMMFit:
         contrast
             Contrast matrix (p, c), one column per contrast.
         df
-            ``"residual"`` (``n - p``) or ``"satterthwaite"``; default the fit's ``df_method``.
+            ``"residual"`` (``n - p``), ``"satterthwaite"`` or ``"kenward-roger"`` (each needs a
+            fit with that ``df``); default the fit's ``df_method``.
 
         Returns
         -------
-        ``c' beta`` and ``sqrt(c' cov c)`` (genes, c), and the df: ``n - p``, or Satterthwaite's
-        per gene and contrast (genes, c).
+        ``c' beta`` and its standard error (genes, c): ``sqrt(c' cov c)``, or Kenward-Roger's
+        adjusted ``sqrt(c' cov_adjusted c)``; and the df: ``n - p``, or Satterthwaite's or
+        Kenward-Roger's per gene and contrast (genes, c).
         """
+        method = check_df(self.df_method if df is None else df)
         if self.cov is None:
             msg = "Testing contrasts needs the covariance of beta: fit with output_cov=True."
             raise ValueError(msg)
+        contrast = np.asarray(contrast, dtype=np.float64).reshape(self.coef.shape[1], -1)
         estimate, se = contrast_estimates(self.coef, self.cov, contrast)
-        if (self.df_method if df is None else df) == "residual":
+        if method == "residual":
             return estimate, se, self.df
-        if self.dfim_beta is None or self.vcov_theta is None:
-            msg = "Satterthwaite df of contrasts need dfim_beta: fit with output_cov=True."
+        if method == "satterthwaite":
+            if self.dfim_beta is None or self.vcov_theta is None:
+                msg = (
+                    "Satterthwaite df of contrasts need a fit with df='satterthwaite' and "
+                    "output_cov=True."
+                )
+                raise ValueError(msg)
+            ddf = contrast_df(self.cov, self.dfim_beta, self.theta, self.vcov_theta, contrast)
+            return estimate, se, ddf
+        if self.dfim_beta is None or self.vcov_theta_kr is None or self.cov_adjusted is None:
+            msg = (
+                "Kenward-Roger df of contrasts need a fit with df='kenward-roger' and "
+                "output_cov=True."
+            )
             raise ValueError(msg)
-        ddf = contrast_df(self.cov, self.dfim_beta, self.theta, self.vcov_theta, contrast)
-        return estimate, se, ddf
+        # Kenward-Roger's df is Satterthwaite's formula with the expected information
+        # (docs/model.md, Kenward-Roger)
+        ddf = contrast_df(self.cov, self.dfim_beta, self.theta, self.vcov_theta_kr, contrast)
+        return estimate, adjusted_se(self.cov_adjusted, contrast), ddf
 
     def to_frame(self) -> Any:
         """One row per gene: coefficients, se, t, p, variance components and diagnostics.
@@ -157,8 +223,9 @@ class LMMFit:
         Returns
         -------
         pandas.DataFrame with columns ``<cov>_coef``, ``<cov>_se``, ``<cov>_t``, ``<cov>_p`` (and
-        ``<cov>_df`` with Satterthwaite df) per covariate, ``theta_<component>`` and
-        ``theta_residual``, ``niter``, ``converged`` and ``logLik``.
+        ``<cov>_df`` with Satterthwaite or Kenward-Roger df) per covariate,
+        ``theta_<component>`` and ``theta_residual``, ``niter``, ``converged``, ``singular`` and
+        ``logLik``.
         """
         import pandas as pd
 
@@ -168,11 +235,17 @@ class LMMFit:
         for j, name in enumerate(covs):
             for what in ("coef", "se", "t", "p"):
                 columns[f"{name}_{what}"] = getattr(self, what)[:, j]
-            if self.df_satterthwaite is not None:
-                columns[f"{name}_df"] = self.df_satterthwaite[:, j]
+            ddf = self.df_kenward_roger if self.df_satterthwaite is None else self.df_satterthwaite
+            if ddf is not None:
+                columns[f"{name}_df"] = ddf[:, j]
         for i, name in enumerate([*comps, "residual"]):
             columns[f"theta_{name}"] = self.theta[:, i]
-        columns |= {"niter": self.niter, "converged": self.converged, "logLik": self.logLik}
+        columns |= {
+            "niter": self.niter,
+            "converged": self.converged,
+            "singular": self.singular,
+            "logLik": self.logLik,
+        }
         return pd.DataFrame(columns, index=self.feature_names)
 
 
@@ -188,10 +261,16 @@ class _Options:
     output_cov: bool
     output_fim: bool
     output_re: bool
+    nonnegative: bool = False
+    criterion: Criterion = "flashmm"
 
     @property
     def satterthwaite(self) -> bool:
         return self.df == "satterthwaite"
+
+    @property
+    def kenward_roger(self) -> bool:
+        return self.df == "kenward-roger"
 
 
 @dataclass(frozen=True)
@@ -205,12 +284,15 @@ class _Names:
 class Reduced:
     """The statistics reduced by the fixed effects (``R = I - X (X'X)^-1 X'``).
 
-    ``zrz = Z'RZ`` (q, q), ``zry = Z'Ry`` (q, genes) and ``yry = y'Ry`` (genes,).
+    ``zrz = Z'RZ`` (q, q), ``zry = Z'Ry`` (q, genes) and ``yry = y'Ry`` (genes,);
+    ``yry_error`` bounds the rounding error of ``yry``:
+    ``eps (y'y + |X'y|' |(X'X)^-1| |X'y|)`` (genes,).
     """
 
     zrz: np.ndarray
     zry: np.ndarray
     yry: np.ndarray
+    yry_error: np.ndarray | None = None
 
 
 def lmm(
@@ -225,6 +307,8 @@ def lmm(
     output_fim: bool = False,
     output_re: bool = False,
     df: DfMethod = "residual",
+    nonnegative: bool = False,
+    criterion: Criterion = "flashmm",
     feature_names: Any = None,
     covariate_names: Any = None,
     component_names: Any = None,
@@ -248,7 +332,7 @@ def lmm(
     max_iter
         Maximum number of Fisher-scoring passes.
     epsilon
-        Convergence tolerance on the largest absolute score ``|dlogL|``.
+        Convergence tolerance on the largest absolute score ``|dlogL|`` (see ``criterion``).
     output_cov, output_fim, output_re
         Keep the covariance of beta; the Fisher information of beta and theta; the BLUPs.
     df
@@ -258,6 +342,21 @@ def lmm(
         estimated between few samples (e.g. samples nested in the treatment): ``n - p`` then
         counts cells as replicates and makes the tests liberal. With ``output_cov`` the fit
         also keeps (genes, k, p, p) derivatives of ``cov^-1`` for the df of contrasts.
+        ``"kenward-roger"`` (REML only; as pbkrtest and lmerTest's ``ddf="Kenward-Roger"``):
+        Kenward-Roger's adjusted standard errors and df, which stay on the scale of the samples
+        at a boundary fit where Satterthwaite's become ``n - p``; use it with
+        ``nonnegative=True``. Genes with a negative variance component (possible with
+        ``nonnegative=False``) get NaN se, t, p and df, with a warning (docs/model.md,
+        Kenward-Roger).
+    nonnegative
+        Maximise over variance components ``>= 0``, as lme4: a component whose optimum lies
+        at the boundary is exactly 0 and the gene is flagged in ``singular``. The default
+        ``False`` is FLASHMM's unconstrained Fisher scoring.
+    criterion
+        Convergence test: ``"flashmm"`` (FLASHMM's: ``|dlogL| <= epsilon`` in the units of the
+        data) or ``"relative"`` (the same test on the standardised response ``y / c`` with
+        ``c^2 = y'Ry / (n - p)`` per gene; then t, p and df do not depend on the units of y,
+        and data of any scale (``1e-160`` .. ``1e150``) are fit; docs/model.md, Convergence).
     feature_names, covariate_names, component_names
         Names of genes (m), fixed-effect columns (p) and random components (k), kept on the fit.
     kernel
@@ -278,21 +377,27 @@ def lmm(
     d = _check_d(stats.d if d is None else d, stats.shape[2])
     opts = _Options(
         method=check_method(method),
-        theta0=check_theta0(theta0, len(d)),
+        theta0=check_theta0(theta0, len(d), nonnegative=bool(nonnegative)),
         max_iter=check_positive_int(max_iter, "max_iter"),
         epsilon=check_positive_float(epsilon, "epsilon"),
-        df=check_df(df),
+        df=check_df(df, method),
         output_cov=bool(output_cov),
         output_fim=bool(output_fim),
         output_re=bool(output_re),
+        nonnegative=bool(nonnegative),
+        criterion=check_criterion(criterion),
     )
     jobs = check_n_jobs(n_jobs)
     names = _check_stats(stats, d, feature_names, covariate_names, component_names)
-    reduced = reduce_fixed_effects(stats, names.covariates)
-    genes = _select_fittable(stats.Ynorm, reduced.yry, names.features)
+    scale = None
+    if opts.criterion == "relative":  # fit y / c, results mapped back to the units of y
+        stats, reduced, scale = standardise(stats, names.covariates)
+    else:
+        reduced = reduce_fixed_effects(stats, names.covariates)
+    genes = _select_fittable(stats.Ynorm, reduced.yry, names.features, reduced.yry_error)
     solver = select_kernel(stats, d, reduced.zrz, opts.method, kernel=kernel)
     out = _empty_results(stats.shape, len(d), opts)
-    _fit_blocks(solver, stats, reduced, opts, out, genes, jobs)
+    _fit_blocks(solver, stats, reduced, opts, out, genes, jobs, d, scale)
     return _assemble(out, stats, d, opts, names, genes)
 
 
@@ -325,7 +430,8 @@ def lmm_fit(
     is_counts
         Fit ``log2(1 + Y)`` (applied to stored values, chunk by chunk).
     **kwargs
-        Passed on to :func:`lmm` (method, theta0, max_iter, epsilon, output_*, df, names).
+        Passed on to :func:`lmm` (method, theta0, max_iter, epsilon, output_*, df,
+        nonnegative, criterion, names, kernel, n_jobs).
 
     Returns
     -------
@@ -378,7 +484,37 @@ def reduce_fixed_effects(stats: SummaryStats, covariate_names: list[str] | None)
     zrz = stats.ZZ - stats.ZX @ XXinv @ stats.ZX.T
     zry = stats.ZY - stats.ZX @ AXY
     yry = stats.Ynorm - np.einsum("pm,pm->m", stats.XY, AXY)
-    return Reduced(zrz=(zrz + zrz.T) / 2, zry=zry, yry=yry)
+    absXY = np.abs(stats.XY)
+    error = np.finfo(np.float64).eps * (
+        stats.Ynorm + np.einsum("pm,pm->m", absXY, np.abs(XXinv) @ absXY)
+    )
+    return Reduced(zrz=(zrz + zrz.T) / 2, zry=zry, yry=yry, yry_error=error)
+
+
+def standardise(
+    stats: SummaryStats, covariate_names: list[str] | None
+) -> tuple[SummaryStats, Reduced, np.ndarray]:
+    """Statistics of ``y / c`` per gene, with ``c^2 = y'Ry / (n - p)``, their reduction and ``c``.
+
+    ``y'Ry`` is computed on ``y / sqrt(y'y / n)`` first, so that no square under- or
+    overflows (docs/model.md, Convergence). Genes with ``y'Ry <= 0`` keep ``c = 1``.
+    """
+    n, p, _, _ = stats.shape
+
+    def scaled(c: np.ndarray) -> SummaryStats:
+        return replace(stats, XY=stats.XY / c, ZY=stats.ZY / c, Ynorm=stats.Ynorm / c**2)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        c = np.sqrt(stats.Ynorm / n)
+        c[~(np.isfinite(c) & (c > 0))] = 1.0
+        pre = reduce_fixed_effects(scaled(c), covariate_names)
+        c2 = np.sqrt(pre.yry / (n - p))
+        c2[~(np.isfinite(c2) & (c2 > 0))] = 1.0
+        c = c * c2
+        stats = scaled(c)
+    error = None if pre.yry_error is None else pre.yry_error / c2**2
+    reduced = Reduced(zrz=pre.zrz, zry=pre.zry / c2, yry=pre.yry / c2**2, yry_error=error)
+    return stats, reduced, c
 
 
 def _fit_blocks(
@@ -389,6 +525,8 @@ def _fit_blocks(
     out: dict[str, np.ndarray | None],
     genes: np.ndarray,
     n_jobs: int,
+    d: tuple[int, ...],
+    scale: np.ndarray | None = None,
 ) -> None:
     """Fit the genes in blocks, in threads, and write each block's rows of ``out``.
 
@@ -397,11 +535,12 @@ def _fit_blocks(
     """
     _, p, q, _ = stats.shape
     size = _block_size(q, p, solver.k)
-    if opts.satterthwaite:  # (genes, k + 1, p, p) working arrays
-        size = max(1, min(size, _BLOCK_ELEMENTS // (4 * (solver.k + 1) * p * p)))
+    if opts.satterthwaite or opts.kenward_roger:  # (genes, (k + 1)^2, p, p) working arrays
+        per_gene = (solver.k + 1) ** 2 if opts.kenward_roger else solver.k + 1
+        size = max(1, min(size, _BLOCK_ELEMENTS // (4 * per_gene * p * p)))
     blocks = [genes[lo : lo + size] for lo in range(0, genes.size, size)]
     jobs = min(n_jobs, max(1, len(blocks)))
-    fit = partial(_fit_block, solver, stats, reduced, opts)
+    fit = partial(_fit_block, solver, stats, reduced, opts, d=d, scale=scale)
     with single_threaded_blas():
         # every block submitted at once (the blocks are small: only results wait in the queue)
         results = ordered_map(fit, blocks, jobs, window=len(blocks))
@@ -418,20 +557,46 @@ def _fit_block(
     reduced: Reduced,
     opts: _Options,
     genes: np.ndarray,
+    *,
+    d: tuple[int, ...],
+    scale: np.ndarray | None = None,
 ) -> dict[str, np.ndarray | None]:
-    """Fisher scoring, then fixed effects (and Satterthwaite df) for one block of genes."""
+    """Fisher scoring, then fixed effects (and Satterthwaite or Kenward-Roger) for one block.
+
+    With ``scale`` the statistics are those of ``y / scale`` (:func:`standardise`) and the
+    results are mapped back to the units of ``y`` at the end.
+    """
     n, p, _, _ = stats.shape
+    k = solver.k
+    n_res = n - (p if opts.method == "REML" else 0)
+    c = None if scale is None else scale[genes]
     # Fisher scoring is unconstrained (as in FLASHMM): a gene may step to a singular V,
     # giving inf/NaN for that gene only; `converged` and a ConvergenceWarning report it.
     # (errstate is per thread, so it is set here, in the worker.)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         state = solver.prepare(reduced.zry[:, genes].T, reduced.yry[genes])
-        s = _start_values(opts.theta0, reduced.yry[genes] / (n - p), solver.k)
-        s, niter = fisher_scoring(solver, state, s, max_iter=opts.max_iter, epsilon=opts.epsilon)
-        s[:, solver.k] = solver.residual_variance(state, s)
-        n_res = n - (p if opts.method == "REML" else 0)
+        theta0 = opts.theta0
+        s = _start_values(theta0, reduced.yry[genes] / (n - p), k)
+        if theta0 is not None and c is not None:
+            s /= (c**2)[:, None]
+        if opts.nonnegative:
+            s, niter, singular = fisher_scoring_nonnegative(
+                solver, state, s, opts.max_iter, opts.epsilon, n_res=n_res
+            )
+        else:
+            s, niter = fisher_scoring(
+                solver, state, s, max_iter=opts.max_iter, epsilon=opts.epsilon
+            )
+            s[:, k] = solver.residual_variance(state, s)
+            singular = np.zeros(s.shape[0], dtype=bool)
         dl, fim = solver.score_information(state, s)
-        out = _variance_components(solver, state, s, dl, fim, n_res) | {"niter": niter}
+        out = _variance_components(solver, state, s, dl, fim, n_res)
+        criterion = kkt_score(dl, s) if opts.nonnegative else dl
+        out |= {
+            "niter": niter,
+            "singular": singular,
+            "converged": np.all(np.abs(criterion) <= opts.epsilon, axis=1),
+        }
         fixed = solver.fixed_effects(
             s,
             stats.XY[:, genes].T,
@@ -445,8 +610,68 @@ def _fit_block(
             satt = _satterthwaite(solver, state, s, fim, fixed.cov)
             out |= satt
             df_block = satt["df_satterthwaite"]
-        t = fixed.coef / fixed.se
+        elif opts.kenward_roger:
+            kr = _kenward_roger(solver, stats, d, s, fixed.cov, fim)
+            out |= kr
+            df_block = kr["df_kenward_roger"]
+        t = out["coef"] / out["se"]
         out |= {"t": t, "p": t_pvalue(t, df_block)}
+    if c is not None:
+        out = _unscale(out, c, n_res)
+    return out
+
+
+def _kenward_roger(
+    solver: Kernel[Any],
+    stats: SummaryStats,
+    d: tuple[int, ...],
+    s: np.ndarray,
+    cov: np.ndarray,
+    fim: np.ndarray,
+) -> dict[str, Any]:
+    """Kenward-Roger adjusted se and df at ``s`` (docs/model.md, Kenward-Roger).
+
+    The fit's covariance of beta ``cov`` and REML Fisher information ``fim`` are reused.
+    Defined at nonnegative estimates: genes with a negative component get NaN.
+    """
+    k = solver.k
+    theta = np.where((s[:, :k] < 0).any(axis=1, keepdims=True), np.nan, s)
+    kr = kenward_roger(
+        stats.XX,
+        stats.ZX,
+        stats.ZZ,
+        stats.n,
+        d,
+        theta,
+        eigen=isinstance(solver, EigenKernel),
+        cov=cov,
+        information=fim,
+        basis=(solver.mu, solver.BB) if isinstance(solver, EigenKernel) else None,
+    )
+    dfim = kr.dprec[:, :k]
+    return {
+        "se": kr.se(),
+        # the df is Satterthwaite's formula with W (docs/model.md, Kenward-Roger): only the
+        # diagonals of Phi P_i Phi are formed
+        "df_kenward_roger": coefficient_df(kr.cov, dfim, s, kr.W),
+        "vcov_theta_kr": kr.W,
+        "cov_adjusted": kr.cov_adjusted,
+        "dfim_beta": dfim,
+    }
+
+
+def _unscale(out: dict[str, Any], c: np.ndarray, n_res: int) -> dict[str, Any]:
+    """Map the results of a fit of ``y / c`` back to the units of ``y`` (:data:`_SCALE_POWERS`)."""
+    with np.errstate(over="ignore", under="ignore"):
+        for name, power in _SCALE_POWERS.items():
+            value = out.get(name)
+            if value is not None:
+                # one factor at a time: c**power alone may overflow where the result does not
+                factor = (c if power > 0 else 1 / c).reshape(-1, *([1] * (value.ndim - 1)))
+                for _ in range(abs(power)):
+                    value = value * factor
+                out[name] = value
+    out["logLik"] = out["logLik"] - n_res * np.log(c)
     return out
 
 
@@ -477,10 +702,17 @@ def _variance_components(
 def _satterthwaite(
     solver: Kernel[Any], state: Any, s: np.ndarray, fim: np.ndarray, cov: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Satterthwaite df of the coefficients, covariance of theta and ``d(X'V^-1X)/ds_i``."""
+    """Satterthwaite df of the coefficients, covariance of theta and ``d(X'V^-1X)/ds_i``.
+
+    A component exactly at 0 (a singular fit) is held fixed, as lmerTest does on its scale of
+    standard deviations, whose derivative vanishes there: with all components at 0 the df is
+    ``n - p`` (docs/model.md, Nonnegative variance components).
+    """
     # observed information = quadratic term - Fisher information (satterthwaite.py)
     quad, dfim = solver.satterthwaite_parts(state, s)
-    vcov_theta = inverse_information(quad - fim)
+    fixed = np.zeros(s.shape, dtype=bool)
+    fixed[:, : solver.k] = s[:, : solver.k] == 0
+    vcov_theta = inverse_information(quad - fim, fixed=fixed)
     return {
         "df_satterthwaite": coefficient_df(cov, dfim, s, vcov_theta),
         "vcov_theta": vcov_theta,
@@ -498,7 +730,6 @@ def _assemble(
 ) -> LMMFit:
     """Build the :class:`LMMFit`, with a :class:`ConvergenceWarning` for genes above epsilon."""
     n, p, _, _ = stats.shape
-    out["converged"] = np.all(np.abs(out["dlogL"]) <= opts.epsilon, axis=1)
     n_failed = int((~out["converged"][genes]).sum())
     if n_failed:
         msg = (
@@ -507,6 +738,15 @@ def _assemble(
             "see the `converged` flag."
         )
         warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    if opts.kenward_roger:
+        negative = int((out["theta"][genes, : len(d)] < 0).any(axis=1).sum())
+        if negative:
+            msg = (
+                f"{negative} feature(s) with a negative variance component: Kenward-Roger is "
+                "defined at nonnegative estimates, so their se, t, p and df are NaN; fit with "
+                "nonnegative=True."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
     return LMMFit(
         **out,
         df=n - p,
@@ -517,6 +757,8 @@ def _assemble(
         component_names=names.components,
         d=tuple(d),
         df_method=opts.df,
+        nonnegative=opts.nonnegative,
+        criterion=opts.criterion,
     )
 
 
@@ -568,20 +810,32 @@ def _inverse_fixed_crossprod(XX: np.ndarray, names: list[str] | None) -> np.ndar
     return scipy.linalg.cho_solve(scipy.linalg.cho_factor(XX), np.eye(XX.shape[0]))
 
 
-def _select_fittable(Ynorm: np.ndarray, yry: np.ndarray, names: list[str] | None) -> np.ndarray:
-    """Return the indices of genes that can be fit; warn about the others (left as NaN)."""
+def _select_fittable(
+    Ynorm: np.ndarray,
+    yry: np.ndarray,
+    names: list[str] | None,
+    yry_error: np.ndarray | None = None,
+) -> np.ndarray:
+    """Return the indices of genes that can be fit; warn about the others (left as NaN).
+
+    A gene is flat when ``y'Ry`` is within 100 times its rounding error ``yry_error`` (by
+    default ``eps y'y``).
+    """
     zero = Ynorm <= 0
     if zero.any():
         msg = f"{int(zero.sum())} feature(s) with only zero counts! They are left as NaN."
         warnings.warn(msg, DegenerateFeatureWarning, stacklevel=3)
-    flat = ~zero & (yry <= _DEGENERATE_RTOL * Ynorm)
+    if yry_error is None:
+        yry_error = np.finfo(np.float64).eps * Ynorm
+    flat = ~zero & (yry <= _DEGENERATE_ROUNDING * yry_error)
     if flat.any():
         idx = np.flatnonzero(flat)
         labels = [names[j] if names else f"#{j}" for j in idx[:10]]
         more = f" and {idx.size - 10} more" if idx.size > 10 else ""
         msg = (
             f"{idx.size} feature(s) are exactly explained by the fixed effects (no residual "
-            f"variance, e.g. constant genes): {', '.join(labels)}{more}. They are left as NaN."
+            "variance beyond rounding, e.g. constant genes): "
+            f"{', '.join(labels)}{more}. They are left as NaN."
         )
         warnings.warn(msg, DegenerateFeatureWarning, stacklevel=3)
     return np.flatnonzero(~zero & ~flat)
@@ -597,6 +851,7 @@ def _empty_results(
         return np.full((m, *dims), np.nan)
 
     satt = opts.satterthwaite
+    kr = opts.kenward_roger
     return {
         "coef": nan(p),
         "se": nan(p),
@@ -607,14 +862,18 @@ def _empty_results(
         "dlogL": nan(k + 1),
         "logLik": nan(),
         "niter": np.zeros(m, dtype=np.int64),
-        "converged": None,
+        "converged": np.zeros(m, dtype=bool),
+        "singular": np.zeros(m, dtype=bool),
         "cov": nan(p, p) if opts.output_cov else None,
         "fim_beta": nan(p, p) if opts.output_fim else None,
         "fim_theta": nan(k + 1, k + 1) if opts.output_fim else None,
         "re": nan(q) if opts.output_re else None,
         "df_satterthwaite": nan(p) if satt else None,
         "vcov_theta": nan(k + 1, k + 1) if satt else None,
-        "dfim_beta": nan(k, p, p) if satt and opts.output_cov else None,
+        "dfim_beta": nan(k, p, p) if (satt or kr) and opts.output_cov else None,
+        "df_kenward_roger": nan(p) if kr else None,
+        "vcov_theta_kr": nan(k + 1, k + 1) if kr else None,
+        "cov_adjusted": nan(p, p) if kr and opts.output_cov else None,
     }
 
 

@@ -109,6 +109,9 @@ def kenward_roger(
     theta: np.ndarray,
     *,
     eigen: bool | None = None,
+    cov: np.ndarray | None = None,
+    information: np.ndarray | None = None,
+    basis: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> KenwardRoger:
     """Kenward-Roger adjusted covariance of beta and the parts of its df, for every gene.
 
@@ -125,6 +128,15 @@ def kenward_roger(
         components may be exactly 0 (boundary fits).
     eigen
         Use the eigen path (one component only); default: when ``k == 1``.
+    cov, information
+        Optional, from the fit at ``theta``: the unadjusted covariance ``Phi`` (genes, p, p)
+        and the REML Fisher information of theta ``IE / 2`` (genes, k + 1, k + 1). Given, they
+        are not computed again (the fit's solver has them; it saves a p x p inverse per gene
+        and the traces of ``IE``).
+    basis
+        Optional, for the eigen path: ``(mu, BB)``, the eigenvalues of ``Z'Z`` and the
+        flattened outer products of the rows of ``V'Z'X`` (q, p * p), as the fit's eigen
+        kernel holds them (saves a ``q x q`` eigendecomposition per call).
 
     Returns
     -------
@@ -142,9 +154,9 @@ def kenward_roger(
     if eigen and k != 1:
         msg = "The eigen path needs a single random component (k = 1)."
         raise ValueError(msg)
-    parts = _parts_eigen if eigen else _parts_dense
-    xv1x, P, Q, K = parts(np.asarray(XX), np.asarray(ZX), np.asarray(ZZ), int(n), d, theta)
-    return _assemble(xv1x, P, Q, K)
+    args = (np.asarray(XX), np.asarray(ZX), np.asarray(ZZ), int(n), d, theta)
+    xv1x, P, Q, K = _parts_eigen(*args, basis=basis) if eigen else _parts_dense(*args)
+    return _assemble(xv1x, P, Q, K, Phi=cov, IE=None if information is None else 2 * information)
 
 
 def kenward_roger_df(
@@ -194,20 +206,28 @@ def _assemble(
     P: list[np.ndarray],
     Q: dict[tuple[int, int], np.ndarray],
     K: np.ndarray,
+    *,
+    Phi: np.ndarray | None = None,
+    IE: np.ndarray | None = None,
 ) -> KenwardRoger:
-    """``Phi``, ``IE``, ``W``, ``U`` and ``Phi_A`` from ``P_i``, ``Q_ij`` (i <= j) and ``K``."""
+    """``Phi``, ``IE``, ``W``, ``U`` and ``Phi_A`` from ``P_i``, ``Q_ij`` (i <= j) and ``K``.
+
+    ``Phi`` and ``IE`` are computed unless given.
+    """
     m = len(P)
-    Phi = _sym(np.linalg.inv(xv1x))
+    if Phi is None:
+        Phi = _sym(np.linalg.inv(xv1x))
     PhiP = [Phi @ Pi for Pi in P]
-    IE = np.empty_like(K)
-    for i in range(m):
-        for j in range(i, m):
-            # tr(Phi Q_ij) = sum(Phi * Q_ij) (Phi symmetric); tr(Phi P_i Phi P_j)
-            IE[:, i, j] = IE[:, j, i] = (
-                K[:, i, j]
-                - 2 * np.einsum("gab,gab->g", Phi, Q[i, j])
-                + np.einsum("gab,gba->g", PhiP[i], PhiP[j])
-            )
+    if IE is None:
+        IE = np.empty_like(K)
+        for i in range(m):
+            for j in range(i, m):
+                # tr(Phi Q_ij) = sum(Phi * Q_ij) (Phi symmetric); tr(Phi P_i Phi P_j)
+                IE[:, i, j] = IE[:, j, i] = (
+                    K[:, i, j]
+                    - 2 * np.einsum("gab,gab->g", Phi, Q[i, j])
+                    + np.einsum("gab,gba->g", PhiP[i], PhiP[j])
+                )
     W = 2 * _inverse_ie(IE)
     # U = sum_ij W_ij Q_ij - sum_i P_i Phi (sum_j W_ij P_j), with Q_ji = Q_ij'
     U = np.zeros_like(Phi)
@@ -238,13 +258,20 @@ def _inverse_ie(IE: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- kernels
 
 
-def _parts_eigen(XX, ZX, ZZ, n, d, theta):
-    """``X'V^-1X``, ``P``, ``Q`` and ``K`` for one component, in the eigenbasis of ``Z'Z``."""
+def _parts_eigen(XX, ZX, ZZ, n, d, theta, basis=None):
+    """``X'V^-1X``, ``P``, ``Q`` and ``K`` for one component, in the eigenbasis of ``Z'Z``.
+
+    ``basis`` may give ``(mu, BB)``: the eigenvalues of ``Z'Z`` and the flattened outer
+    products of the rows of ``B = V'Z'X`` (q, p * p), as the fit's eigen kernel holds them.
+    """
     p, q = XX.shape[0], ZZ.shape[0]
-    mu, V = np.linalg.eigh(ZZ)
+    if basis is None:
+        mu, V = np.linalg.eigh(ZZ)
+        B = V.T @ ZX
+        BB = np.einsum("jp,jr->jpr", B, B).reshape(q, p * p)
+    else:
+        mu, BB = basis
     mu = np.clip(mu, 0, None)
-    B = V.T @ ZX
-    BB = np.einsum("jp,jr->jpr", B, B).reshape(q, p * p)
 
     def weighted(c: np.ndarray) -> np.ndarray:  # B' diag(c) B for weights c (genes, q)
         return (c @ BB).reshape(-1, p, p)  # exactly symmetric: BB holds outer products

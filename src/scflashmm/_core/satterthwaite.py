@@ -54,18 +54,26 @@ _EIGEN_RTOL = 1e-10
 # --------------------------------------------------------------------------- observed information
 
 
-def inverse_information(observed: np.ndarray) -> np.ndarray:
+def inverse_information(observed: np.ndarray, fixed: np.ndarray | None = None) -> np.ndarray:
     """Covariance of theta: the inverse of the observed information over its positive eigenvalues.
 
     As lmerTest, directions with non-positive curvature (the estimate is not a strict maximum
-    there) are left out rather than inverted.
+    there) are left out rather than inverted. Parameters flagged in ``fixed`` (genes, k + 1),
+    e.g. components at the boundary, are held fixed: their rows and columns are 0. Genes with
+    a non-finite information get NaN.
     """
     observed = (observed + observed.transpose(0, 2, 1)) / 2
-    vals, vecs = np.linalg.eigh(observed)
+    if fixed is not None:
+        free = ~fixed
+        observed = observed * (free[:, :, None] & free[:, None, :])
+    out = np.full_like(observed, np.nan)
+    finite = np.isfinite(observed).all(axis=(1, 2))
+    vals, vecs = np.linalg.eigh(observed[finite])
     keep = vals > _EIGEN_RTOL * np.abs(vals).max(axis=1, keepdims=True)
     with np.errstate(divide="ignore"):
         inv = np.where(keep, 1 / np.where(keep, vals, 1), 0.0)
-    return np.einsum("gik,gk,gjk->gij", vecs, inv, vecs)
+    out[finite] = np.einsum("gik,gk,gjk->gij", vecs, inv, vecs)
+    return out
 
 
 # --------------------------------------------------------------------------- derivatives of C

@@ -48,7 +48,7 @@ def pinv_small(F: np.ndarray) -> np.ndarray:
     matrix is well conditioned and is ~10x faster; the SVD is kept for the other rows.
     """
     if F.shape[1] != 2:
-        return np.linalg.pinv(F)
+        return _pinv_finite(F)
     a, b, c = F[:, 0, 0], F[:, 0, 1], F[:, 1, 1]
     det = a * c - b * b
     scale = np.maximum(np.abs(a), np.abs(c))
@@ -56,5 +56,13 @@ def pinv_small(F: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.stack([np.stack([c, -b], -1), np.stack([-b, a], -1)], axis=1) / det[:, None, None]
     if not regular.all():
-        inv[~regular] = np.linalg.pinv(F[~regular])
+        inv[~regular] = _pinv_finite(F[~regular])
     return inv
+
+
+def _pinv_finite(F: np.ndarray) -> np.ndarray:
+    """Pseudo-inverses of the finite matrices of a stack; NaN for the others (a diverged gene)."""
+    out = np.full_like(F, np.nan)
+    finite = np.isfinite(F).all(axis=(1, 2))
+    out[finite] = np.linalg.pinv(F[finite])
+    return out

@@ -109,4 +109,7 @@ def batched_inverse(A: np.ndarray) -> np.ndarray:
     try:
         return np.linalg.inv(A)
     except np.linalg.LinAlgError:
-        return np.linalg.pinv(A)
+        out = np.full_like(A, np.nan)
+        finite = np.isfinite(A).all(axis=(1, 2))
+        out[finite] = np.linalg.pinv(A[finite])
+        return out
