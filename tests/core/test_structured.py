@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scflashmm._core.kernels_structured import _Problem, fit_structured, fit_structured_sparse
 from scflashmm._core.structure import CovarianceStructure, RandomTermStructure
+from scflashmm._core.structured import _Problem, fit_structured, fit_structured_sparse
 from scflashmm._core.sumstats import SummaryStats, summary_stats
 from scflashmm._random_terms import random_design
 
