@@ -480,7 +480,7 @@ def make_design(obs: pd.DataFrame, fixed: str, random: str | Sequence[str]) -> D
 
 
 def is_lme4_random(random: Any) -> bool:
-    """True for lme4-style terms: a string, or a list of strings, with ``|`` in them.
+    """Return True for lme4-style terms: a string, or strings, with ``|`` in them.
 
     Raises
     ------
@@ -503,7 +503,7 @@ def is_lme4_random(random: Any) -> bool:
 def _lme4_design(
     obs: pd.DataFrame, X: np.ndarray, x_columns: list[str], fixed: str, random: Any
 ) -> Design:
-    """The :class:`Design` of lme4-style random terms (:mod:`scflashmm._random_terms`)."""
+    """Build the :class:`Design` of lme4-style random terms (:mod:`scflashmm._random_terms`)."""
     from ._random_terms import random_design as lme4_random_design
 
     formula = random if isinstance(random, str) else " + ".join(random)
