@@ -528,6 +528,9 @@ def _lme4_design(
         structure=st,
     )
     _check_lme4_confounding(design, rd.terms)
+    from ._core.structured import check_memory
+
+    check_memory(st, X.shape[1])
     return design
 
 

@@ -584,6 +584,33 @@ def dense_genes_per_block(structure: CovarianceStructure, p: int) -> int:
     return max(1, min(4096, MEMORY_BUDGET // (8 * per_gene)))
 
 
+def check_memory(structure: CovarianceStructure, p: int, kernel: str = "auto") -> int:
+    """Refuse, before any pass over the cells, a structure whose work would not fit in memory.
+
+    The summary statistics hold ``Z'Z`` densely (q x q, reduced once more by the fixed
+    effects); the dense path also holds :data:`_DENSE_ARRAYS` (q x q) arrays per gene of a
+    block. Returns the genes per block of the dense path (0 for the sparse path).
+
+    Raises
+    ------
+    MemoryError
+        With the sizes and what to do instead.
+    """
+    q = structure.q
+    stats_bytes = 8 * 3 * q * q
+    if stats_bytes > MEMORY_BUDGET:
+        msg = (
+            f"The random design has q = {q} random effects: Z'Z alone needs "
+            f"{stats_bytes / 2**30:.1f} GiB (dense q x q, three copies while fitting), more "
+            f"than the budget of {MEMORY_BUDGET / 2**30:.0f} GiB. Use fewer levels (e.g. "
+            "merge rare levels) or fewer random terms."
+        )
+        raise MemoryError(msg)
+    if choose_structured_kernel(structure, kernel) == "sparse":
+        return 0
+    return dense_genes_per_block(structure, p)
+
+
 def check_structure(structure: Any, q: int) -> CovarianceStructure:
     """Check that ``structure`` is a :class:`CovarianceStructure` with ``q`` columns."""
     if not isinstance(structure, CovarianceStructure):
@@ -672,6 +699,7 @@ def lmm_structured(
         raise ValueError(msg)
     jobs = check_n_jobs(n_jobs)
     n, p, _, m = stats.shape
+    check_memory(structure, p, kind)
     if n <= p:
         msg = f"Need more cells than fixed-effect columns: n = {n}, p = {p}."
         raise ValueError(msg)
