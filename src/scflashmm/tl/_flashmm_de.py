@@ -336,9 +336,11 @@ def _random_effect_tables(fit: LMMFit) -> tuple[list[str], np.ndarray, np.ndarra
     named as lme4's ``VarCorr`` (``"donor: (Intercept)"``, ``"donor: corr((Intercept), time)"``);
     the standard errors are those of the variances, NaN for correlations.
     """
-    structure = getattr(fit, "structure", None)
-    if structure is None or getattr(fit, "varcorr", None) is None:
+    from .._core.structured import StructuredLMMFit
+
+    if not isinstance(fit, StructuredLMMFit) or fit.structure is None or fit.varcorr is None:
         return list(fit.component_names or []), fit.theta, fit.se_theta
+    structure = fit.structure
     names = structure.varcorr_names()
     is_var = np.array([a == b for t in structure.terms for a, b in t.entries] + [True])
     theta = np.column_stack([fit.varcorr, fit.theta[:, -1]])
