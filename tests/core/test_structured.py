@@ -209,8 +209,11 @@ def test_block_problem_equals_dense_problem(formula, method):
     s0, rows = np.array([0.2, 0.19, 0.21]), np.arange(3)
     np.testing.assert_allclose(block.loglik(rows, gamma, s0), dense.loglik(rows, gamma, s0))
     for a, b in zip(
-        block.score_information(rows, gamma, s0), dense.score_information(rows, gamma, s0)
+        block.score_information(rows, gamma, s0),
+        dense.score_information(rows, gamma, s0),
+        strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max())
-    for a, b in zip(block.fixed_effects(stats, gamma, s0), dense.fixed_effects(stats, gamma, s0)):
+    fixed = block.fixed_effects(stats, gamma, s0), dense.fixed_effects(stats, gamma, s0)
+    for a, b in zip(*fixed, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -218,7 +218,7 @@ class _Problem:
 
 
 def make_problem(stats: SummaryStats, structure: CovarianceStructure, method: str) -> _Problem:
-    """The block solver's problem when ``Z'Z`` splits into small blocks, else the dense one."""
+    """Return the block problem when ``Z'Z`` splits into small blocks, else the dense one."""
     labels = zz_blocks(stats, structure)
     if labels is None:
         return _Problem(stats, structure, method)
@@ -971,7 +971,7 @@ class _BlockProblem(_Problem):
         self.n, self.p = stats.n, stats.XX.shape[0]
         self.q = structure.q
         if stats.ZZ.shape[0] != self.q:
-            msg = f"The structure has q = {self.q} random effects; the statistics {stats.ZZ.shape[0]}."
+            msg = f"The structure has q = {self.q}; the statistics {stats.ZZ.shape[0]}."
             raise ValueError(msg)
         self.reml = method == "REML"
         self.n_eff = self.n - self.p if self.reml else self.n
