@@ -94,7 +94,7 @@ def test_simulated_single_cell_with_singular_fits():
     assert adata.varm["flashmm_se_theta"]["donor: corr((Intercept), x)"].isna().all()
     uns = adata.uns["flashmm"]
     assert uns["random_structure"]["0"]["effects"] == ["(Intercept)", "x"]
-    assert uns["solver"] == "dense"
+    assert uns["solver"] == "block"
 
 
 @pytest.mark.parametrize(

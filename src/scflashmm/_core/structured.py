@@ -535,6 +535,11 @@ def fit_structured_sparse(
 #: O(q^3); a sparse factorisation of ``Lambda' Z'Z Lambda + I`` pays off for large q).
 SPARSE_MIN_Q = 1000
 
+#: ``q`` from which independent scalar terms nested in one factor (``Z'Z`` block-diagonal,
+#: e.g. ``(1 | donor) + (1 | donor:celltype)``) go to the block solver rather than the dense
+#: component kernel, whose work per gene is O(q^3).
+BLOCK_MIN_Q = 100
+
 #: Bytes of dense working memory one block of genes may use (the memory guard's budget).
 MEMORY_BUDGET = 2 * 2**30
 
@@ -552,7 +557,8 @@ class StructuredLMMFit(LMMFit):
     ``structure.varcorr_names(correlation=False)`` (``component_names``), then the residual
     variance; ``varcorr`` the same with correlations instead of covariances (named by
     ``structure.varcorr_names()``); ``theta_lme4`` lme4's relative Cholesky entries;
-    ``singular`` marks fits on the boundary (lme4's ``isSingular``).
+    ``singular`` marks fits on the boundary (lme4's ``isSingular``); ``kernel`` is
+    ``"block"`` (block-diagonal ``Z'Z``), ``"dense"`` or ``"sparse"``.
     """
 
     structure: CovarianceStructure | None = None
@@ -721,6 +727,7 @@ def lmm_structured(
     genes = _select_fittable(stats.Ynorm, reduced.yry, features)
     k = structure.n_theta
     size = dense_genes_per_block(structure, p) if kind == "dense" else 64
+    size = max(1, min(size, -(-genes.size // jobs)))  # at least one block per thread
     blocks = [genes[lo : lo + size] for lo in range(0, genes.size, size)]
     tol = min(float(epsilon), 1e-9)
 
@@ -813,7 +820,7 @@ def lmm_structured(
         varcorr=out["varcorr"],
         theta_lme4=out["theta_lme4"],
         singular=out["singular"],
-        kernel=kind,
+        kernel="block" if kind == "dense" and zz_blocks(stats, structure) is not None else kind,
     )
 
 
@@ -874,9 +881,10 @@ def dispatch_structure(
 ) -> StructuredLMMFit | tuple[tuple[int, ...], Any]:
     """Route :func:`scflashmm.lmm` with a ``structure``.
 
-    Independent scalar terms with ``q`` below :data:`SPARSE_MIN_Q` (and ``kernel`` not
-    ``"sparse"``) return ``(d, component_names)`` for the component kernels (FLASHMM's
-    parameterisation); anything else is fit here with lme4's parameterisation.
+    Independent scalar terms return ``(d, component_names)`` for the component kernels
+    (FLASHMM's parameterisation) when ``q`` is below :data:`BLOCK_MIN_Q`, or below
+    :data:`SPARSE_MIN_Q` with a ``Z'Z`` that is not block-diagonal, or when ``kernel`` is
+    ``"eigen"`` or ``"dense"``; anything else is fit here with lme4's parameterisation.
     """
     if d is not None:
         msg = "Give either d or structure, not both."
@@ -885,7 +893,10 @@ def dispatch_structure(
     kernel = options.get("kernel", "auto")
     names = options.get("component_names")
     if structure.d is not None and kernel != "sparse":
-        if kernel in ("eigen", "dense") or structure.q < SPARSE_MIN_Q:
+        small = structure.q < BLOCK_MIN_Q or (
+            structure.q < SPARSE_MIN_Q and zz_blocks(stats, structure) is None
+        )
+        if kernel in ("eigen", "dense") or small:
             return structure.d, structure.varcorr_names() if names is None else names
     if kernel == "eigen":
         msg = "The eigen kernel fits one scalar random component; this structure has slopes."
