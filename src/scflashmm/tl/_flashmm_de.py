@@ -90,7 +90,11 @@ def flashmm_de(
     random
         The random effects, one variance component per item: a column name (``"sam"``, a
         random intercept per level), a one-sided formula (``"~0+sam"``, used as written) or a
-        list of them (``["sam", "location"]``).
+        list of them (``["sam", "location"]``); or lme4-style terms, alone or added, such as
+        ``"(1|sam) + (1|batch)"``, ``"(1|donor/sample)"``, ``"(1 + time|donor)"`` (correlated
+        random slopes) or ``"(1 + time||donor)"`` (docs/model.md, Random-effects structures:
+        their ``theta`` columns are lme4 ``VarCorr``-like names, ``"donor: (Intercept)"``,
+        ``"donor: corr((Intercept), time)"``, and ``uns[key]`` gets ``random_structure``).
     layer
         Layer to fit; default ``adata.X``. (Only ``X`` of a backed AnnData stays on disk:
         anndata reads its layers into memory when it opens the file.)
