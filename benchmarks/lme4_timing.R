@@ -31,11 +31,14 @@ time_design <- function(formula) {
   }
   total / n_genes
 }
-cat(sprintf("slope %.4f\n", time_design(y ~ x + (1 + x | donor))))
-cat(sprintf("nested %.4f\n", time_design(y ~ x + (1 | donor) + (1 | donor:celltype))))
+if (n_genes > 0) {  # 0: Chem97 only
+  cat(sprintf("slope %.4f\n", time_design(y ~ x + (1 + x | donor))))
+  cat(sprintf("nested %.4f\n", time_design(y ~ x + (1 | donor) + (1 | donor:celltype))))
+}
 chem <- read.csv(gzfile("tests/data/lme4/chem97/data.csv.gz"))
 chem$school <- factor(chem$school); chem$lea <- factor(chem$lea)
 t0 <- proc.time()[["elapsed"]]
-lmer(score ~ 1 + gcsecnt + (1 | school) + (1 | lea), data = chem, REML = TRUE, control = ctrl)
+invisible(lmer(score ~ 1 + gcsecnt + (1 | school) + (1 | lea), data = chem, REML = TRUE,
+               control = ctrl))
 cat(sprintf("chem97 %.4f\n", proc.time()[["elapsed"]] - t0))
 cat(sprintf("# R %s, lme4 %s\n", getRversion(), packageVersion("lme4")))
