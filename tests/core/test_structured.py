@@ -99,7 +99,8 @@ def test_simulated_single_cell_genes_with_singular_fits():
     for i in (0, 5):
         one = fit_structured(_genes(stats, [i]), structure)
         np.testing.assert_allclose(one.coef[0], fit.coef[i], rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(one.theta[0], fit.theta[i], rtol=1e-6, atol=1e-8)
+        # theta of the singular gene 5 is flat along its boundary: 1e-6 absolute (relative sd)
+        np.testing.assert_allclose(one.theta[0], fit.theta[i], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["REML", "ML"])

@@ -1024,8 +1024,8 @@ class _BlockProblem(_Problem):
     def _core(self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray) -> dict[str, np.ndarray]:
         D = ((gamma / s0[:, None]) @ self.E.reshape(self.E.shape[0], -1)).reshape(-1, *self.B.shape)
         A = self.eye_b + D @ self.B
-        sign, lda = np.linalg.slogdet(A)
-        S = np.linalg.solve(A, D)
+        sign, lda, Ainv = _inv_logdet(A)
+        S = Ainv @ D
         S = (S + np.swapaxes(S, -1, -2)) / 2
         SK = S @ self.K
         Kf = self.K.reshape(-1, self.p)
@@ -1108,3 +1108,28 @@ class _BlockProblem(_Problem):
         """GLS ``beta`` and its covariance at the estimates."""
         c = self._core(np.arange(gamma.shape[0]), gamma, s0)
         return c["beta"], c["XHi"] * s0[:, None, None]
+
+
+def _inv_logdet(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sign and log of ``|det A|``, and ``A^-1``, of a stack of small matrices.
+
+    Closed forms for 1 x 1 and 2 x 2 (the random-slope blocks; LAPACK's per-matrix overhead
+    dominates there), LAPACK otherwise.
+    """
+    b = A.shape[-1]
+    if b == 1:
+        det = A[..., 0, 0]
+        inv = 1 / np.where(det == 0, 1.0, det)[..., None, None]
+    elif b == 2:
+        det = A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0]
+        safe = np.where(det == 0, 1.0, det)
+        inv = np.empty_like(A)
+        inv[..., 0, 0] = A[..., 1, 1] / safe
+        inv[..., 1, 1] = A[..., 0, 0] / safe
+        inv[..., 0, 1] = -A[..., 0, 1] / safe
+        inv[..., 1, 0] = -A[..., 1, 0] / safe
+    else:
+        sign, logdet = np.linalg.slogdet(A)
+        return sign, logdet, np.linalg.inv(A)
+    with np.errstate(divide="ignore"):
+        return np.sign(det), np.log(np.abs(det)), inv
