@@ -4,6 +4,7 @@
     python benchmarks/bench_solver.py --quick    # fewer genes
     python benchmarks/bench_solver.py --satterthwaite   # also time df="satterthwaite"
     python benchmarks/bench_solver.py --options  # cost of nonnegative, Satterthwaite, KR
+    python benchmarks/bench_solver.py --lme4 [--quick]  # only the lme4-style designs
 
 Configurations: (a) 20,000 genes, p = 21, q = 25, k = 1; (b) the same plus a second component
 of 20 levels (k = 2); (c) 2,000 genes, p = 61, q = 259, k = 1 (the tuberculosis T-cell atlas
@@ -34,6 +35,70 @@ from test_reml import plain_lmm
 
 import scflashmm
 from scflashmm import SummaryStats
+from scflashmm._random_terms import random_design
+
+#: lme4-style designs: 25 donors x 200 cells, x uniform on (-1, 1), 10 cell types.
+LME4_DESIGNS = ("(1 + x | donor)", "(1 | donor) + (1 | donor:celltype)")
+
+
+def lme4_design_stats(formula: str, n_genes: int, seed: int = 0) -> tuple[SummaryStats, object]:
+    """Summary statistics of genes simulated as in benchmarks/lme4_timing.R, by gene blocks."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    donors, per = 25, 200
+    cells = pd.DataFrame(
+        {
+            "donor": np.repeat([f"d{i:02d}" for i in range(donors)], per),
+            "celltype": rng.choice([f"c{i}" for i in range(10)], donors * per),
+            "x": rng.uniform(-1, 1, donors * per),
+        }
+    )
+    rd = random_design(formula, cells)
+    X = np.column_stack([np.ones(len(cells)), cells["x"]])
+    d = pd.factorize(cells["donor"])[0]
+    ct = pd.factorize(cells["donor"] + cells["celltype"])[0]
+    Z = rd.Z.tocsr()
+    parts: dict[str, list[np.ndarray]] = {"XY": [], "ZY": [], "Ynorm": []}
+    for lo in range(0, n_genes, 2000):
+        g = min(2000, n_genes - lo)
+        Y = (
+            rng.normal(0, 0.5, (donors, g))[d]
+            + rng.normal(0, 0.3, (donors, g))[d] * cells["x"].to_numpy()[:, None]
+            + rng.normal(0, 0.3, (ct.max() + 1, g))[ct]
+            + rng.normal(size=(len(cells), g))
+        )
+        parts["XY"].append(X.T @ Y)
+        parts["ZY"].append(np.asarray(Z.T @ Y))
+        parts["Ynorm"].append((Y**2).sum(0))
+    stats = SummaryStats(
+        XX=X.T @ X,
+        XY=np.hstack(parts["XY"]),
+        ZX=np.asarray(Z.T @ X),
+        ZY=np.hstack(parts["ZY"]),
+        ZZ=(Z.T @ Z).toarray(),
+        Ynorm=np.concatenate(parts["Ynorm"]),
+        n=len(cells),
+    )
+    return stats, rd.structure
+
+
+def bench_lme4_designs(n_genes: int) -> None:
+    """Genes per second of lmm(structure=...) on the two lme4-style designs (2 threads)."""
+    print("| design | genes | q | solver | s | genes/s | converged |")
+    print("|---|---|---|---|---|---|---|")
+    for formula in LME4_DESIGNS:
+        stats, structure = lme4_design_stats(formula, n_genes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            fit = scflashmm.lmm(stats, structure=structure, n_jobs=2)
+            el = time.perf_counter() - t0
+        print(
+            f"| {formula} | {n_genes} | {structure.q} | {getattr(fit, 'kernel', 'components')} "
+            f"| {el:.2f} | {n_genes / el:,.0f} | {fit.converged.mean():.3f} |"
+        )
+    print("lme4 per gene: Rscript benchmarks/lme4_timing.R (same designs, one gene at a time)")
 
 
 def make_stats(
@@ -72,8 +137,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--satterthwaite", action="store_true", help="also time df='satterthwaite'")
     parser.add_argument("--options", action="store_true", help="time each option of lmm")
+    parser.add_argument("--lme4", action="store_true", help="only the lme4-style designs")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
+    if args.lme4:
+        bench_lme4_designs(20_000 // scale)
+        return
     configs = [
         ("a", 20_000 // scale, 21, (25,), 20_000),
         ("b", 20_000 // scale, 21, (25, 20), 20_000),

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from scflashmm._core.kernels_structured import fit_structured
+from scflashmm._core.structured import fit_structured
 from scflashmm._core.sumstats import summary_stats
 from scflashmm._random_terms import random_design
 

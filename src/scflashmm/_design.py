@@ -78,7 +78,12 @@ class Design:
     fixed
         The fixed formula as given.
     random
-        The random formulas, normalised (a bare column name ``sam`` becomes ``"~0+sam"``).
+        The random formulas, normalised (a bare column name ``sam`` becomes ``"~0+sam"``);
+        for lme4-style terms, each parsed term as written.
+    structure
+        For lme4-style terms (``"(1 + time | donor)"``), the
+        :class:`~scflashmm._core.structure.CovarianceStructure` of ``G`` (``d`` then holds the
+        number of columns of each term); None for the component forms.
     """
 
     X: np.ndarray
@@ -89,6 +94,7 @@ class Design:
     random_terms: list[str]
     fixed: str
     random: list[str] = field(default_factory=list)
+    structure: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,6 +462,8 @@ def make_design(obs: pd.DataFrame, fixed: str, random: str | Sequence[str]) -> D
         msg = "There are no cells (obs has zero rows)."
         raise ValueError(msg)
     X, x_columns = fixed_design(fixed, obs)
+    if is_lme4_random(random):
+        return _lme4_design(obs, X, x_columns, fixed, random)
     Z, d, terms, z_columns, formulas = random_design(random, obs)
     design = Design(
         X=X,
@@ -469,6 +477,82 @@ def make_design(obs: pd.DataFrame, fixed: str, random: str | Sequence[str]) -> D
     )
     _check_confounding(design)
     return design
+
+
+def is_lme4_random(random: Any) -> bool:
+    """Return True for lme4-style terms: a string, or strings, with ``|`` in them.
+
+    Raises
+    ------
+    ValueError
+        A list that mixes lme4-style terms with column names or ``~`` formulas.
+    """
+    items = [random] if isinstance(random, str) else random
+    if not isinstance(items, Sequence) or isinstance(items, bytes):
+        return False
+    bars = [isinstance(r, str) and "|" in r for r in items]
+    if any(bars) and not all(bars):
+        msg = (
+            f"random mixes lme4-style terms with other forms: {list(items)!r}; write all "
+            "terms the lme4 way, e.g. '(1 | sam) + (1 | batch)'."
+        )
+        raise ValueError(msg)
+    return bool(bars) and all(bars)
+
+
+def _lme4_design(
+    obs: pd.DataFrame, X: np.ndarray, x_columns: list[str], fixed: str, random: Any
+) -> Design:
+    """Build the :class:`Design` of lme4-style random terms (:mod:`scflashmm._random_terms`)."""
+    from ._random_terms import random_design as lme4_random_design
+
+    formula = random if isinstance(random, str) else " + ".join(random)
+    try:
+        rd = lme4_random_design(formula, obs)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    st = rd.structure
+    labels = [
+        t.group if t.effects == ("(Intercept)",) else f"{t.group}: {' + '.join(t.effects)}"
+        for t in st.terms
+    ]
+    design = Design(
+        X=X,
+        x_columns=x_columns,
+        Z=sparse.csr_matrix(rd.Z, dtype=np.float64),
+        d=[t.q for t in st.terms],
+        z_columns=list(rd.z_names),
+        random_terms=labels,
+        fixed=fixed,
+        random=[t.source for t in rd.terms],
+        structure=st,
+    )
+    _check_lme4_confounding(design, rd.terms)
+    from ._core.structured import check_memory
+
+    check_memory(st, X.shape[1])
+    return design
+
+
+def _check_lme4_confounding(design: Design, terms: Sequence[Any]) -> None:
+    """Raise if the columns of one effect of a term lie in the span of the fixed design."""
+    X, Z, st = design.X, design.Z, design.structure
+    xx = X.T @ X
+    zx = np.asarray(Z.T @ X)
+    zz_diag = np.asarray(Z.multiply(Z).sum(axis=0)).ravel()
+    zrz_diag = zz_diag - np.einsum("qp,pq->q", zx, np.linalg.solve(xx, zx.T))
+    for t, term, lo in zip(st.terms, terms, st.offsets[:-1], strict=True):
+        for a, effect in enumerate(t.effects):
+            cols = lo + a + t.n_effects * np.arange(t.n_levels)
+            total = zz_diag[cols].sum()
+            if total <= 0 or zrz_diag[cols].sum() <= 1e-9 * total:
+                msg = (
+                    f"The effect {effect!r} of random term {term.source!r} (grouping "
+                    f"{t.group!r}) is collinear with the fixed design {design.fixed!r}: its "
+                    "columns lie in the span of X, so its variance is not identifiable. Remove "
+                    "it from the fixed formula or from the random term."
+                )
+                raise ValueError(msg)
 
 
 # --------------------------------------------------------------------------------------------

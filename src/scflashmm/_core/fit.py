@@ -299,6 +299,7 @@ def lmm(
     stats: SummaryStats,
     d: Any = None,
     *,
+    structure: Any = None,
     method: Method = "REML",
     theta0: Any = None,
     max_iter: int = 50,
@@ -324,6 +325,13 @@ def lmm(
     d
         Sizes ``(q_1 .. q_k)`` of the random components, in the column order of ``Z``; the
         default is one component of all ``q`` columns.
+    structure
+        Instead of ``d``: a :class:`~scflashmm._core.structure.CovarianceStructure` of lme4-style
+        terms (``random_design(terms, obs).structure``; docs/model.md, Random-effects
+        structures). Independent scalar terms are fit as components ``d`` (FLASHMM's
+        parameterisation) when ``q`` is small; random slopes, and any terms from ``q = 1000``
+        on, by the structured solver (lme4's parameterisation, covariances positive
+        semi-definite), which returns a :class:`~scflashmm._core.structured.StructuredLMMFit`.
     method
         ``"REML"`` (restricted maximum likelihood) or ``"ML"``.
     theta0
@@ -374,6 +382,13 @@ def lmm(
     if not isinstance(stats, SummaryStats):
         msg = f"stats must be a SummaryStats (from summary_stats), got {type(stats).__name__}."
         raise TypeError(msg)
+    if structure is not None:
+        from .structured import dispatch_structure
+
+        routed = dispatch_structure(stats, d, structure, locals())
+        if not isinstance(routed, tuple):
+            return routed
+        d, component_names = routed
     d = _check_d(stats.d if d is None else d, stats.shape[2])
     opts = _Options(
         method=check_method(method),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,7 @@ def variance_components(
     key: str = "flashmm",
     bins: int = 40,
     ax: Axes | None = None,
+    corr_ax: Axes | None = None,
     show: bool | None = None,
     save: bool | str | None = None,
 ) -> Axes | None:
@@ -44,7 +45,13 @@ def variance_components(
         Number of bins of each histogram, from 0 to the largest share (below 0 too when
         Fisher scoring returned negative variance components, which are shown as they are).
     ax
-        Axes to draw into; default a new figure.
+        Axes to draw into; default a new figure (with a second panel for correlations when
+        the fit has correlated random slopes).
+    corr_ax
+        Axes for the histograms of the correlations of correlated random effects (columns
+        ``"group: corr(a, b)"`` of lme4-style terms such as ``"(1 + time | donor)"``), which
+        are not shares of variance; default the second panel of a new figure, or not drawn
+        when ``ax`` is given without ``corr_ax``.
     show
         Show the figure; default ``scanpy.settings.autoshow``.
     save
@@ -71,6 +78,9 @@ def variance_components(
         msg = f"adata.varm has no {theta_key!r}: run scflashmm.tl.flashmm_de first."
         raise KeyError(msg)
     theta = adata.varm[theta_key]
+    is_corr = np.array([": corr(" in str(c) for c in theta.columns])
+    corr = theta.loc[:, is_corr]
+    theta = theta.loc[:, ~is_corr]
     terms = [str(c) for c in theta.columns[:-1]]
     values = theta.to_numpy(dtype=np.float64)
     values = values[np.isfinite(values).all(axis=1)]
@@ -84,7 +94,13 @@ def variance_components(
     if hi <= lo:
         hi = lo + 1.0
 
+    if ax is None and corr.shape[1]:
+        import matplotlib.pyplot as plt
+
+        _, (ax, corr_ax) = plt.subplots(1, 2, figsize=(9.0, 4.5), layout="constrained")
     ax = get_axes(ax)
+    if corr_ax is not None and corr.shape[1]:
+        _correlations(corr, corr_ax, bins)
     colors = [f"C{i}" for i in range(len(terms))]
     for i, (term, color) in enumerate(zip(terms, colors, strict=True)):
         median = float(np.median(share[:, i]))
@@ -103,3 +119,19 @@ def variance_components(
     ax.set_title(f"Variance components of {share.shape[0]} genes", fontsize="medium")
     ax.legend(fontsize="x-small", frameon=False)
     return savefig_or_show("variance_components", ax, show=show, save=save)
+
+
+def _correlations(corr: Any, ax: Axes, bins: int) -> None:
+    """Histograms of the random-effect correlations across genes, on [-1, 1]."""
+    for i, name in enumerate(corr.columns):
+        r = corr[name].to_numpy(dtype=np.float64)
+        r = r[np.isfinite(r)]
+        if r.size == 0:
+            continue
+        median = float(np.median(r))
+        ax.hist(r, bins=int(bins), range=(-1, 1), alpha=0.55, color=f"C{i}", label=f"{name}")
+        ax.axvline(median, color=f"C{i}", ls="--", lw=1)
+    ax.set_xlabel("correlation of random effects")
+    ax.set_ylabel("genes")
+    ax.set_title("Random-effect correlations", fontsize="medium")
+    ax.legend(fontsize="x-small", frameon=False)

@@ -90,7 +90,11 @@ def flashmm_de(
     random
         The random effects, one variance component per item: a column name (``"sam"``, a
         random intercept per level), a one-sided formula (``"~0+sam"``, used as written) or a
-        list of them (``["sam", "location"]``).
+        list of them (``["sam", "location"]``); or lme4-style terms, alone or added, such as
+        ``"(1|sam) + (1|batch)"``, ``"(1|donor/sample)"``, ``"(1 + time|donor)"`` (correlated
+        random slopes) or ``"(1 + time||donor)"`` (docs/model.md, Random-effects structures:
+        their ``theta`` columns are lme4 ``VarCorr``-like names, ``"donor: (Intercept)"``,
+        ``"donor: corr((Intercept), time)"``, and ``uns[key]`` gets ``random_structure``).
     layer
         Layer to fit; default ``adata.X``. (Only ``X`` of a backed AnnData stays on disk:
         anndata reads its layers into memory when it opens the file.)
@@ -185,7 +189,8 @@ def flashmm_de(
     )
     fit = lmm(
         stats,
-        design.d,
+        None if design.structure is not None else design.d,
+        structure=design.structure,
         method=method,
         theta0=start,
         max_iter=max_iter,
@@ -194,7 +199,7 @@ def flashmm_de(
         df=df,
         feature_names=list(map(str, adata.var_names)),
         covariate_names=design.x_columns,
-        component_names=design.random_terms,
+        component_names=None if design.structure is not None else design.random_terms,
     )
 
     varm = _result_tables(fit, adata.var_names, key_added, cmat)
@@ -304,12 +309,13 @@ def _result_tables(
     """Return the ``varm`` entries of a fit, by key (see :mod:`scflashmm._results`)."""
     index = pd.Index(var_names)
     cols = pd.Index(fit.covariate_names, dtype=object)
-    comps = pd.Index([*(fit.component_names or []), RESIDUAL], dtype=object)
+    names, theta, se_theta = _random_effect_tables(fit)
+    comps = pd.Index([*names, RESIDUAL], dtype=object)
     out: dict[str, Any] = {}
     for what in COEF_TABLES:
         out[varm_key(key, what)] = pd.DataFrame(getattr(fit, what), index=index, columns=cols)
-    out[varm_key(key, THETA)] = pd.DataFrame(fit.theta, index=index, columns=comps)
-    out[varm_key(key, SE_THETA)] = pd.DataFrame(fit.se_theta, index=index, columns=comps)
+    out[varm_key(key, THETA)] = pd.DataFrame(theta, index=index, columns=comps)
+    out[varm_key(key, SE_THETA)] = pd.DataFrame(se_theta, index=index, columns=comps)
     out[varm_key(key, DIAG)] = pd.DataFrame(
         {
             "niter": fit.niter.astype(np.int64),
@@ -325,6 +331,38 @@ def _result_tables(
     if cmat is not None:
         out.update(_contrast_tables(fit, index, key, cmat))
     return out
+
+
+def _random_effect_tables(fit: LMMFit) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Names, estimates and standard errors of the random-effect parameters (then residual).
+
+    For a structured fit (lme4-style terms with slopes or large q): variances and correlations
+    named as lme4's ``VarCorr`` (``"donor: (Intercept)"``, ``"donor: corr((Intercept), time)"``);
+    the standard errors are those of the variances, NaN for correlations.
+    """
+    from .._core.structured import StructuredLMMFit
+
+    if not isinstance(fit, StructuredLMMFit) or fit.structure is None or fit.varcorr is None:
+        return list(fit.component_names or []), fit.theta, fit.se_theta
+    structure = fit.structure
+    names = structure.varcorr_names()
+    is_var = np.array([a == b for t in structure.terms for a, b in t.entries] + [True])
+    theta = np.column_stack([fit.varcorr, fit.theta[:, -1]])
+    se = np.where(is_var, fit.se_theta, np.nan)
+    return names, theta, se
+
+
+def _structure_record(structure: Any) -> dict[str, Any]:
+    """h5ad-safe description of a covariance structure: one entry per term, in Z's order."""
+    return {
+        str(i): {
+            "group": t.group,
+            "n_levels": int(t.n_levels),
+            "effects": list(t.effects),
+            "correlated": bool(t.correlated),
+        }
+        for i, t in enumerate(structure.terms)
+    }
 
 
 def _contrast_tables(
@@ -377,6 +415,9 @@ def _uns_record(
     }
     if cmat is not None:
         uns["contrast_matrix"] = cmat
+    if design.structure is not None:
+        uns["random_structure"] = _structure_record(design.structure)
+        uns["solver"] = str(getattr(fit, "kernel", "components"))
     return uns
 
 
