@@ -139,7 +139,7 @@ def _parse_formula(formula: str, *, what: str) -> Any:
 
 
 def _formula_variables(formula: str, obs: pd.DataFrame) -> set[str]:
-    """The columns of ``obs`` that ``formula`` uses as variables.
+    """Return the columns of ``obs`` that ``formula`` uses as variables.
 
     formulaic's ``required_variables`` misses variables inside stateful transforms
     (``scale(x)``) and splits backticked names at dots (```orig.ident``` -> ``orig``), so the
