@@ -39,14 +39,14 @@ def obs():
         (
             "~bs(libsize, 3)",
             ["Intercept", "bs(libsize, 3)[1]", "bs(libsize, 3)[2]", "bs(libsize, 3)[3]"],
-        ),  # fmt: skip
+        ),
         ("~0+log(libsize)", ["log(libsize)"]),
         ("~0+log", ["log[a]", "log[b]"]),
         ("~0+C+I", ["C[x]", "C[y]", "I"]),
         (
             "~0+C(`cell.type`)+np.log(libsize)",
             ["C(`cell.type`)[B]", "C(`cell.type`)[T]", "np.log(libsize)"],
-        ),  # fmt: skip
+        ),
         ("~0+C+np", ["C[x]", "C[y]", "np"]),
     ],
 )
@@ -56,7 +56,9 @@ def test_fixed_formula_variables(obs, formula, columns):
     assert X.shape == (len(obs), len(columns))
 
 
-@pytest.mark.parametrize(("formula", "name"), [("~0+log(libsize)+log", "log"), ("~np+np.log(libsize)", "np")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("formula", "name"), [("~0+log(libsize)+log", "log"), ("~np+np.log(libsize)", "np")]
+)
 def test_column_hiding_a_function(obs, formula, name):
     with pytest.raises(ValueError, match=rf"uses '{name}' both as a column .* and as a function"):
         fixed_design(formula, obs)

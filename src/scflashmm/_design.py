@@ -161,7 +161,8 @@ def _formula_variables(formula: str, obs: pd.DataFrame) -> set[str]:
         if name.isidentifier() and re.search(rf"(?<![\w.`]){re.escape(name)}\s*[(.]", formula):
             msg = (
                 f"The formula {formula!r} uses {name!r} both as a column of adata.obs and as "
-                f"a function or module ({name}(...) or {name}.), which the column hides. Rename the column, e.g. "
+                f"a function or module ({name}(...) or {name}.), which the column hides. "
+                "Rename the column, e.g. "
                 f"adata.obs = adata.obs.rename(columns={{{name!r}: '{name}_'}})."
             )
             raise ValueError(msg)
