@@ -180,6 +180,9 @@ def _add_de_parser(sub: Any) -> None:
     de.add_argument("--max-iter", type=int, default=50, help="default 50")
     de.add_argument("--epsilon", type=float, default=1e-5, help="default 1e-5")
     de.add_argument("--chunk-size", type=int, help="cells per chunk (default 10000)")
+    de.add_argument(
+        "--n-jobs", type=int, help="threads (default: the CPUs available); results do not change"
+    )
     de.add_argument("--key", default=DEFAULT_KEY, help="key_added for the results")
     de.add_argument("--out", required=True, metavar="RESULTS.csv", help="tidy table (CSV)")
     de.add_argument("--write-h5ad", metavar="OUT.h5ad", help="also write the AnnData with results")
@@ -301,6 +304,7 @@ def _fit_de(adata: Any, args: argparse.Namespace, contrasts: dict[str, str] | No
         epsilon=args.epsilon,
         key_added=args.key,
         chunk_size=args.chunk_size,
+        n_jobs=args.n_jobs,
     )
     return time.perf_counter() - start
 

@@ -158,3 +158,76 @@ def _as_design(A: Any, name: str, *, keep_sparse: bool) -> Any:
         msg = f"{name} contains NaN or infinite values."
         raise ValueError(msg)
     return A
+
+
+#: Environment variable that turns the memory check of a fit off (``SCFLASHMM_MEMORY_CHECK=0``).
+MEMORY_CHECK_ENV = "SCFLASHMM_MEMORY_CHECK"
+
+
+def fit_memory_bytes(n: int, p: int, q: int, m: int, k: int, *, n_jobs: int) -> int:
+    """Estimate the peak working memory (bytes) of a fit: statistics, pass and solver.
+
+    Calibrated on measured peaks (docs/guarantees.md): the one-component solver holds about
+    six ``q x q`` arrays; the solver of several components about as many per thread; the
+    statistics ``(p + q) x m`` a few times; the pass about ``(p + q) x m`` per thread.
+    """
+    solver = 6 * q * q * (1 + (n_jobs if k > 1 else 0))
+    stats = 4 * (p + q) * (p + q + m) + 4 * p * p * m
+    passes = (n_jobs + 1) * (p + q + 1) * m
+    return 8 * (solver + stats + passes) + 16 * n
+
+
+def available_memory_bytes() -> int | None:
+    """Memory available to this process (Linux ``MemAvailable`` and cgroup limit), or None."""
+    import os
+
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+            if text.isdigit() and int(text) < 1 << 60:
+                found.append(int(text))
+        except OSError:
+            pass
+    if os.environ.get(MEMORY_CHECK_ENV, "1") == "0":
+        return None
+    return min(found) if found else None
+
+
+def check_fit_memory(
+    n: int, p: int, q: int, m: int, k: int, *, n_jobs: int, available: int | None = None
+) -> None:
+    """Raise MemoryError before any work if a fit would need more memory than is available."""
+    if available is None:
+        available = available_memory_bytes()
+    if available is None:
+        return
+    need = fit_memory_bytes(n, p, q, m, k, n_jobs=n_jobs)
+    if need <= available:
+        return
+    gb = 1024**3
+    helps = []
+    if k > 1 and n_jobs > 1 and fit_memory_bytes(n, p, q, m, k, n_jobs=1) <= available:
+        helps.append("n_jobs=1 (the solver holds q x q arrays per thread)")
+    if 6 * 8 * q * q > available / 2:
+        helps.append(
+            f"fewer random-effect levels (q = {q:,} columns in all: memory grows with q^2), "
+            "e.g. group rare levels, or use a coarser grouping"
+        )
+    if 8 * 4 * (p + q) * m > available / 2:
+        helps.append("fewer genes per fit (fit subsets of genes: the results do not change)")
+    msg = (
+        f"This fit needs about {need / gb:.1f} GB (n = {n:,} cells, p = {p}, q = {q:,}, "
+        f"m = {m:,} genes, {k} component(s)) but about {available / gb:.1f} GB is available. "
+        f"Try {'; or '.join(helps) or 'a machine with more memory'}. (Set {MEMORY_CHECK_ENV}=0 "
+        "to skip this check.)"
+    )
+    raise MemoryError(msg)
