@@ -51,7 +51,7 @@ _COUNTS_SAMPLE = 2_000_000
 
 
 def _sample_values(Y: Any) -> np.ndarray:
-    """The stored values of the first cells (genes, for CSC): at most ``_COUNTS_SAMPLE``."""
+    """Return the stored values of the first cells (genes, for CSC), at most ``_COUNTS_SAMPLE``."""
     n, m = Y.shape
     if is_csc(Y):
         block = Y[:, : max(1, _COUNTS_SAMPLE // n)]
