@@ -94,6 +94,7 @@ def h5ad(tmp_path_factory):
         ("~0+cls", "~0+sam|cls", None, "several parts"),
         ("~0+cls", "sam", "x=" + "(" * 5000 + "cls[1]" + ")" * 5000, "nested"),
     ],
+    ids=["fixed-bar", "random-bar", "deep-contrast"],
 )
 def test_cli_errors_one_line(h5ad, tmp_path, capsys, fixed, random, contrast, message):
     argv = ["de", str(h5ad), "--fixed", fixed, "--random", random, "--counts"]

@@ -15,7 +15,6 @@ import pytest
 import scipy.sparse as sp
 
 import scflashmm as sfm
-from scflashmm._core import _atomic
 from scflashmm.cli import main
 
 
@@ -97,6 +96,8 @@ def test_full_disk_leaves_no_partial_output(small_h5ad, tmp_path, capsys, monkey
 
 
 def test_interrupt_removes_temporary(tmp_path):
+    from scflashmm._core import _atomic
+
     target = tmp_path / "x.csv"
     with pytest.raises(KeyboardInterrupt), _atomic.atomic_path(target) as tmp:
         tmp.write_text("half")
@@ -106,6 +107,8 @@ def test_interrupt_removes_temporary(tmp_path):
 
 def test_swallowed_interrupt_is_raised(tmp_path):
     import signal
+
+    from scflashmm._core import _atomic
 
     target = tmp_path / "x.csv"
     with pytest.raises(KeyboardInterrupt), _atomic.atomic_path(target) as tmp:
