@@ -245,3 +245,10 @@ def test_duplicates_summed_every_path(tmp_path, fmt, backed):
         got = sfm.summary_stats(X, Y, Z, is_counts=True, chunk_size=17)
     for name in ("XY", "ZY", "Ynorm"):
         np.testing.assert_allclose(getattr(got, name), getattr(expected, name), rtol=1e-12)
+
+
+def test_compressed_csv_output(small_h5ad, tmp_path):
+    out = tmp_path / "r.csv.gz"
+    assert main(_de(small_h5ad, "--out", str(out))) == 0
+    assert out.read_bytes()[:2] == b"\x1f\x8b"  # gzip, inferred from the name as before
+    assert len(pd.read_csv(out)) == 24

@@ -272,7 +272,8 @@ def _check_outputs(
 
 def _write_csv(table: Any, path: str) -> None:
     """Write a table to CSV atomically (never a truncated file, even on a full disk)."""
-    with atomic_path(path, suffix=".csv") as tmp:
+    # the temporary file keeps the suffix, from which pandas infers compression (.gz ...)
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:
         table.to_csv(tmp, index=False)
 
 
