@@ -65,13 +65,13 @@ def _noted_interrupts() -> Iterator[Callable[[], bool]]:
         yield lambda: seen[0]
         return
     previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # SIGINT ignored (SIG_IGN) or not set from Python
+        yield lambda: seen[0]
+        return
 
     def handler(signum, frame):
         seen[0] = True
-        if callable(previous):
-            previous(signum, frame)
-        else:
-            raise KeyboardInterrupt
+        previous(signum, frame)
 
     signal.signal(signal.SIGINT, handler)
     try:
