@@ -135,7 +135,44 @@ def _parse_formula(formula: str, *, what: str) -> Any:
             "the responses are the genes."
         )
         raise ValueError(msg)
+    if type(parsed).__name__ != "SimpleFormula":
+        msg = (
+            f"The {what} {formula!r} has several parts ('|'): lme4's '(1|sam)' syntax is not "
+            "used here; give random terms separately (random='sam' or '~0+sam')."
+        )
+        raise ValueError(msg)
     return parsed
+
+
+def _formula_variables(formula: str, obs: pd.DataFrame) -> set[str]:
+    """Return the columns of ``obs`` that ``formula`` uses as variables.
+
+    formulaic's ``required_variables`` misses variables inside stateful transforms
+    (``scale(x)``) and splits backticked names at dots (```orig.ident``` -> ``orig``), so the
+    formula text is searched instead: a column is used when it appears in backticks, or as a
+    name that is not called (``log(x)`` uses ``x``, not a column named ``log``), not an
+    attribute (``np.log``) and not a keyword (``degree=2``). Variables that are not columns
+    are reported by formulaic when the formula is evaluated.
+    """
+    used = set()
+    for column in obs.columns:
+        name = str(column)
+        if f"`{name}`" in formula:
+            used.add(name)
+        elif name.isidentifier() and re.search(
+            rf"(?<![\w.`]){re.escape(name)}(?![\w`.])(?!\s*\()(?!\s*=(?!=))", formula
+        ):
+            used.add(name)
+    for name in sorted(used):
+        if name.isidentifier() and re.search(rf"(?<![\w.`]){re.escape(name)}\s*[(.]", formula):
+            msg = (
+                f"The formula {formula!r} uses {name!r} both as a column of adata.obs and as "
+                f"a function or module ({name}(...) or {name}.), which the column hides. "
+                "Rename the column, e.g. "
+                f"adata.obs = adata.obs.rename(columns={{{name!r}: '{name}_'}})."
+            )
+            raise ValueError(msg)
+    return used
 
 
 def _as_factor(col: pd.Series) -> pd.Categorical:
@@ -147,6 +184,12 @@ def _as_factor(col: pd.Series) -> pd.Categorical:
         return pd.Categorical(col, categories=np.sort(col.unique()))
     values = col.astype(str)
     return pd.Categorical(values, categories=sorted(values.unique()))
+
+
+def _available(attrs: dict[str, Any]) -> str:
+    avail = list(map(str, attrs.get("obs_columns", [])))
+    shown = ", ".join(repr(a) for a in avail[:20]) + (" ..." if len(avail) > 20 else "")
+    return f"Available columns: {shown or 'none'}."
 
 
 def _prepare_obs(
@@ -177,7 +220,9 @@ def _prepare_obs(
             data[v] = col.to_numpy()
         else:
             data[v] = _as_factor(col)
-    return pd.DataFrame(data, index=obs.index)
+    out = pd.DataFrame(data, index=obs.index)
+    out.attrs["obs_columns"] = list(map(str, obs.columns))
+    return out
 
 
 def _materialize(parsed: Any, data: pd.DataFrame, formula: str, *, what: str, output: str) -> Any:
@@ -188,8 +233,20 @@ def _materialize(parsed: Any, data: pd.DataFrame, formula: str, *, what: str, ou
         # non-finite results (log of 0 ...) are reported by the caller with the column named
         with np.errstate(divide="ignore", invalid="ignore"):
             return model_matrix(parsed, data, na_action="raise", output=output)
-    except (FormulaicError, ValueError, TypeError, NameError) as exc:
-        msg = f"Cannot evaluate the {what} {formula!r}: {_clean_formulaic_message(exc)}"
+    except (FormulaicError, ValueError, TypeError, NameError, AttributeError) as exc:
+        text = _clean_formulaic_message(exc)
+        missing = re.search(
+            r"name '([^']+)' is not defined|`([^`]+)` is not present in the dataset", text
+        )
+        if missing:
+            name = missing[1] or missing[2]
+            msg = (
+                f"adata.obs has no column {name!r} (in the {what}) for {formula!r}, and it is "
+                "not a function formulaic knows. Columns whose names are not Python names are "
+                f"written in backticks, e.g. `orig.ident`. {_available(data.attrs)}"
+            )
+            raise ValueError(msg) from exc
+        msg = f"Cannot evaluate the {what} {formula!r}: {text}"
         raise ValueError(msg) from exc
 
 
@@ -329,7 +386,7 @@ def fixed_design(formula: str, obs: pd.DataFrame) -> tuple[np.ndarray, list[str]
         collinear columns are named).
     """
     parsed = _parse_formula(formula, what="fixed formula")
-    variables = set(parsed.required_variables)
+    variables = _formula_variables(formula, obs)
     data = _prepare_obs(
         obs, variables, factors=set(), what=dict.fromkeys(variables, "fixed formula")
     )
@@ -382,7 +439,7 @@ def random_design(
     for formula, bare in terms:
         what = f"random term {formula!r}"
         parsed = _parse_formula(formula, what="random formula")
-        variables = set(parsed.required_variables)
+        variables = _formula_variables(formula, obs)
         data = _prepare_obs(
             obs,
             variables,

@@ -120,7 +120,8 @@ def lmm_test(
 def _positions(index: Any, covariates: list[str]) -> list[int]:
     if index is None:
         return list(range(len(covariates)))
-    items = [index] if isinstance(index, int | str | np.integer) else list(index)
+    scalar = isinstance(index, int | str | np.integer) or np.ndim(index) == 0
+    items = [index] if scalar else list(index)
     positions = []
     for item in items:
         if isinstance(item, str):

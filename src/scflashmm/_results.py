@@ -31,6 +31,7 @@ __all__ = [
     "RESIDUAL",
     "UNS_FIELDS",
     "UNS_PARAMS",
+    "check_h5ad_name",
     "results_uns",
     "varm_key",
 ]
@@ -62,6 +63,24 @@ UNS_FIELDS = (
     "contrast_names", "contrast_expressions", "contrast_matrix", "n_cells", "n_genes", "df",
     "n_nonconverged", "n_degenerate", "varm_keys", "version",
 )  # fmt: skip
+
+
+def check_h5ad_name(name: object, what: str) -> str:
+    """Return ``name`` if h5ad can store it as a key (else raise ValueError naming ``what``).
+
+    Refused: non-strings, ``""``, names with ``"/"`` or a NUL character, and ``"_index"``
+    (reserved by anndata).
+    """
+    if not isinstance(name, str) or not name or "/" in name or "\x00" in name:
+        msg = (
+            f"{what} must be a non-empty string without '/' or NUL characters (it becomes an "
+            f"h5ad key), got {name!r}."
+        )
+        raise ValueError(msg)
+    if name == "_index":
+        msg = f"{what} cannot be '_index' (reserved by anndata in h5ad files)."
+        raise ValueError(msg)
+    return name
 
 
 def varm_key(key: str, what: str) -> str:

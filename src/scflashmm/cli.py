@@ -12,6 +12,8 @@ formula, an unreadable file ...) print one line on stderr and exit with status 1
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -20,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, get_args
 
+from ._core._atomic import atomic_path
 from ._core._options import DfMethod, Method, check_positive_float, check_positive_int
 from ._results import DEFAULT_KEY
 
@@ -44,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns
     -------
-    The exit status: 0 on success, 1 on a user error, 2 on bad usage (from argparse).
+    The exit status: 0 on success, 1 on an error, 2 on bad usage (from argparse), 130 on
+    an interrupt. Every error is reported on one line of stderr, without a traceback (set
+    the environment variable ``SCFLASHMM_TRACEBACK=1`` to see one for an unexpected error).
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -54,14 +59,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _one_line_warnings():
         try:
             args.run(args)
-        except (UserError, ValueError, KeyError, OSError) as exc:
+        except (UserError, ValueError, KeyError, OSError, TypeError) as exc:
             text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            print(f"{PROG}: error: {text}", file=sys.stderr)
+            print(f"{PROG}: error: {_one_line(text)}", file=sys.stderr)
+            return 1
+        except RecursionError:
+            print(f"{PROG}: error: an expression is nested too deeply.", file=sys.stderr)
+            return 1
+        except MemoryError as exc:
+            print(f"{PROG}: error: out of memory ({exc or 'MemoryError'}).", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
+        except Exception as exc:  # a bug, not a user error: still one line (see docstring)
+            if os.environ.get("SCFLASHMM_TRACEBACK"):
+                raise
+            text = _one_line(str(exc)) or type(exc).__name__
+            print(
+                f"{PROG}: error: {type(exc).__name__}: {text} (unexpected: please report it; "
+                "set SCFLASHMM_TRACEBACK=1 to see where)",
+                file=sys.stderr,
+            )
+            return 1
     return 0
+
+
+def _one_line(text: str) -> str:
+    """Return a message on one line (a multi-line message is joined with ' | ')."""
+    return " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 @contextmanager
@@ -154,6 +180,9 @@ def _add_de_parser(sub: Any) -> None:
     de.add_argument("--max-iter", type=int, default=50, help="default 50")
     de.add_argument("--epsilon", type=float, default=1e-5, help="default 1e-5")
     de.add_argument("--chunk-size", type=int, help="cells per chunk (default 10000)")
+    de.add_argument(
+        "--n-jobs", type=int, help="threads (default: the CPUs available); results do not change"
+    )
     de.add_argument("--key", default=DEFAULT_KEY, help="key_added for the results")
     de.add_argument("--out", required=True, metavar="RESULTS.csv", help="tidy table (CSV)")
     de.add_argument("--write-h5ad", metavar="OUT.h5ad", help="also write the AnnData with results")
@@ -198,19 +227,54 @@ def _run_de(args: argparse.Namespace) -> None:
 
 
 def _check_de_paths(args: argparse.Namespace) -> Path:
-    """Return the input path, after checking it exists and the outputs can be written."""
+    """Return the input path, after checking it exists and the outputs can be written.
+
+    No output may be the input (also through a hard or symbolic link) or another output.
+    """
     path = Path(args.input)
     if not path.is_file():
         msg = f"input file {str(path)!r} does not exist."
         raise UserError(msg)
-    if args.write_h5ad and Path(args.write_h5ad).resolve() == path.resolve():
-        msg = "--write-h5ad must not overwrite the input file."
-        raise UserError(msg)
-    for option, value in (("--out", args.out), ("--write-h5ad", args.write_h5ad)):
-        if value and not Path(value).resolve().parent.is_dir():
+    outputs = [("--out", args.out), ("--write-h5ad", args.write_h5ad)]
+    _check_outputs([(o, v) for o, v in outputs if v], inputs=[("the input file", path)])
+    return path
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` are the same file: same inode if both exist, else same path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_outputs(
+    outputs: list[tuple[str, str]], *, inputs: Sequence[tuple[str, Path]] = ()
+) -> None:
+    """Refuse an output that is an input or another output, or whose folder is missing."""
+    for i, (option, value) in enumerate(outputs):
+        for what, source in inputs:
+            if _same_file(value, source):
+                msg = f"{option} {value!r} is {what}: it would be overwritten; choose another file."
+                raise UserError(msg)
+        for other, other_value in outputs[:i]:
+            if _same_file(value, other_value):
+                msg = f"{option} and {other} name the same file {value!r}; choose two files."
+                raise UserError(msg)
+        target = Path(value)
+        if target.is_dir():
+            msg = f"{option}: {value!r} is a directory, not a file."
+            raise UserError(msg)
+        if not target.resolve().parent.is_dir():
             msg = f"{option}: the directory of {value!r} does not exist."
             raise UserError(msg)
-    return path
+
+
+def _write_csv(table: Any, path: str) -> None:
+    """Write a table to CSV atomically (never a truncated file, even on a full disk)."""
+    # the temporary file keeps the suffix, from which pandas infers compression (.gz ...)
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:
+        table.to_csv(tmp, index=False)
 
 
 def _read_h5ad(path: Path, *, backed: bool) -> Any:
@@ -241,6 +305,7 @@ def _fit_de(adata: Any, args: argparse.Namespace, contrasts: dict[str, str] | No
         epsilon=args.epsilon,
         key_added=args.key,
         chunk_size=args.chunk_size,
+        n_jobs=args.n_jobs,
     )
     return time.perf_counter() - start
 
@@ -257,7 +322,7 @@ def _write_de(
         term=None if contrasts is None else list(adata.uns[args.key]["x_columns"]),
         contrast=None if contrasts is None else list(contrasts),
     )
-    table.to_csv(args.out, index=False)
+    _write_csv(table, args.out)
     info = adata.uns[args.key]
     print(
         f"Fitted {adata.n_vars} genes x {adata.n_obs} cells in {seconds:.1f} s "
@@ -265,10 +330,37 @@ def _write_de(
         f"wrote {len(table)} rows to {args.out}"
     )
     if args.write_h5ad:
-        if adata.isbacked:
-            adata = adata.to_memory()
-        adata.write_h5ad(args.write_h5ad)
+        _write_h5ad(adata, args.write_h5ad, key=args.key)
         print(f"Wrote the AnnData with results to {args.write_h5ad}")
+
+
+def _write_h5ad(adata: Any, path: str, *, key: str) -> None:
+    """Write the AnnData with the results of fit ``key`` atomically.
+
+    A backed AnnData is not loaded: its file is copied and the results (``varm`` tables and
+    ``uns[key]``) are written into the copy.
+    """
+    with atomic_path(path, suffix=".h5ad") as tmp:
+        if not adata.isbacked:
+            adata.write_h5ad(tmp)
+            return
+        import h5py
+        from anndata.io import write_elem
+
+        shutil.copyfile(adata.filename, tmp)
+        with h5py.File(tmp, "r+") as f:
+            varm = f.require_group("varm")
+            for name in list(varm.keys()):  # e.g. tables of an earlier fit under this key
+                if name not in adata.varm:
+                    del varm[name]
+            for name in adata.uns[key]["varm_keys"]:
+                if name in varm:
+                    del varm[name]
+                write_elem(varm, name, adata.varm[name])
+            uns = f.require_group("uns")
+            if key in uns:
+                del uns[key]
+            write_elem(uns, key, adata.uns[key])
 
 
 # ------------------------------------------------------------------------------------ demo
@@ -282,14 +374,12 @@ def _run_demo(args: argparse.Namespace) -> None:
     table = _treatment_effects(adata, treated)
     _print_top(table, treated, args.top)
     _print_recovery(table, adata, args.fdr)
-    table.drop(columns=["cell_type", "true_de"]).to_csv(args.out, index=False)
+    _write_csv(table.drop(columns=["cell_type", "true_de"]), args.out)
     print(f"Wrote the tidy table ({len(table)} rows) to {args.out}")
 
 
 def _check_demo_args(args: argparse.Namespace) -> None:
-    if not Path(args.out).resolve().parent.is_dir():
-        msg = f"--out: the directory of {args.out!r} does not exist."
-        raise UserError(msg)
+    _check_outputs([("--out", args.out)])
     for name in ("n_genes", "n_cells", "n_samples", "n_clusters", "top"):
         check_positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
     if not check_positive_float(args.fdr, "--fdr") < 1:

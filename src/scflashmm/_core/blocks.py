@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._accumulate import csc_matmul_add, csr_matmul_add, scatter_add
-from .checks import NonFiniteError
+from .checks import NonFiniteError, check_indices, check_indptr, has_duplicates_or_unsorted
 from .sources import CompressedBlock
 
 
@@ -87,6 +87,8 @@ def block_stats(
     C = np.zeros((genes, c))  # product columns, genes x c
     ynorm = out[-1]
     compressed = isinstance(chunk, CompressedBlock)
+    if compressed or (sp.issparse(chunk) and chunk.format in ("csr", "csc")):
+        _check_block(chunk, axis=axis, start=start)
     if (compressed or sp.issparse(chunk)) and chunk.format == "csc" and axis == 1:
         _csc_columns(chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
     elif compressed and chunk.format == "csr":
@@ -103,17 +105,54 @@ def block_stats(
     return out
 
 
+def _canonical_piece(
+    data: np.ndarray, idx: np.ndarray, ip: np.ndarray, n_minor: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return a piece's arrays with duplicate entries summed and indices sorted, if needed.
+
+    Every statistic is a function of the summed entries (``|y|^2``, ``log(1 + y)`` per entry
+    of the matrix, not per stored value), so duplicates are summed before anything else.
+    """
+    if not has_duplicates_or_unsorted(idx, ip):
+        return data, idx, ip
+    piece = sp.csr_matrix((data, idx, ip), shape=(ip.size - 1, n_minor), copy=True)
+    piece.sum_duplicates()
+    return piece.data, piece.indices, piece.indptr
+
+
+def _check_block(chunk: Any, *, axis: int, start: int) -> None:
+    """Check a compressed block's ``indptr`` (and, before a format conversion, its indices).
+
+    scipy's compiled kernels do no bounds checks, so nothing reaches them unchecked: the
+    indices are checked piece by piece in :func:`_csr_rows` and :func:`_csc_columns`, and here
+    for a block that scipy converts first.
+    """
+    n_rows, n_cols = chunk.shape
+    major, minor = (n_rows, n_cols) if chunk.format == "csr" else (n_cols, n_rows)
+    unit = "cells" if (chunk.format == "csr") == (axis == 0) else "genes"
+    where = f"the block starting at {unit[:-1]} {start}"
+    check_indptr(np.asarray(chunk.indptr), major, len(chunk.indices), what=f"Y ({where})")
+    direct = chunk.format == "csr" or axis == 1
+    if not direct:
+        name = "cell (row)" if chunk.format == "csc" else "gene (column)"
+        check_indices(np.asarray(chunk.indices), minor, where=where, axis_name=name)
+
+
 def _csr_rows(chunk, codes, cont, S, C, ynorm, *, is_counts: bool, start: int) -> None:
     data, indices, indptr = chunk.data, chunk.indices, chunk.indptr
     c = cont.shape[1]
+    n_genes = chunk.shape[1]
     for a, b in _pieces(indptr):
         lo, hi = int(indptr[a]), int(indptr[b])
         if hi == lo:
             continue
         where = f"cells {start + a}..{start + b - 1}"
-        v = _values(data[lo:hi], is_counts=is_counts, where=where, start=start + a, stop=start + b)
-        idx = indices[lo:hi]
-        ip = indptr[a : b + 1] - lo  # the piece as CSC genes x cells
+        check_indices(indices[lo:hi], n_genes, where=where, axis_name="gene (column)")
+        raw, idx, ip = _canonical_piece(
+            data[lo:hi], indices[lo:hi], indptr[a : b + 1] - lo, n_genes
+        )
+        v = _values(raw, is_counts=is_counts, where=where, start=start + a, stop=start + b)
+        # ip, idx: the piece as CSC genes x cells
         counts = np.diff(ip)
         for g, Sg in enumerate(S):
             scatter_add(Sg, np.repeat(codes[g, a:b], counts), idx, v)
@@ -134,11 +173,12 @@ def _csc_columns(chunk, codes, cont, S, C, ynorm, *, is_counts: bool, start: int
         if hi == lo:
             continue
         where = f"genes {start + a}..{start + b - 1}"
-        v = _values(
-            data[lo:hi], is_counts=is_counts, where=where, start=start + a, stop=start + b, axis=1
+        check_indices(indices[lo:hi], n_cells, where=where, axis_name="cell (row)")
+        raw, idx, ip = _canonical_piece(
+            data[lo:hi], indices[lo:hi], indptr[a : b + 1] - lo, n_cells
         )
-        idx = indices[lo:hi]
-        ip = indptr[a : b + 1] - lo  # the piece as CSR genes x cells
+        v = _values(raw, is_counts=is_counts, where=where, start=start + a, stop=start + b, axis=1)
+        # ip, idx: the piece as CSR genes x cells
         gene = np.repeat(np.arange(a, b, dtype=idx.dtype), np.diff(ip))
         for g, Sg in enumerate(S):
             scatter_add(Sg, codes[g].take(idx), gene, v)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ._threads import ordered_map
 from .blocks import block_stats
+from .checks import CorruptMatrixError
 from .plan import DesignPlan
 from .sources import Source
 
@@ -43,9 +44,15 @@ def _local_pass(
 
     def run(args: tuple[int, Any, np.ndarray, np.ndarray]) -> np.ndarray:
         start, chunk, codes, cont = args
-        return block_stats(
-            chunk, codes, cont, plan.sizes, is_counts=is_counts, axis=source.axis, start=start
-        )
+        try:
+            return block_stats(
+                chunk, codes, cont, plan.sizes, is_counts=is_counts, axis=source.axis, start=start
+            )
+        except CorruptMatrixError as exc:
+            if not source.label or source.label in str(exc):
+                raise
+            msg = f"{str(exc).rstrip('.')}{source.label}."
+            raise CorruptMatrixError(msg) from exc
 
     jobs = 1 if len(spans) == 1 else n_jobs
     done = 0

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from .checks import check_indptr
+
 
 def is_dask_array(Y: Any) -> bool:
     """Whether ``Y`` is a :class:`dask.array.Array` (without importing dask)."""
@@ -45,6 +47,8 @@ class Source:
     """Blocks of a matrix along ``axis``; subclasses implement :meth:`read`."""
 
     axis: int = 0
+    #: `` in file 'path'`` for a matrix read from a file (for error messages)
+    label: str = ""
 
     def __init__(self, shape: tuple[int, int]):
         self.shape = shape
@@ -100,6 +104,10 @@ class _Compressed(Source):
         self.data, self.indices = data, indices
         self.indptr = np.asarray(indptr[:])
         self.fmt = fmt
+        self.label = _file_label(data)
+        n_major = shape[0] if fmt == "csr" else shape[1]
+        nnz = min(int(data.shape[0]), int(indices.shape[0]))
+        check_indptr(self.indptr, n_major, nnz, what=f"Y{self.label}")
 
     def read(self, start: int, stop: int) -> CompressedBlock:
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
@@ -108,6 +116,13 @@ class _Compressed(Source):
         n, m = self.shape
         shape = (stop - start, m) if self.fmt == "csr" else (n, stop - start)
         return CompressedBlock(np.asarray(data), np.asarray(indices), indptr, shape, self.fmt)
+
+
+def _file_label(dataset: Any) -> str:
+    """`` in file 'path'`` for an h5py/zarr dataset, else empty."""
+    file = getattr(dataset, "file", None)
+    name = getattr(file, "filename", None) or getattr(getattr(dataset, "store", None), "path", None)
+    return f" in file {str(name)!r}" if name else ""
 
 
 class CompressedBlock:

@@ -12,11 +12,15 @@ All are sums over cells, so statistics of disjoint sets of cells add up
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._atomic import atomic_path
 
 #: The statistics proper; other fields of :class:`SummaryStats` are optional metadata.
 ARRAY_FIELDS = ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm")
@@ -134,7 +138,8 @@ class SummaryStats:
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics and their metadata to an ``.npz`` file at ``path`` (as given).
 
-        Read them back with :meth:`SummaryStats.load`.
+        Read them back with :meth:`SummaryStats.load`. The file is written atomically: on
+        any error or interrupt an existing file at ``path`` is left as it was.
         """
         payload: dict[str, np.ndarray] = {
             name: np.asarray(getattr(self, name)) for name in ARRAY_FIELDS
@@ -147,23 +152,40 @@ class SummaryStats:
                 payload[name] = np.asarray(value, dtype=np.str_)
         if self.d is not None:
             payload["d"] = np.asarray(self.d, dtype=np.int64)
-        with open(Path(path), "wb") as fh:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SummaryStats:
         """Read statistics written by :meth:`SummaryStats.save`."""
-        with np.load(Path(path), allow_pickle=False) as npz:
+        # the file is opened (and always closed) here, not by numpy, which keeps it open
+        # when the zip directory is corrupt
+        with open(Path(path), "rb") as fh:
+            try:
+                return cls._read(fh, os.fspath(path))
+            except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as exc:
+                if isinstance(exc, ValueError) and str(exc).startswith(repr(os.fspath(path))):
+                    raise
+                msg = f"{os.fspath(path)!r} is not a readable SummaryStats file ({exc})."
+                raise ValueError(msg) from exc
+
+    @classmethod
+    def _read(cls, fh: Any, where: str) -> SummaryStats:
+        npz = np.load(fh, allow_pickle=False)
+        if not hasattr(npz, "files"):  # a plain .npy array
+            msg = f"{where!r} is not a SummaryStats file (an array, not .npz)."
+            raise ValueError(msg)
+        with npz:
             keys = set(npz.files)
             missing = [name for name in (*ARRAY_FIELDS, "n") if name not in keys]
             if missing or "format_version" not in keys:
                 absent = missing or ["format_version"]
-                msg = f"{os.fspath(path)!r} is not a SummaryStats file (missing {absent})."
+                msg = f"{where!r} is not a SummaryStats file (missing {absent})."
                 raise ValueError(msg)
             version = int(npz["format_version"])
             if version > _FORMAT_VERSION:
                 msg = (
-                    f"{os.fspath(path)!r} has format version {version}; this scflashmm "
+                    f"{where!r} has format version {version}; this scflashmm "
                     f"reads up to {_FORMAT_VERSION}."
                 )
                 raise ValueError(msg)
@@ -173,4 +195,5 @@ class SummaryStats:
             }
             if "d" in keys:
                 meta["d"] = npz["d"].tolist()
-            return cls(**arrays, n=int(npz["n"]), **meta)
+            n = int(npz["n"])
+        return cls(**arrays, n=n, **meta)

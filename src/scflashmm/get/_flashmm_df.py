@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,6 +70,7 @@ def flashmm_df(
     asked (design order by default); within a term rows are sorted by p-value, NaN last.
     """
     side = check_alternative(alternative)
+    _check_selection_types(adata, term=term, contrast=contrast)
     info = results_uns(adata, key)
     x_columns = [str(c) for c in info["x_columns"]]
     df = int(info["df"])
@@ -108,6 +109,22 @@ def flashmm_df(
         msg = "No term or contrast selected."
         raise ValueError(msg)
     return pd.concat(blocks, ignore_index=True)[COLUMNS]
+
+
+def _check_selection_types(adata: Any, **selection: Any) -> None:
+    """Raise TypeError for an ``adata`` that is not an AnnData or a selection of wrong type."""
+    from anndata import AnnData
+
+    if not isinstance(adata, AnnData):
+        msg = f"adata must be an AnnData with flashmm results, got {type(adata).__name__}."
+        raise TypeError(msg)
+    for name, value in selection.items():
+        ok = value is None or isinstance(value, str | Mapping)
+        if not ok and isinstance(value, Sequence | np.ndarray | pd.Index):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            msg = f"{name} must be a string or a list of strings, got {value!r}."
+            raise TypeError(msg)
 
 
 def _select_terms(term: str | Sequence[str] | None, x_columns: list[str]) -> list[str]:

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 __all__ = ["variance_components"]
 
 
+#: Largest number of histogram bins (each bin is a matplotlib patch).
+MAX_BINS = 1000
+
+
 def variance_components(
     adata: AnnData,
     *,
@@ -43,7 +47,8 @@ def variance_components(
         The ``key_added`` of the fit.
     bins
         Number of bins of each histogram, from 0 to the largest share (below 0 too when
-        Fisher scoring returned negative variance components, which are shown as they are).
+        Fisher scoring returned negative variance components, which are shown as they are);
+        at most 1,000.
     ax
         Axes to draw into; default a new figure (with a second panel for correlations when
         the fit has correlated random slopes).
@@ -72,6 +77,9 @@ def variance_components(
     >>> ax = sfm.pl.variance_components(adata, show=False)
     """
     bins = check_positive_int(bins, "bins")
+    if bins > MAX_BINS:  # matplotlib draws one patch per bin: a million take minutes
+        msg = f"bins must be at most {MAX_BINS:,}, got {bins:,}."
+        raise ValueError(msg)
     results_info(adata, key)
     theta_key = varm_key(key, THETA)
     if theta_key not in adata.varm:

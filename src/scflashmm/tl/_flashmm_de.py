@@ -23,6 +23,8 @@ from .._core._options import (
     check_positive_int,
     check_theta0,
 )
+from .._core._threads import check_n_jobs
+from .._core.checks import check_fit_memory
 from .._core.inference import t_pvalue
 from .._core.reml import lmm
 from .._core.sumstats import NonFiniteError, summary_stats
@@ -38,9 +40,18 @@ from .._results import (
     RESIDUAL,
     SE_THETA,
     THETA,
+    check_h5ad_name,
     varm_key,
 )
-from ._matrix import ProgressBar, get_matrix, is_csc, looks_like_counts, nonfinite_error
+from ._matrix import (
+    ProgressBar,
+    check_backed_view,
+    get_matrix,
+    has_non_integers,
+    is_csc,
+    looks_like_counts,
+    nonfinite_error,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -69,6 +80,7 @@ def flashmm_de(
     chunk_size: int | None = None,
     copy: bool = False,
     progress: bool | None = None,
+    n_jobs: int | None = None,
 ) -> AnnData | None:
     """Differential expression with a linear mixed model per gene, fit from summary statistics.
 
@@ -131,6 +143,9 @@ def flashmm_de(
     progress
         Show a progress bar over the pass over the data; default: when stderr is a terminal and
         there is more than one chunk. (Not for Dask arrays: use Dask's own diagnostics.)
+    n_jobs
+        Threads for the pass over the data and for the fits (default: the CPUs available).
+        The results do not depend on it.
 
     Returns
     -------
@@ -180,12 +195,22 @@ def flashmm_de(
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
 
+    jobs = check_n_jobs(n_jobs)
+
     design = make_design(adata.obs, fixed, random)
     start = check_theta0(theta0, len(design.d))
     cmat, expressions = _contrasts(contrasts, design.x_columns)
+    _check_memory(adata.n_obs, design, adata.n_vars, n_jobs=jobs)
 
     stats = _summary_statistics(
-        adata, Y, source, design, chunk_size=chunk_size, is_counts=is_counts, progress=progress
+        adata,
+        Y,
+        source,
+        design,
+        chunk_size=chunk_size,
+        is_counts=is_counts,
+        progress=progress,
+        n_jobs=jobs,
     )
     fit = lmm(
         stats,
@@ -197,6 +222,7 @@ def flashmm_de(
         epsilon=epsilon,
         output_cov=True,
         df=df,
+        n_jobs=jobs,
         feature_names=list(map(str, adata.var_names)),
         covariate_names=design.x_columns,
         component_names=None if design.structure is not None else design.random_terms,
@@ -231,9 +257,8 @@ def _check_input(adata: Any, *, layer: str | None, key_added: Any, copy: bool) -
     if not isinstance(adata, AnnData):
         msg = f"adata must be an AnnData, got {type(adata).__name__}."
         raise TypeError(msg)
-    if not isinstance(key_added, str) or not key_added or "/" in key_added:
-        msg = f"key_added must be a non-empty string without '/', got {key_added!r}."
-        raise ValueError(msg)
+    check_h5ad_name(key_added, "key_added")
+    check_backed_view(adata)
     if copy and adata.isbacked:
         msg = (
             "copy=True is not supported for a backed AnnData (it would load the data into "
@@ -263,11 +288,32 @@ def _contrasts(
             "Name them with a mapping, e.g. {'BvsA': '(a + b)/2'}."
         )
         raise ValueError(msg)
+    _check_contrast_names([str(c) for c in cmat.columns], x_columns)
     if isinstance(contrasts, str):
         return cmat, {contrasts: contrasts}
     if isinstance(contrasts, Mapping):
         return cmat, {str(name): expr for name, expr in contrasts.items()}
     return cmat, {c: c for c in contrasts}
+
+
+def _check_contrast_names(names: Sequence[str], x_columns: Sequence[str]) -> None:
+    """Contrast names must be storable in h5ad and differ from the design columns."""
+    for name in names:
+        check_h5ad_name(name, f"The contrast name {name!r}")
+        if name in x_columns:
+            msg = (
+                f"The contrast name {name!r} is also a design column, so results under that "
+                "name would be ambiguous (get.flashmm_df, pl.qq, pl.volcano); name the "
+                "contrast differently, e.g. {'" + name + "_contrast': '...'}."
+            )
+            raise ValueError(msg)
+
+
+def _check_memory(n: int, design: Design, m: int, *, n_jobs: int | None) -> None:
+    """Refuse, before the pass, a fit that would not fit in memory (see check_fit_memory)."""
+    check_fit_memory(
+        n, design.X.shape[1], design.Z.shape[1], m, len(design.d), n_jobs=check_n_jobs(n_jobs)
+    )
 
 
 def _summary_statistics(
@@ -279,12 +325,19 @@ def _summary_statistics(
     chunk_size: int | None,
     is_counts: bool,
     progress: bool | None,
+    n_jobs: int,
 ) -> SummaryStats:
     """One pass over the cells; errors name ``source``, a non-finite value its cell and gene."""
     bar = ProgressBar(progress, unit="genes" if is_csc(Y) else "cells")
     try:
         stats = summary_stats(
-            design.X, Y, design.Z, chunk_size=chunk_size, is_counts=is_counts, progress=bar
+            design.X,
+            Y,
+            design.Z,
+            chunk_size=chunk_size,
+            is_counts=is_counts,
+            progress=bar,
+            n_jobs=n_jobs,
         )
     except NonFiniteError as exc:
         raise nonfinite_error(exc, Y, source, adata.obs_names, adata.var_names) from exc
@@ -298,6 +351,13 @@ def _summary_statistics(
             f"{source} looks like raw counts (non-negative integers), but "
             "is_counts=False fits them untransformed. Pass is_counts=True to fit log2(1 + y) "
             "as FLASHMM does, or normalise and log-transform first."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    if is_counts and has_non_integers(Y):
+        msg = (
+            f"{source} has non-integer values, but is_counts=True treats them as counts and "
+            "fits log2(1 + y). If the data are already normalised or log-transformed, pass "
+            "is_counts=False (or choose the layer of raw counts)."
         )
         warnings.warn(msg, UserWarning, stacklevel=3)
     return stats

@@ -50,23 +50,48 @@ def _materialize(block: Any) -> Any:
 _COUNTS_SAMPLE = 2_000_000
 
 
-def looks_like_counts(Y: Any) -> bool:
-    """Whether the stored values of the first cells (genes, for CSC) are integers >= 0, not all 0.
-
-    Reads at most ``_COUNTS_SAMPLE`` values, separately from the pass.
-    """
+def _sample_values(Y: Any) -> np.ndarray:
+    """Return the stored values of the first cells (genes, for CSC), at most ``_COUNTS_SAMPLE``."""
     n, m = Y.shape
     if is_csc(Y):
         block = Y[:, : max(1, _COUNTS_SAMPLE // n)]
     else:
         block = Y[: max(1, _COUNTS_SAMPLE // m)]
     block = _materialize(block)
-    values = block.data if sparse.issparse(block) else block
+    return np.asarray(block.data if sparse.issparse(block) else block)
+
+
+def looks_like_counts(Y: Any) -> bool:
+    """Whether the stored values of the first cells (genes, for CSC) are integers >= 0, not all 0.
+
+    Reads at most ``_COUNTS_SAMPLE`` values, separately from the pass.
+    """
+    values = _sample_values(Y)
     if values.dtype.kind not in "biuf" or not values.size:
         return False
     if values.dtype.kind == "f" and not (values == np.round(values)).all():  # also NaN
         return False
     return bool(values.min() >= 0 and values.max() > 0)
+
+
+def has_non_integers(Y: Any) -> bool:
+    """Whether some stored value of the first cells (genes, for CSC) is not an integer."""
+    values = _sample_values(Y)
+    if values.dtype.kind != "f" or not values.size:
+        return False
+    return bool((values != np.round(values)).any())
+
+
+def check_backed_view(adata: AnnData) -> None:
+    """Refuse a view of a backed AnnData before any work, saying what to do instead."""
+    if adata.isbacked and adata.is_view:
+        msg = (
+            "adata is a view of a backed AnnData (e.g. bk[cells] or bk[:, genes]); anndata "
+            "cannot write results into it. Load the selection with adata.to_memory() (it "
+            "reads only the selected rows and columns), or fit the whole backed AnnData and "
+            "subset the results."
+        )
+        raise ValueError(msg)
 
 
 def nonfinite_error(
