@@ -77,7 +77,7 @@ def _bad(kind: str):
         ("syntax", r"Cannot parse the fixed formula '~0\+log\(libsize\)\+cls\+'"),
         ("confounded", "'sam' is confounded with the fixed effects"),
         ("layer", "no layer 'counts'"),
-        ("method", "method must be one of .REML., .ML."),
+        ("method", "method must be .REML. or .ML."),
         ("theta0", r"theta0 must have k \+ 1 = 2 values"),
         ("contrast", "Unknown name 'clsX' in contrast"),
         ("contrast_slash", "cannot contain '/'"),
