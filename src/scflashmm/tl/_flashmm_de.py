@@ -7,8 +7,8 @@ write them into the AnnData (names from :mod:`scflashmm._results`).
 
 from __future__ import annotations
 
-import warnings
 import inspect
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -92,6 +92,7 @@ class FitOptions:
     theta0: np.ndarray | None
     max_iter: int
     epsilon: float
+
 
 __all__ = ["flashmm_de"]
 
@@ -473,7 +474,7 @@ def _check_bool(value: Any, name: str) -> bool:
 
 
 def _singular(fit: LMMFit) -> np.ndarray:
-    """The fit's per-gene singular flag (False where the solver does not report one)."""
+    """Return the per-gene singular flag (False where the solver does not report one)."""
     flag = getattr(fit, "singular", None)
     if flag is None:
         return np.zeros(fit.n_features, dtype=bool)
@@ -555,7 +556,7 @@ def _contrast_tables(
 def _stats_tables(
     stats: SummaryStats, var_names: pd.Index, key: str, info: DesignInfo
 ) -> dict[str, Any]:
-    """The gene-wise summary statistics, for refits without the cells."""
+    """Return the gene-wise summary statistics, for refits without the cells."""
     index = pd.Index(var_names)
     cols = pd.Index(info.x_columns, dtype=object)
     return {
