@@ -1,346 +1,460 @@
-"""Calibration of scflashmm's tests with few to many samples, side by side with pseudobulk.
+"""Calibration and power of DE methods on simulate_rnaseq data, common vs per-gene donor variances.
 
-Each repeat simulates ``simulate_rnaseq`` counts (3 cell types, two treatments, DE genes with
-|logFC| ~ U(0.25, 1) in one cell type) for one design, and tests every gene in every cell type
-for "treated vs control within this cell type" (the ``cls<k>:trt`` terms of
-``~0 + log(libsize) + cls + cls:trt`` with a random intercept per sample, on log2(1 + counts)).
+Each repeat simulates a multi-sample, multi-cell-type data set (4 cell types, DE genes with a
+treatment effect in one cell type each, a per-sample random effect) and every method tests, for
+every gene and cell type, "treated vs control within this cell type". Every scenario is run
+twice: with one donor (sample) variance for all genes, and with per-gene variances drawn from a
+gamma distribution with the same mean and a coefficient of variation of 1
+(``simulate_rnaseq(var_random_effects=("gamma", mean, 1.0))``), since real genes differ in how
+much they vary between donors.
 
-Designs: samples nested in treatment, 12 vs 13 ("25"), 5 vs 5 ("10"), 8 vs 8, 4 vs 4, 3 vs 3;
-4 vs 4 with cells per sample over a 10x range ("var4v4"); and a paired design (4 donors, each
-with treated and control cells: the tested effect is within samples, "paired4").
-Donor variances: "hom", one variance 0.1 for every gene; "het", per-gene variances from a
-gamma distribution with mean 0.1 and coefficient of variation 1 (genes simulated in blocks on
-one set of cells, each block with one variance: the block variances are the gamma's quantiles
-at (i + 0.5) / blocks, so the genes' variances follow a discretised gamma).
+Methods (a registry: name -> function(adata, scenario) -> p-values and log fold changes,
+genes x cell types; a new row is one new entry in ``METHODS``):
 
-Methods (:data:`METHODS`, a registry of name -> function of the data):
+- ``LMM, n - p df``: FLASHMM's example model on log2(1 + counts), fixed
+  ``~0 + log(libsize) + cls + cls:trt``, random ``~0 + sam``; t tests of ``cls<k>:trt`` on
+  n - p (cells) degrees of freedom, FLASHMM's choice.
+- ``LMM, Satterthwaite``: the same fit with ``df="satterthwaite"`` (lmerTest's df).
+- ``t-test (cells)``: ``scanpy.tl.rank_genes_groups`` (t-test) within the cell type, treated
+  vs control cells on log1p(counts); treats cells as independent replicates.
+- ``pseudobulk (PyDESeq2)``: counts summed per sample x cell type (x treatment in the paired
+  design), then PyDESeq2 per cell type with design ``~trt`` (``~sam + trt`` when paired) and
+  the Wald test of treated vs control. Needs ``pip install pydeseq2`` (a benchmark extra, not a
+  dependency of scflashmm); skipped with a message if it is missing.
 
-- ``LMM, n - p df`` (FLASHMM), ``LMM, Satterthwaite`` (lmerTest's df);
-- ``LMM nonnegative, Satterthwaite`` and ``LMM nonnegative, Kenward-Roger``: variance
-  components >= 0 as lme4 (skipped, and said so, when the solver lacks them);
-- ``moderated (default)``: what ``tl.flashmm_de`` does by default with one random term, the
-  empirical-Bayes grid prior on the between-sample variance around a mean trend
-  (``scflashmm.tl._moderate.moderate_fit``);
-- ``t-test (cells)``: Welch t test over cells within the cell type, ignoring samples;
-- ``pseudobulk PyDESeq2``: counts summed per sample and cell type, PyDESeq2 per cell type,
-  design ``~trt`` (``~sam + trt`` paired). A benchmark extra: ``pip install pydeseq2``.
+Metrics, over the gene x cell type pairs of each repeat (non-DE genes, and DE genes in the other
+cell types, are the null pairs):
 
-Reported per scenario and method (mean over repeats; sd of the FDP): FPR at 0.05 over the null
-gene x cell-type pairs, FDP and power after BH at 5 % over all pairs, ranking power (share of
-true DE pairs at the deepest cut of the p-value ranking, pooled over repeats, whose actual FDP
-is at most 5 %), and seconds per fit (the LMM rows include the pass over the cells).
+- FPR at 0.05: share of null pairs with p < 0.05;
+- FDP at BH 5 %: share of false pairs among those called at Benjamini-Hochberg 5 % (0 if none);
+- power at BH 5 %: share of true DE pairs called at BH 5 %;
+- ranking power: pairs of all repeats pooled and ranked by p-value; the share of true DE pairs
+  above the deepest cut whose actual FDP is <= 5 % (cuts only between distinct p-values). It
+  measures the ordering alone, whatever the calibration of the p-values;
+- s / fit: seconds per data set (all cell types), on a machine shared with other jobs.
+
+Untestable pairs (NaN p-values, e.g. a gene without counts in a cell type) count as p = 1.
 
 Usage::
 
+    python benchmarks/calibration.py                           # the table in docs/calibration.md
     python benchmarks/calibration.py --quick                   # a few minutes
-    python benchmarks/calibration.py --repeats 3 --genes 1000 --cells 10000
+    python benchmarks/calibration.py --repeats 3 --scenarios 3v3,8v8 --methods "LMM, Satterthwaite"
+    python benchmarks/calibration.py --list                    # scenario keys and method names
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import logging
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy import stats
 from scipy.stats import false_discovery_control
 
-from scflashmm import lmm, summary_stats
+from scflashmm import lmm_fit
 from scflashmm._design import make_design
 from scflashmm.datasets import simulate_rnaseq
-from scflashmm.tl._moderate import moderate_fit
 
 ALPHA = 0.05
-FIXED = "~0+log(libsize)+cls+cls:trt"
-DESIGNS = ("25", "10", "8v8", "4v4", "3v3", "var4v4", "paired4")
-ARMS = {"25": (12, 13), "10": (5, 5), "8v8": (8, 8), "4v4": (4, 4), "3v3": (3, 3)}
-MEAN_VAR, CV = 0.1, 1.0
-HAS_NONNEGATIVE = "nonnegative" in inspect.signature(lmm).parameters
+N_CLUSTERS = 4
+VAR_MEAN = 0.1  # mean donor variance (log scale) in every scenario
+VAR_CV = 1.0  # its coefficient of variation across genes in the heterogeneous runs
 
 
-# ------------------------------------------------------------------------------ simulation
+# ----------------------------------------------------------------------------------------
+# scenarios
+# ----------------------------------------------------------------------------------------
 
 
-def make_obs(design: str, n_cells: int, n_clusters: int, rng: np.random.Generator) -> pd.DataFrame:
-    """Cells assigned to samples, cell types and treatments for one design."""
-    cls = (rng.integers(0, n_clusters, n_cells) + 1).astype(str)
-    if design == "paired4":
-        sam = np.array([f"D{i + 1}" for i in rng.integers(0, 4, n_cells)])
-        trt = np.array(["A", "B"])[rng.integers(0, 2, n_cells)]
-    else:
-        n_a, n_b = ARMS.get(design, (4, 4))
-        weights = np.ones(n_a + n_b)
-        if design == "var4v4":  # cells per sample over a 10x range, in both arms
-            weights = np.geomspace(1, 10, n_a + n_b)[rng.permutation(n_a + n_b)]
-        idx = rng.choice(n_a + n_b, n_cells, p=weights / weights.sum())
-        names = [f"A{i + 1}" for i in range(n_a)] + [f"B{i + 1}" for i in range(n_b)]
-        sam = np.array(names)[idx]
-        trt = np.array([s[0] for s in sam])
-    return pd.DataFrame(
-        {"sam": sam, "cls": cls, "trt": trt}, index=[f"Cell{i + 1}" for i in range(n_cells)]
-    )
+@dataclass(frozen=True)
+class Scenario:
+    """A simulation design; ``obs(n_cells, rng)`` gives the cells' metadata (or None)."""
+
+    key: str
+    name: str
+    n_samples: int = 25
+    samples_nested: bool = True
+    null: bool = False
+    obs: Callable[[int, np.random.Generator], pd.DataFrame] | None = None
+    paired: bool = False  # treatment within samples: pseudobulk per sample and treatment
+    extra: dict = field(default_factory=dict)
+
+    def kwargs(self, n_cells: int, n_genes: int, rng: np.random.Generator) -> dict:
+        kw = {
+            "n_genes": n_genes,
+            "n_clusters": N_CLUSTERS,
+            "n_de_genes": 0 if self.null else n_genes // 10,
+            "n_samples": self.n_samples,
+            "samples_nested": self.samples_nested,
+        }
+        if self.obs is None:
+            kw["n_cells"] = n_cells
+        else:
+            kw["obs"] = self.obs(n_cells, rng)
+        return kw | self.extra
 
 
-def block_variances(kind: str, blocks: int) -> np.ndarray:
-    """One donor variance per block of genes: all ``MEAN_VAR``, or gamma quantiles (CV 1)."""
-    if kind == "hom":
-        return np.full(blocks, MEAN_VAR)
-    shape = 1 / CV**2
-    return stats.gamma.ppf((np.arange(blocks) + 0.5) / blocks, shape, scale=MEAN_VAR / shape)
+def nested_obs(per_arm: int, weights: np.ndarray | None = None) -> Callable:
+    """Samples A1..A<n>, B1..B<n> nested in treatment A / B; cells spread by `weights`."""
 
-
-def simulate(
-    design: str, kind: str, n_cells: int, n_genes: int, n_de: int, blocks: int, seed: int
-) -> ad.AnnData:
-    """Blocks of genes, each with its donor variance, on one set of cells."""
-    rng = np.random.default_rng(seed)
-    obs = make_obs(design, n_cells, 3, rng)
-    parts = []
-    for b, var in enumerate(block_variances(kind, blocks)):
-        part = simulate_rnaseq(
-            n_genes=n_genes // blocks,
-            obs=obs,
-            n_de_genes=n_de // blocks,
-            var_random_effects=float(var),
-            adjust_library_size=False,
-            seed=rng,
+    def make(n_cells: int, rng: np.random.Generator) -> pd.DataFrame:
+        names = [f"{t}{i + 1}" for t in "AB" for i in range(per_arm)]
+        w = np.ones(len(names)) if weights is None else np.asarray(weights, dtype=float)
+        sam = rng.choice(len(names), n_cells, p=w / w.sum())
+        obs = pd.DataFrame(
+            {
+                "sam": np.asarray(names)[sam],
+                "cls": (rng.integers(0, N_CLUSTERS, n_cells) + 1).astype(str),
+            },
+            index=[f"Cell{i + 1}" for i in range(n_cells)],
         )
-        part.var_names = [f"B{b + 1}_{g}" for g in part.var_names]
-        part.var["var_random_effects"] = float(var)
-        parts.append(part)
-    out = ad.concat(parts, axis=1, merge="first")
-    out.obs = parts[0].obs.copy()
-    out.X = sp.csr_matrix(out.X)
-    out.obs["libsize"] = np.asarray(out.X.sum(axis=1)).ravel().astype(float)
-    out.uns["treatment"] = parts[0].uns["simulate_rnaseq"]["treatment"]
-    return out
+        obs["trt"] = obs["sam"].str[0]
+        return obs
+
+    return make
 
 
-def truth_matrix(adata: ad.AnnData, clusters: list[str]) -> np.ndarray:
-    truth = np.zeros((adata.n_vars, len(clusters)), dtype=bool)
-    de = np.flatnonzero(adata.var["is_de"].to_numpy())
-    cl = adata.var["de_cluster"].astype(str).to_numpy()
-    for g in de:
-        truth[g, clusters.index(cl[g])] = True
-    return truth
+# 10x range of cells per sample, interleaved so that both arms span the range
+_RANGE = np.geomspace(1, 10, 10)[[0, 2, 4, 6, 8, 1, 3, 5, 7, 9]]
+
+SCENARIOS = {
+    s.key: s
+    for s in [
+        Scenario("25", "25 samples"),
+        Scenario("10", "10 samples", n_samples=10),
+        Scenario("8v8", "8 vs 8", obs=nested_obs(8)),
+        Scenario("4v4", "4 vs 4", obs=nested_obs(4)),
+        Scenario("3v3", "3 vs 3", obs=nested_obs(3)),
+        Scenario(
+            "null10x", "null, 5 vs 5, 10x range of cells", null=True, obs=nested_obs(5, _RANGE)
+        ),
+        Scenario("paired", "paired, 6 samples", n_samples=6, samples_nested=False, paired=True),
+    ]
+}
 
 
-# --------------------------------------------------------------------------------- methods
+# ----------------------------------------------------------------------------------------
+# methods: name -> function(adata, scenario) -> (p, log fc), genes x cell types
+# ----------------------------------------------------------------------------------------
+
+Result = tuple[np.ndarray, np.ndarray]
 
 
-class Data:
-    """One simulated data set with its design and summary statistics (computed once)."""
-
-    def __init__(self, adata: ad.AnnData) -> None:
-        self.adata = adata
-        self.clusters = sorted(adata.obs["cls"].unique())
-        start = time.perf_counter()
-        self.design = make_design(adata.obs, FIXED, "sam")
-        self.stats = summary_stats(self.design.X, adata.X, self.design.Z, is_counts=True)
-        self.pass_seconds = time.perf_counter() - start
-        self.inter = [j for j, c in enumerate(self.design.x_columns) if ":trt" in c]
+def _lmm(adata: ad.AnnData, df: str) -> Result:
+    design = make_design(adata.obs, "~0+log(libsize)+cls+cls:trt", "sam")
+    fit = lmm_fit(adata.X, design.X, design.Z, design.d, is_counts=True, df=df, output_cov=False)
+    cols = [j for j, name in enumerate(design.x_columns) if ":trt" in name]
+    return fit.p[:, cols], fit.coef[:, cols]
 
 
-def _lmm(df: str, *, nonnegative: bool = False) -> Callable[[Data], np.ndarray]:
-    def run(data: Data) -> np.ndarray:
-        extra = {"nonnegative": True} if nonnegative else {}
-        return lmm(data.stats, df=df, output_cov=False, **extra).p[:, data.inter]
-
-    return run
+def lmm_residual(adata: ad.AnnData, scenario: Scenario) -> Result:
+    """LMM, t tests on n - p df (FLASHMM)."""
+    return _lmm(adata, "residual")
 
 
-def _moderated(data: Data) -> np.ndarray:
-    fit = lmm(data.stats, df="residual", output_cov=False)
-    x_sum = data.design.X.sum(axis=0)
-    return moderate_fit(data.stats, fit.theta, x_sum, None).p[:, data.inter]
+def lmm_satterthwaite(adata: ad.AnnData, scenario: Scenario) -> Result:
+    """LMM, t tests on Satterthwaite df."""
+    return _lmm(adata, "satterthwaite")
 
 
-def _ttest(data: Data) -> np.ndarray:
-    adata = data.adata
-    treated = adata.uns["treatment"]
-    logged = adata.X.copy().astype(np.float64)
-    logged.data = np.log1p(logged.data)
-    out = np.full((adata.n_vars, len(data.clusters)), np.nan)
-    for k, cl in enumerate(data.clusters):
-        mask = (adata.obs["cls"] == cl).to_numpy()
-        is_t = (adata.obs["trt"] == treated).to_numpy()
-        a = logged[mask & is_t].toarray()
-        b = logged[mask & ~is_t].toarray()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, k] = stats.ttest_ind(a, b, axis=0, equal_var=False).pvalue
-    return out
+def _arms(adata: ad.AnnData) -> tuple[str, str]:
+    treated = adata.uns["simulate_rnaseq"]["treatment"]
+    control = [t for t in adata.obs["trt"].cat.categories if t != treated]
+    if len(control) != 1:
+        msg = "the benchmark assumes two treatments"
+        raise ValueError(msg)
+    return treated, control[0]
 
 
-def _pseudobulk(data: Data) -> np.ndarray:
-    """PyDESeq2 per cell type on counts summed per sample (imported lazily)."""
+def ttest_cells(adata: ad.AnnData, scenario: Scenario) -> Result:
+    """Welch t-test over cells within each cell type (scanpy), on log1p(counts)."""
+    import scanpy as sc
+
+    treated, control = _arms(adata)
+    logged = ad.AnnData(
+        X=adata.X.astype(np.float32),
+        obs=adata.obs[["cls", "trt"]].copy(),
+        var=pd.DataFrame(index=adata.var_names),
+    )
+    sc.pp.log1p(logged)
+    clusters = adata.obs["cls"].cat.categories
+    p = np.full((adata.n_vars, len(clusters)), np.nan)
+    lfc = np.full_like(p, np.nan)
+    for k, cls in enumerate(clusters):
+        sub = logged[logged.obs["cls"] == cls].copy()
+        sc.tl.rank_genes_groups(sub, "trt", groups=[treated], reference=control, method="t-test")
+        df = sc.get.rank_genes_groups_df(sub, group=treated).set_index("names")
+        p[:, k] = df.loc[adata.var_names, "pvals"].to_numpy()
+        lfc[:, k] = df.loc[adata.var_names, "logfoldchanges"].to_numpy()
+    return p, lfc
+
+
+def pseudobulk_deseq2(adata: ad.AnnData, scenario: Scenario) -> Result:
+    """Counts summed per sample x cell type, PyDESeq2 Wald test per cell type."""
     from pydeseq2.dds import DeseqDataSet
     from pydeseq2.default_inference import DefaultInference
     from pydeseq2.ds import DeseqStats
 
-    adata = data.adata
-    paired = adata.obs["sam"].astype(str).str.startswith("D").all()
+    treated, control = _arms(adata)
+    keys = ["cls", "sam", "trt"] if scenario.paired else ["cls", "sam"]
+    obs = adata.obs
+    groups = obs.groupby(keys, observed=True).ngroup().to_numpy()
+    n_groups = int(groups.max()) + 1
+    indicator = sp.csr_matrix(
+        (np.ones(adata.n_obs), (groups, np.arange(adata.n_obs))), shape=(n_groups, adata.n_obs)
+    )
+    sums = (indicator @ adata.X).toarray().astype(np.int64)  # pseudobulk samples x genes
+    first_cell = pd.Series(np.arange(adata.n_obs)).groupby(groups).first().to_numpy()
+    meta = obs.iloc[first_cell][["cls", "sam", "trt"]].astype(str)
+    meta.index = [f"pb{i}" for i in range(n_groups)]
+    design = "~sam + trt" if scenario.paired else "~trt"
     inference = DefaultInference(n_cpus=1)
-    out = np.full((adata.n_vars, len(data.clusters)), np.nan)
-    treated = adata.uns["treatment"]
-    for k, cl in enumerate(data.clusters):
-        sub = adata[adata.obs["cls"] == cl]
-        groups = sub.obs["sam"].astype(str) + "|" + sub.obs["trt"].astype(str)
-        codes, levels = pd.factorize(groups)
-        indicator = sp.csr_matrix(
-            (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(levels), len(codes))
-        )
-        counts = np.asarray((indicator @ sub.X).todense()).round().astype(int)
-        meta = pd.DataFrame(
-            {"sam": [s.split("|")[0] for s in levels], "trt": [s.split("|")[1] for s in levels]},
-            index=[f"P{i}" for i in range(len(levels))],
-        )
-        keep = counts.sum(axis=0) > 0
-        frame = pd.DataFrame(counts[:, keep], index=meta.index, columns=adata.var_names[keep])
+    clusters = obs["cls"].cat.categories
+    p = np.full((adata.n_vars, len(clusters)), np.nan)
+    lfc = np.full_like(p, np.nan)
+    for k, cls in enumerate(clusters):
+        rows = np.flatnonzero(meta["cls"].to_numpy() == cls)
+        counts = pd.DataFrame(sums[rows], index=meta.index[rows], columns=adata.var_names)
+        keep = counts.sum(0).to_numpy() > 0
         dds = DeseqDataSet(
-            counts=frame,
-            metadata=meta,
-            design="~sam + trt" if paired else "~trt",
+            counts=counts.loc[:, keep],
+            metadata=meta.iloc[rows],
+            design=design,
+            refit_cooks=True,
             inference=inference,
             quiet=True,
         )
         dds.deseq2()
-        control = next(t for t in meta["trt"].unique() if t != treated)
-        res = DeseqStats(dds, contrast=["trt", treated, control], inference=inference, quiet=True)
-        res.summary()
-        out[keep, k] = res.results_df["pvalue"].to_numpy()
+        stats_ = DeseqStats(
+            dds, contrast=["trt", treated, control], inference=inference, quiet=True
+        )
+        stats_.summary()
+        res = stats_.results_df
+        p[keep, k] = res["pvalue"].to_numpy()
+        lfc[keep, k] = res["log2FoldChange"].to_numpy()
+    return p, lfc
+
+
+METHODS: dict[str, Callable[[ad.AnnData, Scenario], Result]] = {
+    "LMM, n - p df": lmm_residual,
+    "LMM, Satterthwaite": lmm_satterthwaite,
+    "t-test (cells)": ttest_cells,
+    "pseudobulk (PyDESeq2)": pseudobulk_deseq2,
+}
+OPTIONAL = {"pseudobulk (PyDESeq2)": "pydeseq2"}
+
+
+def available_methods(names: list[str]) -> list[str]:
+    """The methods whose optional dependency is installed (with a message for the others)."""
+    out = []
+    for name in names:
+        module = OPTIONAL.get(name)
+        if module is not None:
+            try:
+                __import__(module)
+            except ImportError:
+                print(f"skipping {name!r}: `pip install {module}` to run it")
+                continue
+        out.append(name)
     return out
 
 
-#: name -> (function of the data, whether its time includes the pass over the cells)
-METHODS: dict[str, tuple[Callable[[Data], np.ndarray], bool]] = {
-    "LMM, n - p df": (_lmm("residual"), True),
-    "LMM, Satterthwaite": (_lmm("satterthwaite"), True),
-    "LMM nonnegative, Satterthwaite": (_lmm("satterthwaite", nonnegative=True), True),
-    "LMM nonnegative, Kenward-Roger": (_lmm("kenward-roger", nonnegative=True), True),
-    "moderated (default)": (_moderated, True),
-    "t-test (cells)": (_ttest, False),
-    "pseudobulk PyDESeq2": (_pseudobulk, False),
-}
+# ----------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------
 
 
-def available(name: str) -> bool:
-    if "nonnegative" in name and not HAS_NONNEGATIVE:
-        return False
-    if name.startswith("pseudobulk"):
-        try:
-            import pydeseq2  # noqa: F401
-        except ImportError:
-            return False
-    return True
-
-
-# --------------------------------------------------------------------------------- metrics
+def truth_matrix(adata: ad.AnnData) -> np.ndarray:
+    """True DE pairs, genes x cell types."""
+    var = adata.var
+    truth = np.zeros((adata.n_vars, len(adata.obs["cls"].cat.categories)), dtype=bool)
+    de = np.flatnonzero(var["is_de"].to_numpy())
+    truth[de, var["de_cluster"].cat.codes.to_numpy()[de]] = True
+    return truth
 
 
 def metrics(p: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    p = np.where(np.isnan(p), 1.0, p)  # untestable pairs count as negatives
+    """FPR at 0.05, FDP and power at BH 5 % of one repeat."""
+    p = np.where(np.isnan(p), 1.0, p)
     called = false_discovery_control(p.ravel(), method="bh").reshape(p.shape) <= ALPHA
     return {
         "fpr": float((p[~truth] < ALPHA).mean()),
         "fdp": float((called & ~truth).sum() / max(called.sum(), 1)),
-        "power_bh": float((called & truth).sum() / max(truth.sum(), 1)),
+        "power": float((called & truth).sum() / truth.sum()) if truth.any() else np.nan,
     }
 
 
-def ranking_power(p: np.ndarray, truth: np.ndarray) -> float:
-    """Share of true pairs found at the deepest cut of the ranking with actual FDP <= 5 %."""
-    p = np.where(np.isnan(p), 1.0, p)
+def ranking_power(p: np.ndarray, truth: np.ndarray, fdp: float = ALPHA) -> float:
+    """Share of true pairs above the deepest cut of the p-value ranking with actual FDP <= fdp.
+
+    Cuts are only placed between distinct p-values (ties are taken together).
+    """
+    p = np.where(np.isnan(p), 1.0, np.asarray(p, dtype=float)).ravel()
+    truth = np.asarray(truth, dtype=bool).ravel()
+    if not truth.any():
+        return np.nan
     order = np.argsort(p, kind="stable")
-    tp = np.cumsum(truth[order])
-    fdp = 1 - tp / np.arange(1, p.size + 1)
-    ok = np.flatnonzero(fdp <= ALPHA)
-    return float(tp[ok[-1]] / truth.sum()) if ok.size else 0.0
+    p, truth = p[order], truth[order]
+    tp = np.cumsum(truth)
+    k = np.arange(1, p.size + 1)
+    cut = np.append(p[1:] != p[:-1], True)  # a cut after position i is possible
+    ok = cut & ((k - tp) <= fdp * k)
+    return float(tp[ok].max() / truth.sum()) if ok.any() else 0.0
 
 
-def run(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
+# ----------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------
+
+
+def run(
+    scenarios: list[Scenario],
+    methods: list[str],
+    *,
+    repeats: int,
+    n_genes: int,
+    n_cells: int,
+    seed: int,
+    variances: tuple[str, ...] = ("common", "heterogeneous"),
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-repeat metrics and the pooled ranking power, for every scenario and variance."""
     rows, pooled = [], {}
-    methods = [m for m in args.methods if available(m)]
-    for design in args.designs:
-        for kind in args.variances:
-            for r in range(args.repeats):
-                seed = args.seed + 1000 * r + 7 * DESIGNS.index(design) + (kind == "het")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    adata = simulate(
-                        design, kind, args.cells, args.genes, args.de, args.blocks, seed
-                    )
-                    data = Data(adata)
-                    truth = truth_matrix(adata, data.clusters)
-                    for method in methods:
-                        func, with_pass = METHODS[method]
+    seeds = iter(np.random.SeedSequence(seed).spawn(len(scenarios) * len(variances) * repeats))
+    for scenario in scenarios:
+        for variance in variances:
+            var_re = VAR_MEAN if variance == "common" else ("gamma", VAR_MEAN, VAR_CV)
+            print(f"{scenario.name}, {variance} variance ...", file=sys.stderr, flush=True)
+            for r in range(repeats):
+                rng = np.random.default_rng(next(seeds))
+                kwargs = scenario.kwargs(n_cells, n_genes, rng)
+                adata = simulate_rnaseq(**kwargs, var_random_effects=var_re, seed=rng)
+                truth = truth_matrix(adata)
+                for method in methods:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
                         start = time.perf_counter()
-                        p = func(data)
+                        p, _ = METHODS[method](adata, scenario)
                         seconds = time.perf_counter() - start
-                        seconds += data.pass_seconds if with_pass else 0.0
-                        key = (design, kind, method)
-                        pooled.setdefault(key, ([], []))
-                        pooled[key][0].append(p.ravel())
-                        pooled[key][1].append(truth.ravel())
-                        rows.append(
-                            {"design": design, "variances": kind, "method": method, "repeat": r}
-                            | metrics(p, truth)
-                            | {"seconds": seconds}
-                        )
-                if args.out:  # after every repeat, so that an interrupted run keeps its rows
-                    pd.DataFrame(rows).to_csv(args.out, index=False)
-                print(f"# {design} {kind} repeat {r} done", flush=True)
-    return pd.DataFrame(rows), pooled
+                    key = (scenario.name, variance, method)
+                    rows.append(
+                        {"scenario": scenario.name, "variance": variance, "method": method}
+                        | {"repeat": r, "seconds": seconds}
+                        | metrics(p, truth)
+                    )
+                    pooled.setdefault(key, []).append((p, truth))
+    ranking = pd.DataFrame(
+        [
+            {"scenario": s, "variance": v, "method": m}
+            | {
+                "ranking_power": ranking_power(
+                    np.concatenate([a for a, _ in runs]), np.concatenate([t for _, t in runs])
+                )
+            }
+            for (s, v, m), runs in pooled.items()
+        ]
+    )
+    return pd.DataFrame(rows), ranking
 
 
-def table(results: pd.DataFrame, pooled: dict) -> str:
+def table(results: pd.DataFrame, ranking: pd.DataFrame) -> str:
+    """Markdown table: mean ± sd over repeats; ranking power pooled over repeats."""
+
+    def cell(x: pd.Series) -> str:
+        if x.isna().all():
+            return "n/a"
+        return f"{x.mean():.3f} ± {x.std(ddof=1):.3f}" if len(x) > 1 else f"{x.mean():.3f}"
+
+    rank = ranking.set_index(["scenario", "variance", "method"])["ranking_power"]
     lines = [
-        "| design | donor variances | method | FPR at 0.05 | FDP at BH 5 % (sd) "
-        "| power at BH 5 % | ranking power | s / fit |",
+        "| scenario | donor variance | method | FPR at 0.05 | FDP at BH 5 % | power at BH 5 % "
+        "| ranking power | s / fit |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (design, kind, method), g in results.groupby(["design", "variances", "method"], sort=False):
-        p, truth = (np.concatenate(x) for x in pooled[(design, kind, method)])
-        sd = g["fdp"].std() if len(g) > 1 else np.nan
+    for (s, v, m), g in results.groupby(["scenario", "variance", "method"], sort=False):
+        rp = rank[(s, v, m)]
+        rp_text = "n/a" if np.isnan(rp) else f"{rp:.3f}"
         lines.append(
-            f"| {design} | {kind} | {method} | {g['fpr'].mean():.3f} | "
-            f"{g['fdp'].mean():.2f} ({sd:.2f}) | {g['power_bh'].mean():.3f} | "
-            f"{ranking_power(p, truth):.3f} | {g['seconds'].mean():.2f} |"
+            f"| {s} | {v} | {m} | {cell(g['fpr'])} | {cell(g['fdp'])} | {cell(g['power'])} "
+            f"| {rp_text} | {g['seconds'].mean():.2f} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
+    """Command line: run the scenarios and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
-    parser.add_argument("--variances", nargs="+", default=["hom", "het"], choices=["hom", "het"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cells", type=int, default=10_000)
-    parser.add_argument("--genes", type=int, default=1000)
-    parser.add_argument("--de", type=int, default=60)
-    parser.add_argument("--blocks", type=int, default=10, help="gene blocks (het variances)")
-    parser.add_argument("--quick", action="store_true", help="2000 cells, 200 genes, 1 repeat")
-    parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--out", default=None, help="CSV of per-repeat results")
-    args = parser.parse_args()
-    if args.quick:
-        args.cells, args.genes, args.de, args.repeats = 2000, 200, 20, 1
-    skipped = [m for m in args.methods if not available(m)]
-    print(
-        f"simulate_rnaseq: {args.cells} cells x {args.genes} genes ({args.blocks} blocks), "
-        f"3 cell types, {args.de} DE genes; {args.repeats} repeats; seed {args.seed}."
-        + (f" Not available here, skipped: {skipped}." if skipped else "")
+    parser.add_argument("--quick", action="store_true", help="200 genes, 2000 cells, 1 repeat")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="simulations per scenario and variance (2)"
     )
-    start = time.perf_counter()
-    results, pooled = run(args)
-    print(table(results, pooled))
-    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+    parser.add_argument("--genes", type=int, default=None, help="genes per data set (300)")
+    parser.add_argument("--cells", type=int, default=None, help="cells per data set (3000)")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated keys (see --list)"
+    )
+    parser.add_argument(
+        "--methods", default=";".join(METHODS), help="semicolon-separated names (see --list)"
+    )
+    parser.add_argument("--variances", default="common,heterogeneous")
+    parser.add_argument("--seed", type=int, default=20241)
+    parser.add_argument("--csv", default=None, help="also write the per-repeat rows here")
+    parser.add_argument("--list", action="store_true", help="list scenarios and methods")
+    args = parser.parse_args()
+    if args.list:
+        for s in SCENARIOS.values():
+            print(f"scenario {s.key!r}: {s.name}")
+        for m in METHODS:
+            print(f"method {m!r}")
+        return
+    n_genes, n_cells, repeats = (200, 2000, 1) if args.quick else (300, 3000, 2)
+    n_genes = args.genes or n_genes
+    n_cells = args.cells or n_cells
+    repeats = args.repeats or repeats
+    unknown = [k for k in args.scenarios.split(",") if k not in SCENARIOS]
+    unknown += [m for m in args.methods.split(";") if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown scenario(s) or method(s): {unknown}; see --list")
+    scenarios = [SCENARIOS[k] for k in args.scenarios.split(",")]
+    methods = available_methods(args.methods.split(";"))
+    variances = tuple(args.variances.split(","))
+    logging.getLogger("scflashmm").setLevel(logging.WARNING)
+    print(
+        f"simulate_rnaseq: {n_cells} cells x {n_genes} genes, {N_CLUSTERS} cell types, 2 "
+        f"treatments, {n_genes // 10} DE genes (0 in the null) with |logFC| ~ U(0.25, 1) in one "
+        f"cell type each; donor variance {VAR_MEAN} (common) or gamma with mean {VAR_MEAN}, "
+        f"CV {VAR_CV} (heterogeneous); {repeats} repeats per scenario and variance, "
+        f"seed {args.seed}.\n"
+    )
+    warm = simulate_rnaseq(n_genes=20, n_cells=300, n_clusters=2, seed=0)  # numba, imports
+    for m in methods:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            METHODS[m](warm, SCENARIOS["25"])
+    start, cpu_start = time.perf_counter(), time.process_time()
+    results, ranking = run(
+        scenarios,
+        methods,
+        repeats=repeats,
+        n_genes=n_genes,
+        n_cells=n_cells,
+        seed=args.seed,
+        variances=variances,
+    )
+    print(table(results, ranking))
+    print(
+        f"\n(mean ± sd over repeats; total {time.perf_counter() - start:.0f} s wall, "
+        f"{time.process_time() - cpu_start:.0f} s CPU)"
+    )
+    if args.csv:
+        results.to_csv(args.csv, index=False)
 
 
 if __name__ == "__main__":

@@ -330,7 +330,7 @@ def worker_kernels(spec: dict) -> dict:
     from scipy.sparse import _sparsetools as st
 
     import scflashmm as sfm
-    import scflashmm._core.sumstats as ss
+    import scflashmm._core.blocks as pass_blocks
     from scflashmm._design import make_design
 
     adata = ad.read_h5ad(spec["path"])
@@ -420,7 +420,7 @@ def worker_kernels(spec: dict) -> dict:
             out[f"{name}|{jobs}_s"] = min(times)
     pieces = {}
     for piece in (1 << 14, 1 << 17, 1 << 20, 1 << 30):
-        ss._PIECE = piece
+        pass_blocks._PIECE = piece  # the piece size of the pass (_core/blocks.py)
         times = []
         for _ in range(spec["inner"]):
             t = time.perf_counter()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from scipy import stats
 
-from scflashmm.datasets import simulate_rnaseq
+from scflashmm import lmm_fit
+from scflashmm._design import make_design
+from scflashmm.datasets import VarianceDistribution, simulate_rnaseq
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,9 @@ def test_structure(small):
         "dispersion",
         "size",
         "reference_gene",
+        "var_random_effect",
     ]
+    np.testing.assert_array_equal(a.var["var_random_effect"], 0.1)  # the default, every gene
     assert a.var_names[0] == "Gene1"
     assert a.obs_names[0] == "Cell1"
     np.testing.assert_allclose(a.var["dispersion"], 1 / a.var["size"])
@@ -191,6 +198,48 @@ def test_same_seed_same_anndata_whatever_threads():
     assert (a.X != d.X).nnz > 0
 
 
+_VAR_COLUMNS = ["is_de", "beta", "de_cluster", "mu", "dispersion", "size", "reference_gene"]
+
+
+def _digest(a: ad.AnnData) -> str:
+    h = hashlib.sha256()
+    for arr in (a.X.indptr, a.X.indices, a.X.data):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(pd.util.hash_pandas_object(a.obs, index=True).to_numpy().tobytes())
+    h.update(pd.util.hash_pandas_object(a.var[_VAR_COLUMNS], index=True).to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "digest"),
+    [
+        (
+            {"n_genes": 600, "n_cells": 4000, "n_clusters": 3, "n_de_genes": 20, "seed": 7},
+            "ed675881c07cce95",
+        ),
+        (
+            {
+                "n_genes": 50,
+                "n_cells": 1000,
+                "samples_nested": False,
+                "n_samples": 6,
+                "var_random_effects": 0.3,
+                "seed": 1,
+            },
+            "4d88c0b5a77dbb44",
+        ),
+        ({"n_genes": 30, "n_cells": 500, "seed": 3, "reference": True}, "1371fa5339f7b1aa"),
+    ],
+)
+def test_same_outputs_as_before_the_per_gene_variances(kwargs, digest):
+    # digests of X, obs and the other var columns computed with the version before per-gene
+    # variances (commit 6ad8dbe): a common variance draws the same random numbers as before
+    kwargs = dict(kwargs)
+    if kwargs.pop("reference", False):
+        kwargs["counts"] = np.random.default_rng(42).negative_binomial(1.5, 0.5, (300, 40))
+    assert _digest(simulate_rnaseq(**kwargs)) == digest
+
+
 def test_generator_seed():
     a = simulate_rnaseq(n_genes=20, n_cells=100, seed=np.random.default_rng(3))
     b = simulate_rnaseq(n_genes=20, n_cells=100, seed=np.random.default_rng(3))
@@ -278,6 +327,85 @@ def test_random_effect_variance():
     log_means = np.log(y.groupby(a.obs["sam"].to_numpy()).mean())
     v = log_means.var(ddof=1).to_numpy()  # per gene, over ~40 samples
     assert abs(np.median(v) - 0.3) < 0.06
+
+
+# ---------------------------------------------------------------------------------------
+# donor variances that differ between genes
+# ---------------------------------------------------------------------------------------
+
+
+def test_per_gene_variances_recorded_and_honoured():
+    # as test_random_effect_variance, with two blocks of genes of different donor variance
+    ref = np.random.default_rng(0).negative_binomial(50, 50 / (50 + 200.0), size=(400, 60))
+    given = np.repeat([0.05, 0.5], 30)
+    a = simulate_rnaseq(
+        ref,
+        n_cells=40_000,
+        n_samples=40,
+        n_de_genes=0,
+        var_random_effects=given,
+        adjust_library_size=False,
+        seed=9,
+    )
+    np.testing.assert_array_equal(a.var["var_random_effect"], given)
+    assert a.uns["simulate_rnaseq"]["params"]["var_random_effects"].startswith("per gene")
+    y = pd.DataFrame(_dense(a), index=a.obs_names)
+    v = np.log(y.groupby(a.obs["sam"].to_numpy()).mean()).var(ddof=1).to_numpy()
+    assert abs(np.median(v[:30]) - 0.05) < 0.02
+    assert abs(np.median(v[30:]) - 0.5) < 0.1
+
+
+@pytest.mark.parametrize("distribution", ["gamma", "lognormal"])
+def test_variance_distribution_mean_and_cv(distribution):
+    a = simulate_rnaseq(
+        n_genes=20_000,
+        n_cells=20,
+        n_samples=2,
+        n_de_genes=0,
+        var_random_effects=(distribution, 0.2, 1.5),
+        seed=1,
+    )
+    v = a.var["var_random_effect"].to_numpy()
+    assert (v > 0).all()
+    assert abs(v.mean() / 0.2 - 1) < 0.05
+    assert abs(v.std() / v.mean() / 1.5 - 1) < 0.15  # heavy tails: the sample sd is noisy
+    params = a.uns["simulate_rnaseq"]["params"]["var_random_effects"]
+    assert params == {"distribution": distribution, "mean": 0.2, "cv": 1.5}
+
+
+def test_variance_distribution_forms_seed_and_threads():
+    kw = {"n_genes": 600, "n_cells": 8_000, "n_clusters": 3, "seed": 7}  # 3 chunks of 2^21
+    a = simulate_rnaseq(**kw, var_random_effects=("gamma", 0.1, 1.0), n_jobs=1)
+    b = simulate_rnaseq(
+        **kw, var_random_effects=VarianceDistribution("gamma", mean=0.1, cv=1.0), n_jobs=2
+    )
+    assert _same(a, b)
+    c = simulate_rnaseq(**kw, var_random_effects=a.var["var_random_effect"].to_numpy())
+    assert not _same(a, c)  # an array draws no variances, so the counts differ ...
+    np.testing.assert_array_equal(a.var["var_random_effect"], c.var["var_random_effect"])
+    # ... and a cv of 0 is the common variance
+    d = simulate_rnaseq(**kw, var_random_effects=("lognormal", 0.1, 0.0))
+    np.testing.assert_array_equal(d.var["var_random_effect"], 0.1)
+
+
+def test_recovered_donor_variances_follow_the_given_ones():
+    # fit one donor variance per gene (log2(1 + y) ~ log(libsize), random ~sam): the REML
+    # estimates must rank genes as the simulated variances do. With one common variance the
+    # rank correlation would be ~0 (measured 0.90-0.91 over seeds 0-2 with this design).
+    a = simulate_rnaseq(
+        n_genes=300,
+        n_cells=3000,
+        n_samples=30,
+        n_clusters=1,
+        n_de_genes=0,
+        var_random_effects=("gamma", 0.2, 1.0),
+        seed=0,
+    )
+    design = make_design(a.obs, "~log(libsize)", "sam")
+    fit = lmm_fit(a.X, design.X, design.Z, design.d, is_counts=True)
+    assert fit.converged.all()
+    rho = stats.spearmanr(fit.theta[:, 0], a.var["var_random_effect"]).statistic
+    assert rho > 0.7
 
 
 # ---------------------------------------------------------------------------------------
@@ -394,7 +522,20 @@ _OK = {"n_genes": 10, "n_cells": 500, "seed": 0}  # 500 cells: all 10 cell types
         ({"direction": "down"}, "needs maxbeta < 0"),
         ({"direction": "sideways"}, "direction must be"),
         ({"minbeta": np.nan}, "finite"),
-        ({"var_random_effects": -0.1}, "var_random_effects"),
+        ({"var_random_effects": -0.1}, "var_random_effects must be finite and >= 0"),
+        ({"var_random_effects": np.nan}, "var_random_effects must be finite and >= 0"),
+        ({"var_random_effects": [0.1] * 9 + [-0.1]}, "var_random_effects must be finite"),
+        ({"var_random_effects": [0.1] * 9 + [np.inf]}, "var_random_effects must be finite"),
+        ({"var_random_effects": [0.1] * 9}, "has 9 values but 10 genes"),
+        ({"var_random_effects": np.ones((2, 5))}, "one value per gene"),
+        ({"var_random_effects": ("normal", 0.1, 1.0)}, "Unknown distribution"),
+        ({"var_random_effects": ("gamma", 0.1, -1.0)}, "cv of var_random_effects must be finite"),
+        ({"var_random_effects": ("gamma", -0.1, 1.0)}, "mean of var_random_effects must be"),
+        ({"var_random_effects": ("gamma", np.nan, 1.0)}, "mean of var_random_effects must be"),
+        ({"var_random_effects": ("gamma", "0.1", 1.0)}, "mean of var_random_effects must be a"),
+        ({"var_random_effects": ("gamma", 0.1)}, "is \\(distribution, mean, cv\\)"),
+        ({"var_random_effects": "gamma"}, "give a distribution as"),
+        ({"var_random_effects": {"a": 1}}, "a number, an array or a distribution"),
         ({"n_de_genes": 11}, "11 DE genes requested but only 10"),
         ({"n_de_genes_per_cluster": [5] * 10}, "50 DE genes requested"),
         ({"n_clusters": 2, "n_de_genes_per_cluster": [1, 2, 3]}, "one value per cell type"),

@@ -15,7 +15,8 @@ and has library size ``L_i``. The count of gene ``g`` in cell ``i`` is
     \log m_{ig} = \log \mu_g + (\log L_i - \overline{\log L}) + b_{s(i) g}
                   + \beta_g \, [t(i) = T] \, [c(i) = k_g],
 
-with ``b_{sg} ~ N(0, var_random_effects)`` independent over samples and genes, ``T`` the
+with ``b_{sg} ~ N(0, sigma^2_g)`` independent over samples and genes (``sigma^2_g`` is
+``var_random_effects``: one value for all genes as in R, or one per gene), ``T`` the
 treated condition, and ``beta_g != 0`` only for the DE genes, each of which is DE in one
 cell type ``k_g``.
 
@@ -29,11 +30,11 @@ nested samples every treatment gets at least one sample.
 from __future__ import annotations
 
 import logging
-import os
 import string
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -41,10 +42,12 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from scflashmm._core._threads import check_n_jobs
+
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-__all__ = ["simulate_rnaseq"]
+__all__ = ["VarianceDistribution", "simulate_rnaseq"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +148,12 @@ def simulate_rnaseq(
         Bounds of the DE effects (natural-log fold change), ``minbeta < maxbeta``; for
         ``"both"``, ``minbeta * maxbeta > 0``.
     var_random_effects
-        Variance of the per-sample, per-gene random effects on the log mean.
+        Variance of the per-sample, per-gene random effects on the log mean (the donor
+        variance): a number (every gene the same, as in R), one value per simulated gene,
+        or a distribution across genes, :class:`VarianceDistribution` or the tuple
+        ``(distribution, mean, cv)``, e.g. ``("gamma", 0.1, 1.0)`` for gamma-distributed
+        variances with mean 0.1 and coefficient of variation 1. Real genes differ in their
+        donor variance; methods tuned on a common one can look calibrated and not be.
     seed
         Seed or :class:`numpy.random.Generator` (as for :func:`numpy.random.default_rng`).
         The same integer seed gives the same AnnData, whatever `n_jobs`.
@@ -167,7 +175,8 @@ def simulate_rnaseq(
         ``de_cluster`` (categorical cell type, NaN for non-DE genes), ``mu`` (reference
         mean), ``dispersion`` (NB dispersion ``1/size``: variance = mu + dispersion mu^2),
         ``size`` (NB size; this is what R's ``ref.mean.dispersion$dispersion`` holds) and
-        ``reference_gene`` (the reference gene it was sampled from).
+        ``reference_gene`` (the reference gene it was sampled from) and
+        ``var_random_effect`` (the variance of the gene's per-sample random effects).
     ``uns["simulate_rnaseq"]``
         ``treatment`` (the treated condition), ``n_de_genes_per_cluster`` (label -> number)
         and ``params`` (the arguments, resolved; h5ad-serialisable).
@@ -180,7 +189,9 @@ def simulate_rnaseq(
         genes, per-cluster numbers or probabilities not matching the cell types, a
         `treatment` that is not a level of ``trt``, metadata without ``sam``/``cls``/``trt``
         or not matching the reference cells, no usable reference gene, negative counts, a
-        reference cell without counts when adjusting library sizes, and the like.
+        reference cell without counts when adjusting library sizes, and the like; and for
+        a `var_random_effects` that is negative or not finite, has not one value per gene,
+        or names an unknown distribution or a negative mean or cv.
 
     Notes
     -----
@@ -201,25 +212,263 @@ def simulate_rnaseq(
     >>> adata.uns["simulate_rnaseq"]["treatment"]
     'B'
     """
-    _check_scalars(
+    n_jobs = _check_arguments(
         direction=direction,
         minbeta=minbeta,
         maxbeta=maxbeta,
-        var_random_effects=var_random_effects,
         n_samples=n_samples,
         n_clusters=n_clusters,
         n_treatments=n_treatments,
         n_genes=n_genes,
         n_cells=n_cells,
         n_de_genes=n_de_genes,
+        n_de_genes_per_cluster=n_de_genes_per_cluster,
+        p_de_genes_per_cluster=p_de_genes_per_cluster,
         n_jobs=n_jobs,
     )
-    if n_de_genes_per_cluster is not None and p_de_genes_per_cluster is not None:
-        msg = "Give at most one of n_de_genes_per_cluster and p_de_genes_per_cluster."
-        raise ValueError(msg)
+    variances = _check_variances(var_random_effects)
     rng = np.random.default_rng(seed)
 
-    # --- reference genes (mean, size), reference cells (names, library sizes) ---------
+    # reference genes (mean, NB size) and reference cells (names, library sizes)
+    ref = _reference(
+        rng,
+        counts,
+        n_genes=n_genes,
+        n_cells=n_cells,
+        obs=obs,
+        adjust_library_size=adjust_library_size,
+    )
+    n_genes = ref.n_genes_default if n_genes is None else n_genes
+    n_cells = ref.n_cells if n_cells is None else n_cells
+    # design of the cells: samples, cell types, treatments of the reference cells
+    meta = _reference_metadata(
+        rng,
+        ref,
+        obs=obs,
+        counts_given=counts is not None,
+        n_samples=n_samples,
+        n_clusters=n_clusters,
+        n_treatments=n_treatments,
+        samples_nested=samples_nested,
+        adjust_library_size=adjust_library_size,
+    )
+    # the genes and cells to simulate (drawn from the reference ones)
+    genes = _pick(rng, ref.keep, n_genes)
+    meta = _pick_cells(rng, meta, n_cells)
+    treatment = _check_treatment(meta, treatment)
+    clusters = list(meta["cls"].cat.categories)
+    # gene parameters: DE effects, then the donor (sample) variance of each gene
+    de = _de_genes(
+        rng,
+        clusters,
+        n_genes=n_genes,
+        n_de_genes=n_de_genes,
+        n_de_default=n_clusters if n_de_genes is None else n_de_genes,
+        n_de_genes_per_cluster=n_de_genes_per_cluster,
+        p_de_genes_per_cluster=p_de_genes_per_cluster,
+        direction=direction,
+        minbeta=minbeta,
+        maxbeta=maxbeta,
+    )
+    var_re = _gene_variances(rng, variances, n_genes)
+    # the counts
+    X = _counts(
+        rng,
+        meta,
+        treatment,
+        de,
+        log_mu=np.log(ref.mu[genes]),
+        size=ref.size[genes],
+        var_re=var_re,
+        n_jobs=n_jobs,
+    )
+    # the AnnData
+    params = {
+        "reference": "generated" if counts is None else "counts",
+        "n_genes": int(n_genes),
+        "n_cells": int(n_cells),
+        "metadata": "generated" if obs is None else "obs",
+        "samples_nested": bool(samples_nested),
+        "n_samples": int(n_samples),
+        "n_clusters": int(n_clusters),
+        "n_treatments": int(n_treatments),
+        "treatment": treatment,
+        "n_de_genes": int(de.n_per.sum()),
+        "adjust_library_size": bool(adjust_library_size),
+        "direction": direction,
+        "minbeta": float(minbeta),
+        "maxbeta": float(maxbeta),
+        "var_random_effects": _variances_param(variances),
+    }
+    if isinstance(seed, int | np.integer):
+        params["seed"] = int(seed)
+    if de.prob is not None and p_de_genes_per_cluster is not None:
+        params["p_de_genes_per_cluster"] = dict(zip(clusters, map(float, de.prob), strict=True))
+    return AnnData(
+        X=X,
+        obs=meta,
+        var=_var_table(ref, genes, de, clusters, var_re),
+        uns={"simulate_rnaseq": _uns(treatment, clusters, de, params)},
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# donor variances across genes
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VarianceDistribution:
+    """Donor (sample) variances that differ between genes: a distribution with a mean and CV.
+
+    Pass it (or the tuple ``(distribution, mean, cv)``) as ``var_random_effects`` of
+    :func:`simulate_rnaseq`; every gene then draws its own variance of the per-sample random
+    effect, recorded in ``var["var_random_effect"]``.
+
+    Parameters
+    ----------
+    distribution
+        ``"gamma"``: shape ``1 / cv**2`` and scale ``mean * cv**2``. ``"lognormal"``:
+        ``exp(N(m, s**2))`` with ``s**2 = log(1 + cv**2)`` and ``m = log(mean) - s**2 / 2``.
+    mean
+        Mean of the variances across genes, >= 0.
+    cv
+        Coefficient of variation (sd / mean) of the variances across genes, >= 0; 0 gives
+        every gene `mean`.
+
+    Examples
+    --------
+    >>> import scflashmm as fm
+    >>> spread = fm.datasets.VarianceDistribution("gamma", mean=0.1, cv=1.0)
+    >>> adata = fm.datasets.simulate_rnaseq(
+    ...     n_genes=50, n_cells=500, var_random_effects=spread, seed=0
+    ... )
+    >>> adata.var["var_random_effect"].std() > 0
+    np.True_
+    """
+
+    distribution: Literal["gamma", "lognormal"]
+    mean: float
+    cv: float
+
+    def __post_init__(self) -> None:
+        if self.distribution not in _DISTRIBUTIONS:
+            msg = (
+                f"Unknown distribution of var_random_effects {self.distribution!r}; "
+                f"use one of {list(_DISTRIBUTIONS)}."
+            )
+            raise ValueError(msg)
+        for name in ("mean", "cv"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                msg = f"The {name} of var_random_effects must be a number, got {value!r}."
+                raise ValueError(msg)
+            if not (np.isfinite(value) and value >= 0):
+                msg = f"The {name} of var_random_effects must be finite and >= 0, got {value}."
+                raise ValueError(msg)
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Draw `n` variances."""
+        if self.mean == 0 or self.cv == 0:
+            return np.full(n, float(self.mean))
+        if self.distribution == "gamma":
+            return rng.gamma(1.0 / self.cv**2, self.mean * self.cv**2, n)
+        s2 = np.log1p(self.cv**2)
+        return rng.lognormal(np.log(self.mean) - s2 / 2, np.sqrt(s2), n)
+
+
+_DISTRIBUTIONS = ("gamma", "lognormal")
+_Variances = float | np.ndarray | VarianceDistribution
+
+
+def _check_variances(value: object) -> _Variances:
+    """Return a scalar, a per-gene array (length checked later) or a distribution."""
+    if isinstance(value, VarianceDistribution):
+        return value
+    if isinstance(value, tuple) and value and isinstance(value[0], str):
+        if len(value) != 3:
+            msg = f"var_random_effects as a tuple is (distribution, mean, cv), got {value!r}."
+            raise ValueError(msg)
+        return VarianceDistribution(*value)
+    if isinstance(value, str):
+        msg = (
+            f"var_random_effects={value!r}: give a distribution as (distribution, mean, cv), "
+            "e.g. ('gamma', 0.1, 1.0)."
+        )
+        raise ValueError(msg)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        msg = f"var_random_effects must be a number, an array or a distribution, got {value!r}."
+        raise ValueError(msg) from None
+    if arr.ndim > 1:
+        msg = f"var_random_effects must be a number or one value per gene, got shape {arr.shape}."
+        raise ValueError(msg)
+    if not (np.all(np.isfinite(arr)) and np.all(arr >= 0)):
+        msg = "var_random_effects must be finite and >= 0."
+        raise ValueError(msg)
+    return float(arr) if arr.ndim == 0 else arr
+
+
+def _gene_variances(rng: np.random.Generator, variances: _Variances, n_genes: int) -> np.ndarray:
+    """Return the variance of the per-sample random effect of each gene."""
+    if isinstance(variances, VarianceDistribution):
+        return variances.draw(rng, n_genes)
+    if isinstance(variances, np.ndarray):
+        if variances.size != n_genes:
+            msg = (
+                f"var_random_effects has {variances.size} values but {n_genes} genes are simulated."
+            )
+            raise ValueError(msg)
+        return variances.copy()
+    return np.full(n_genes, variances)
+
+
+def _variances_param(variances: _Variances) -> object:
+    """Return the argument as recorded in ``uns["simulate_rnaseq"]["params"]``."""
+    if isinstance(variances, VarianceDistribution):
+        return {
+            "distribution": variances.distribution,
+            "mean": float(variances.mean),
+            "cv": float(variances.cv),
+        }
+    if isinstance(variances, np.ndarray):
+        return "per gene, see var['var_random_effect']"
+    return float(variances)
+
+
+# ----------------------------------------------------------------------------------------
+# steps of simulate_rnaseq
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Reference:
+    """Reference genes (``keep`` indexes the usable ones) and reference cells."""
+
+    mu: np.ndarray
+    size: np.ndarray
+    gene_names: pd.Index
+    cell_names: pd.Index | None
+    libsize: np.ndarray
+    keep: np.ndarray
+    n_genes_default: int
+
+    @property
+    def n_cells(self) -> int:
+        return self.libsize.size
+
+
+def _reference(
+    rng: np.random.Generator,
+    counts: object,
+    *,
+    n_genes: int | None,
+    n_cells: int | None,
+    obs: pd.DataFrame | None,
+    adjust_library_size: bool,
+) -> _Reference:
+    """Gene means and NB sizes, and library sizes: drawn, or estimated from reference counts."""
     if counts is None:
         if n_genes is None:
             msg = "n_genes is required when counts is None."
@@ -228,85 +477,112 @@ def simulate_rnaseq(
             msg = "n_cells (or obs) is required when counts is None."
             raise ValueError(msg)
         n_ref_cells = len(obs) if obs is not None else n_cells
-        mu_ref = 1.0 + rng.poisson(1.0, n_genes)
-        size_ref = 1.0 + rng.poisson(1.0, n_genes)
-        gene_names_ref = pd.Index([f"Gene{j + 1}" for j in range(n_genes)])
-        cell_names_ref = None
-        total = float(mu_ref.sum())
-        var_total = float((mu_ref + mu_ref**2 / size_ref).sum())
-        lib_size_nb = total**2 / (var_total - total)
-        libsize_ref = rng.negative_binomial(lib_size_nb, total / var_total, n_ref_cells)
-        libsize_ref = np.maximum(libsize_ref, 1).astype(np.float64)
-        keep = np.arange(n_genes)
-        n_genes_default = n_genes
-    else:
-        matrix, gene_names_ref, cell_names_ref = _unpack_counts(counts)
-        n_ref_cells, n_ref_genes = matrix.shape
-        if n_ref_cells < 2:
-            msg = f"counts needs at least 2 cells (rows) to estimate variances, got {n_ref_cells}."
-            raise ValueError(msg)
-        mu_ref, var_ref, libsize_ref = _moments(matrix)
-        del matrix
-        with np.errstate(divide="ignore", invalid="ignore"):
-            size_ref = mu_ref**2 / (var_ref - mu_ref)
-        usable = (var_ref > mu_ref) & (mu_ref > 0)
-        if not usable.all():
-            logger.info(
-                "Removing %d gene(s) with zero mean and %d with variance <= mean.",
-                int((mu_ref <= 0).sum()),
-                int((var_ref <= mu_ref).sum()),
-            )
-        keep = np.flatnonzero(usable)
-        if keep.size == 0:
-            msg = "No reference gene has a positive mean and a variance above its mean."
-            raise ValueError(msg)
-        if adjust_library_size and (libsize_ref <= 0).any():
-            msg = (
-                f"{int((libsize_ref <= 0).sum())} reference cell(s) have no counts, so log library "
-                "size is undefined; remove them (e.g. sc.pp.filter_cells(adata, min_counts=1)) "
-                "or pass adjust_library_size=False."
-            )
-            raise ValueError(msg)
-        n_genes_default = n_ref_genes
-    if n_genes is None:
-        n_genes = n_genes_default
-    if n_cells is None:
-        n_cells = n_ref_cells
+        mu = 1.0 + rng.poisson(1.0, n_genes)
+        size = 1.0 + rng.poisson(1.0, n_genes)
+        # library sizes: moment-matched NB for a column sum of the R function's reference
+        total = float(mu.sum())
+        var_total = float((mu + mu**2 / size).sum())
+        libsize = rng.negative_binomial(
+            total**2 / (var_total - total), total / var_total, n_ref_cells
+        )
+        return _Reference(
+            mu=mu,
+            size=size,
+            gene_names=_default_names("Gene", n_genes),
+            cell_names=None,
+            libsize=np.maximum(libsize, 1).astype(np.float64),
+            keep=np.arange(n_genes),
+            n_genes_default=n_genes,
+        )
+    matrix, gene_names, cell_names = _unpack_counts(counts)
+    n_ref_cells, n_ref_genes = matrix.shape
+    if n_ref_cells < 2:
+        msg = f"counts needs at least 2 cells (rows) to estimate variances, got {n_ref_cells}."
+        raise ValueError(msg)
+    mu, var, libsize = _moments(matrix)
+    del matrix
+    with np.errstate(divide="ignore", invalid="ignore"):
+        size = mu**2 / (var - mu)
+    usable = (var > mu) & (mu > 0)
+    if not usable.all():
+        logger.info(
+            "Removing %d gene(s) with zero mean and %d with variance <= mean.",
+            int((mu <= 0).sum()),
+            int((var <= mu).sum()),
+        )
+    keep = np.flatnonzero(usable)
+    if keep.size == 0:
+        msg = "No reference gene has a positive mean and a variance above its mean."
+        raise ValueError(msg)
+    if adjust_library_size and (libsize <= 0).any():
+        msg = (
+            f"{int((libsize <= 0).sum())} reference cell(s) have no counts, so log library "
+            "size is undefined; remove them (e.g. sc.pp.filter_cells(adata, min_counts=1)) "
+            "or pass adjust_library_size=False."
+        )
+        raise ValueError(msg)
+    return _Reference(
+        mu=mu,
+        size=size,
+        gene_names=gene_names,
+        cell_names=cell_names,
+        libsize=libsize,
+        keep=keep,
+        n_genes_default=n_ref_genes,
+    )
 
-    # --- reference metadata --------------------------------------------------------------
+
+def _reference_metadata(
+    rng: np.random.Generator,
+    ref: _Reference,
+    *,
+    obs: pd.DataFrame | None,
+    counts_given: bool,
+    n_samples: int,
+    n_clusters: int,
+    n_treatments: int,
+    samples_nested: bool,
+    adjust_library_size: bool,
+) -> pd.DataFrame:
+    """``sam``, ``cls``, ``trt`` (given or drawn) and ``libsize`` of the reference cells."""
     if obs is None:
         meta = _random_metadata(
             rng,
-            n_ref_cells,
+            ref.n_cells,
             n_samples=n_samples,
             n_clusters=n_clusters,
             n_treatments=n_treatments,
             samples_nested=samples_nested,
         )
-        if cell_names_ref is None:
-            cell_names_ref = _default_names("Cell", n_ref_cells)
-        meta.index = cell_names_ref
+        names = ref.cell_names
+        meta.index = _default_names("Cell", ref.n_cells) if names is None else names
     else:
-        meta = _check_obs(obs, n_ref_cells, cell_names_ref, counts_given=counts is not None)
-    if not adjust_library_size:
-        libsize_ref = np.full(n_ref_cells, libsize_ref.mean())
-    meta["libsize"] = libsize_ref
+        meta = _check_obs(obs, ref.n_cells, ref.cell_names, counts_given=counts_given)
+    libsize = ref.libsize
+    meta["libsize"] = libsize if adjust_library_size else np.full(libsize.size, libsize.mean())
+    return meta
 
-    # --- genes and cells to simulate -------------------------------------------------------
-    if keep.size != n_genes:
-        genes = keep[rng.choice(keep.size, n_genes, replace=keep.size < n_genes)]
-    else:
-        genes = keep
-    mu = mu_ref[genes]
-    size = size_ref[genes]
-    if n_ref_cells != n_cells:
-        rows = rng.choice(n_ref_cells, n_cells, replace=n_ref_cells < n_cells)
+
+def _pick(rng: np.random.Generator, keep: np.ndarray, n: int) -> np.ndarray:
+    """`n` of the usable reference genes: all in order, or sampled (with replacement if fewer)."""
+    if keep.size == n:
+        return keep
+    return keep[rng.choice(keep.size, n, replace=keep.size < n)]
+
+
+def _pick_cells(rng: np.random.Generator, meta: pd.DataFrame, n_cells: int) -> pd.DataFrame:
+    """`n_cells` reference cells (sampled unless all), with R's factors for sam, cls, trt."""
+    n_ref = len(meta)
+    if n_ref != n_cells:
+        rows = rng.choice(n_ref, n_cells, replace=n_ref < n_cells)
         meta = meta.iloc[rows].copy()
         meta.index = _default_names("Cell", n_cells)
     for col in ("sam", "cls", "trt"):
         meta[col] = _r_factor(meta[col])
+    return meta
 
-    clusters = list(meta["cls"].cat.categories)
+
+def _check_treatment(meta: pd.DataFrame, treatment: str | None) -> str:
     trt_levels = list(meta["trt"].cat.categories)
     if treatment is None:
         treatment = trt_levels[-1]
@@ -316,9 +592,35 @@ def simulate_rnaseq(
     treatment = str(treatment)
     if len(trt_levels) == 1:
         logger.info("Only one condition, %r: DE is confounded with cell type.", treatment)
+    return treatment
 
-    # --- DE genes --------------------------------------------------------------------------
-    n_de_default = n_clusters if n_de_genes is None else n_de_genes
+
+@dataclass
+class _DEGenes:
+    """The last ``n_per.sum()`` genes are DE: effect ``beta`` in cell type ``cls_code``."""
+
+    n_per: np.ndarray
+    prob: np.ndarray | None
+    cols: np.ndarray
+    cls_code: np.ndarray
+    beta: np.ndarray
+
+
+def _de_genes(
+    rng: np.random.Generator,
+    clusters: list[str],
+    *,
+    n_genes: int,
+    n_de_genes: int | None,
+    n_de_default: int,
+    n_de_genes_per_cluster: Sequence[int] | Mapping[str, int] | None,
+    p_de_genes_per_cluster: Sequence[float] | Mapping[str, float] | None,
+    direction: str,
+    minbeta: float,
+    maxbeta: float,
+) -> _DEGenes:
+    """How many DE genes in each cell type, and their effects."""
+    prob = None
     if n_de_genes_per_cluster is not None:
         n_per = _per_cluster(n_de_genes_per_cluster, clusters, "n_de_genes_per_cluster")
         if np.any(n_per != np.round(n_per)):
@@ -342,81 +644,81 @@ def simulate_rnaseq(
     if n_de > n_genes:
         msg = f"{n_de} DE genes requested but only {n_genes} genes are simulated."
         raise ValueError(msg)
-    de_beta = rng.uniform(minbeta, maxbeta, n_de)
+    beta = rng.uniform(minbeta, maxbeta, n_de)
     if direction == "both":
-        de_beta *= 2 * rng.binomial(1, 0.5, n_de) - 1
-    de_cls_code = np.repeat(np.arange(len(clusters)), n_per)
-    de_cols = np.arange(n_genes - n_de, n_genes)
+        beta *= 2 * rng.binomial(1, 0.5, n_de) - 1
+    return _DEGenes(
+        n_per=n_per,
+        prob=prob,
+        cols=np.arange(n_genes - n_de, n_genes),
+        cls_code=np.repeat(np.arange(len(clusters)), n_per),
+        beta=beta,
+    )
 
-    # --- random effects and the counts -----------------------------------------------------
-    sam_codes = meta["sam"].cat.codes.to_numpy()
-    re = rng.normal(0.0, np.sqrt(var_random_effects), (len(meta["sam"].cat.categories), n_genes))
+
+def _counts(
+    rng: np.random.Generator,
+    meta: pd.DataFrame,
+    treatment: str,
+    de: _DEGenes,
+    *,
+    log_mu: np.ndarray,
+    size: np.ndarray,
+    var_re: np.ndarray,
+    n_jobs: int,
+) -> sp.csr_matrix:
+    """Per-sample random effects ``N(0, var_re[g])``, then the NB counts."""
+    n_samples = len(meta["sam"].cat.categories)
+    re = rng.normal(0.0, np.sqrt(var_re), (n_samples, log_mu.size))
     log_lib = np.log(meta["libsize"].to_numpy(dtype=np.float64))
     log_lib -= log_lib.mean()
-    treated = (meta["trt"] == treatment).to_numpy()
-    X = _draw_counts(
+    return _draw_counts(
         rng,
-        log_mu=np.log(mu),
+        log_mu=log_mu,
         size=size,
         re=re,
-        sam_codes=sam_codes,
+        sam_codes=meta["sam"].cat.codes.to_numpy(),
         log_lib=log_lib,
-        treated=treated,
+        treated=(meta["trt"] == treatment).to_numpy(),
         cls_codes=meta["cls"].cat.codes.to_numpy(),
-        de_cols=de_cols,
-        de_cls_code=de_cls_code,
-        de_beta=de_beta,
+        de_cols=de.cols,
+        de_cls_code=de.cls_code,
+        de_beta=de.beta,
         n_jobs=n_jobs,
     )
 
-    # --- AnnData -------------------------------------------------------------------------
+
+def _uns(treatment: str, clusters: list[str], de: _DEGenes, params: dict) -> dict:
+    return {
+        "treatment": treatment,
+        "n_de_genes_per_cluster": {c: int(k) for c, k in zip(clusters, de.n_per, strict=True)},
+        "params": params,
+    }
+
+
+def _var_table(
+    ref: _Reference, genes: np.ndarray, de: _DEGenes, clusters: list[str], var_re: np.ndarray
+) -> pd.DataFrame:
+    n_genes = genes.size
     beta = np.zeros(n_genes)
-    beta[de_cols] = de_beta
+    beta[de.cols] = de.beta
     de_cluster = np.full(n_genes, -1)
-    de_cluster[de_cols] = de_cls_code
-    ref_genes = gene_names_ref[genes]
-    var = pd.DataFrame(
+    de_cluster[de.cols] = de.cls_code
+    size = ref.size[genes]
+    ref_genes = ref.gene_names[genes]
+    return pd.DataFrame(
         {
-            "is_de": np.isin(np.arange(n_genes), de_cols),
+            "is_de": np.isin(np.arange(n_genes), de.cols),
             "beta": beta,
             "de_cluster": pd.Categorical.from_codes(de_cluster, categories=clusters),
-            "mu": mu,
+            "mu": ref.mu[genes],
             "dispersion": 1.0 / size,
             "size": size,
             "reference_gene": np.asarray(ref_genes, dtype=object),
+            "var_random_effect": var_re,
         },
         index=_make_unique(ref_genes),
     )
-
-    params: dict[str, object] = {
-        "reference": "generated" if counts is None else "counts",
-        "n_genes": int(n_genes),
-        "n_cells": int(n_cells),
-        "metadata": "generated" if obs is None else "obs",
-        "samples_nested": bool(samples_nested),
-        "n_samples": int(n_samples),
-        "n_clusters": int(n_clusters),
-        "n_treatments": int(n_treatments),
-        "treatment": treatment,
-        "n_de_genes": n_de,
-        "adjust_library_size": bool(adjust_library_size),
-        "direction": direction,
-        "minbeta": float(minbeta),
-        "maxbeta": float(maxbeta),
-        "var_random_effects": float(var_random_effects),
-    }
-    if isinstance(seed, int | np.integer):
-        params["seed"] = int(seed)
-    if p_de_genes_per_cluster is not None:
-        params["p_de_genes_per_cluster"] = dict(zip(clusters, map(float, prob), strict=True))
-    uns = {
-        "simulate_rnaseq": {
-            "treatment": treatment,
-            "n_de_genes_per_cluster": {c: int(k) for c, k in zip(clusters, n_per, strict=True)},
-            "params": params,
-        }
-    }
-    return AnnData(X=X, obs=meta, var=var, uns=uns)
 
 
 # ----------------------------------------------------------------------------------------
@@ -424,20 +726,22 @@ def simulate_rnaseq(
 # ----------------------------------------------------------------------------------------
 
 
-def _check_scalars(
+def _check_arguments(
     *,
     direction: str,
     minbeta: float,
     maxbeta: float,
-    var_random_effects: float,
     n_samples: int,
     n_clusters: int,
     n_treatments: int,
     n_genes: int | None,
     n_cells: int | None,
     n_de_genes: int | None,
+    n_de_genes_per_cluster: object,
+    p_de_genes_per_cluster: object,
     n_jobs: int | None,
-) -> None:
+) -> int:
+    """Check the scalar arguments; return the number of threads."""
     if direction not in ("both", "up", "down"):
         msg = f"direction must be 'both', 'up' or 'down', got {direction!r}."
         raise ValueError(msg)
@@ -459,8 +763,8 @@ def _check_scalars(
     if direction == "down" and not maxbeta < 0:
         msg = f"direction='down' needs maxbeta < 0, got {maxbeta}."
         raise ValueError(msg)
-    if not (np.isfinite(var_random_effects) and var_random_effects >= 0):
-        msg = f"var_random_effects must be finite and >= 0, got {var_random_effects}."
+    if n_de_genes_per_cluster is not None and p_de_genes_per_cluster is not None:
+        msg = "Give at most one of n_de_genes_per_cluster and p_de_genes_per_cluster."
         raise ValueError(msg)
     for name, value, minimum in [
         ("n_samples", n_samples, 1),
@@ -469,7 +773,6 @@ def _check_scalars(
         ("n_genes", n_genes, 1),
         ("n_cells", n_cells, 1),
         ("n_de_genes", n_de_genes, 0),
-        ("n_jobs", n_jobs, 1),
     ]:
         if value is None:
             continue
@@ -479,6 +782,7 @@ def _check_scalars(
     if n_treatments > len(_LETTERS):
         msg = f"n_treatments must be at most {len(_LETTERS)} (letters), got {n_treatments}."
         raise ValueError(msg)
+    return check_n_jobs(n_jobs)
 
 
 def _unpack_counts(counts: object) -> tuple[np.ndarray | sp.csr_matrix, pd.Index, pd.Index | None]:
@@ -698,7 +1002,7 @@ def _draw_counts(
     de_cols: np.ndarray,
     de_cls_code: np.ndarray,
     de_beta: np.ndarray,
-    n_jobs: int | None,
+    n_jobs: int,
 ) -> sp.csr_matrix:
     n_cells = sam_codes.size
     n_genes = log_mu.size
@@ -733,8 +1037,6 @@ def _draw_counts(
         )
 
     out = _GrowableCSR(n_cells)
-    if n_jobs is None:
-        n_jobs = _available_cpus()
     n_jobs = max(1, min(n_jobs, len(starts)))
 
     def consume(result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
@@ -756,10 +1058,3 @@ def _draw_counts(
             while pending:
                 consume(pending.popleft().result())
     return out.finish((n_cells, n_genes))
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
