@@ -59,7 +59,8 @@ def test_default_moderates_one_component_and_matches_the_core(moderated):
         ref["tau_post"][ok],
         rtol=1e-10,
     )
-    # the variance components are the fit's; no df table (p is posterior-predictive)
+    # the estimates and variance components are the fit's; no df table (p is posterior-predictive)
+    np.testing.assert_allclose(moderated.varm["flashmm_coef"].to_numpy(), fit.coef, rtol=1e-12)
     np.testing.assert_allclose(moderated.varm["flashmm_theta"].to_numpy(), fit.theta, rtol=1e-12)
     assert "flashmm_df" not in moderated.varm
     assert "flashmm_contrast_df" not in moderated.varm

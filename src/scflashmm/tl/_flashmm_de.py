@@ -171,11 +171,12 @@ def flashmm_de(
         the mean expression, with a shape estimated from all genes (a grid of multiples of the
         trend, weights by maximum likelihood); each gene's p value averages the GLS tests over
         its posterior (docs/calibration.md, ``scflashmm._core.moderation``). It replaces
-        ``coef``, ``se``, ``t``, ``p`` and ``cov`` of the coefficients and contrasts (GLS at
-        the posterior mean of ``tau``; ``p`` is the posterior-predictive p value, so no df is
-        reported). Assumes one random component and genes' ``tau`` drawn from one smooth
-        distribution around the trend. ``None`` (default): moderate when the model has exactly
-        one random component; ``True`` with several components is an error.
+        ``se``, ``t``, ``p`` and ``cov`` of the coefficients and contrasts (``cov`` of the GLS
+        estimate at the posterior mean of ``tau``; ``p`` is the posterior-predictive p value,
+        so no df is reported); the estimates stay the fit's. Assumes one random component and
+        genes' ``tau`` drawn from one smooth distribution around the trend. ``None``
+        (default): moderate when the model has exactly one random component; ``True`` with
+        several components is an error.
     contrasts
         Linear combinations of the design columns to test, as a mapping ``name -> expression``
         over the column names written by formulaic, e.g.
@@ -336,7 +337,7 @@ def fit_and_record(
     store_stats: bool,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit every gene from ``stats``; return the ``varm`` entries and ``uns[key]``."""
-    extra = {"nonnegative": True} if opts.nonnegative else {}
+    extra: dict[str, Any] = {"nonnegative": True} if opts.nonnegative else {}
     fit = lmm(
         stats,
         info.d,
@@ -354,7 +355,7 @@ def fit_and_record(
     moderated = None
     if opts.moderate:
         cm = None if cmat is None else cmat.to_numpy(dtype=np.float64)
-        moderated = moderate_fit(stats, fit.theta, info.x_sum, cm)
+        moderated = moderate_fit(stats, fit.theta, fit.coef, info.x_sum, cm)
     varm = _result_tables(fit, adata.var_names, key, cmat, moderated)
     if store_stats:
         varm.update(_stats_tables(stats, adata.var_names, key, info))
@@ -502,7 +503,8 @@ def _result_tables(
     out: dict[str, Any] = {}
     source: Any = fit if moderated is None else moderated
     for what in COEF_TABLES:
-        out[varm_key(key, what)] = pd.DataFrame(getattr(source, what), index=index, columns=cols)
+        values = getattr(fit if what == "coef" else source, what)
+        out[varm_key(key, what)] = pd.DataFrame(values, index=index, columns=cols)
     out[varm_key(key, THETA)] = pd.DataFrame(fit.theta, index=index, columns=comps)
     out[varm_key(key, SE_THETA)] = pd.DataFrame(fit.se_theta, index=index, columns=comps)
     out[varm_key(key, DIAG)] = pd.DataFrame(

@@ -26,7 +26,6 @@ MODERATION_METHOD = "grid prior on the between-sample variance, centred on a mea
 class Moderated:
     """Moderated tests of the design columns and contrasts (genes first)."""
 
-    coef: np.ndarray
     se: np.ndarray
     t: np.ndarray
     p: np.ndarray
@@ -65,12 +64,17 @@ def mean_covariate(stats: SummaryStats, x_sum: np.ndarray) -> np.ndarray:
 
 
 def moderate_fit(
-    stats: SummaryStats, theta: np.ndarray, x_sum: np.ndarray, cmat: np.ndarray | None
+    stats: SummaryStats,
+    theta: np.ndarray,
+    coef: np.ndarray,
+    x_sum: np.ndarray,
+    cmat: np.ndarray | None,
 ) -> Moderated:
-    """Moderated coefficients, standard errors, t and p (and contrasts), see the module doc.
+    """Moderated standard errors, t and p of the coefficients (and contrasts).
 
-    ``p`` is the posterior-predictive p value of :func:`mixture_moderate`; ``coef``, ``se`` and
-    ``cov`` are the GLS estimates at the posterior mean of ``tau``, and ``t = coef / se``.
+    ``p`` is the posterior-predictive p value of :func:`mixture_moderate`; ``se`` and ``cov``
+    are those of the GLS estimate at the posterior mean of ``tau``; ``t = coef / se`` with the
+    fit's ``coef`` (genes, p), which is kept.
     """
     p = stats.XX.shape[0]
     C = np.eye(p) if cmat is None else np.hstack([np.eye(p), cmat])
@@ -84,14 +88,11 @@ def moderate_fit(
     tau_post = res["tau_post"]
     ok = np.isfinite(tau_post) & np.isfinite(theta[:, 1])
     sb = np.maximum(tau_post - theta[:, 1] / bar_lambda, 0.0)
-    coef = np.full((theta.shape[0], p), np.nan)
     cov = np.full((theta.shape[0], p, p), np.nan)
     th = np.column_stack([sb, theta[:, 1]])
-    coef[ok], cov[ok], _ = gls_at(
-        stats.XX, stats.XY[:, ok], stats.ZX, stats.ZY[:, ok], stats.ZZ, th[ok]
-    )
+    _, cov[ok], _ = gls_at(stats.XX, stats.XY[:, ok], stats.ZX, stats.ZY[:, ok], stats.ZZ, th[ok])
     se_all = np.sqrt(np.einsum("pc,gpr,rc->gc", C, cov, C))
-    est_all = coef @ C
+    est_all = np.asarray(coef, dtype=np.float64) @ C
     with np.errstate(invalid="ignore", divide="ignore"):
         t_all = est_all / se_all
     p_all = np.where(ok[:, None], res["p"], np.nan)
@@ -107,7 +108,6 @@ def moderate_fit(
         "weights": np.asarray(res["weights"], dtype=np.float64),
     }
     return Moderated(
-        coef=coef,
         se=se_all[:, :p],
         t=t_all[:, :p],
         p=p_all[:, :p],
