@@ -15,6 +15,13 @@ genes x cell types; a new row is one new entry in ``METHODS``):
   ``~0 + log(libsize) + cls + cls:trt``, random ``~0 + sam``; t tests of ``cls<k>:trt`` on
   n - p (cells) degrees of freedom, FLASHMM's choice.
 - ``LMM, Satterthwaite``: the same fit with ``df="satterthwaite"`` (lmerTest's df).
+- ``LMM nonnegative, Satterthwaite`` / ``LMM nonnegative, Kenward-Roger``: variance
+  components constrained to >= 0 as lme4 (``nonnegative=True``), with Satterthwaite or
+  Kenward-Roger df (skipped when the solver lacks the option).
+- ``LMM moderated (default)``: what ``tl.flashmm_de`` does by default with one random term:
+  the between-sample variance ``tau = s_b + s_e / bar lambda`` moderated across genes by an
+  empirical-Bayes grid prior around a trend in the mean expression, posterior-predictive p
+  values (``scflashmm._core.moderation.mixture_moderate``).
 - ``t-test (cells)``: ``scanpy.tl.rank_genes_groups`` (t-test) within the cell type, treated
   vs control cells on log1p(counts); treats cells as independent replicates.
 - ``pseudobulk (PyDESeq2)``: counts summed per sample x cell type (x treatment in the paired
@@ -165,6 +172,37 @@ def lmm_satterthwaite(adata: ad.AnnData, scenario: Scenario) -> Result:
     return _lmm(adata, "satterthwaite")
 
 
+def _lmm_nonnegative(adata: ad.AnnData, df: str) -> Result:
+    design = make_design(adata.obs, "~0+log(libsize)+cls+cls:trt", "sam")
+    fit = lmm_fit(adata.X, design.X, design.Z, design.d, is_counts=True, df=df, nonnegative=True)
+    cols = [j for j, name in enumerate(design.x_columns) if ":trt" in name]
+    return fit.p[:, cols], fit.coef[:, cols]
+
+
+def lmm_nonnegative_satterthwaite(adata: ad.AnnData, scenario: Scenario) -> Result:
+    """LMM with variance components >= 0 (as lme4), Satterthwaite df."""
+    return _lmm_nonnegative(adata, "satterthwaite")
+
+
+def lmm_nonnegative_kenward_roger(adata: ad.AnnData, scenario: Scenario) -> Result:
+    """LMM with variance components >= 0 (as lme4), Kenward-Roger se and df."""
+    return _lmm_nonnegative(adata, "kenward-roger")
+
+
+def lmm_moderated(adata: ad.AnnData, scenario: Scenario) -> Result:
+    """``tl.flashmm_de``'s default: EB-moderated between-sample variance (grid prior, trend)."""
+    from scflashmm import tl
+
+    fitted = tl.flashmm_de(
+        adata, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True, copy=True, key_added="cal"
+    )
+    cols = [c for c in fitted.uns["cal"]["x_columns"] if ":trt" in c]
+    return (
+        fitted.varm["cal_p"][cols].to_numpy(),
+        fitted.varm["cal_coef"][cols].to_numpy(),
+    )
+
+
 def _arms(adata: ad.AnnData) -> tuple[str, str]:
     treated = adata.uns["simulate_rnaseq"]["treatment"]
     control = [t for t in adata.obs["trt"].cat.categories if t != treated]
@@ -246,16 +284,27 @@ def pseudobulk_deseq2(adata: ad.AnnData, scenario: Scenario) -> Result:
 METHODS: dict[str, Callable[[ad.AnnData, Scenario], Result]] = {
     "LMM, n - p df": lmm_residual,
     "LMM, Satterthwaite": lmm_satterthwaite,
+    "LMM nonnegative, Satterthwaite": lmm_nonnegative_satterthwaite,
+    "LMM nonnegative, Kenward-Roger": lmm_nonnegative_kenward_roger,
+    "LMM moderated (default)": lmm_moderated,
     "t-test (cells)": ttest_cells,
     "pseudobulk (PyDESeq2)": pseudobulk_deseq2,
 }
 OPTIONAL = {"pseudobulk (PyDESeq2)": "pydeseq2"}
+NEEDS_NONNEGATIVE = ("LMM nonnegative, Satterthwaite", "LMM nonnegative, Kenward-Roger")
 
 
 def available_methods(names: list[str]) -> list[str]:
     """The methods whose optional dependency is installed (with a message for the others)."""
+    import inspect
+
+    from scflashmm import lmm
+
     out = []
     for name in names:
+        if name in NEEDS_NONNEGATIVE and "nonnegative" not in inspect.signature(lmm).parameters:
+            print(f"skipping {name!r}: this version's solver has no nonnegative option")
+            continue
         module = OPTIONAL.get(name)
         if module is not None:
             try:

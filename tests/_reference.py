@@ -186,12 +186,18 @@ CONTRASTS_B = {
     "cls1:trtB - cls2:trtB": "cls[1]:trt[T.B] - cls[2]:trt[T.B]",
     "libsize_effect": "log(libsize)",
 }
-#: Columns of get.flashmm_df (pertpy's differential-expression schema, plus df and converged).
+#: Columns of get.flashmm_df (pertpy's DE schema, plus df, converged and singular).
 TIDY_COLUMNS = [
-    "variable", "contrast", "log_fc", "sd", "t_value", "df", "p_value", "adj_p_value", "converged"
+    "variable", "contrast", "log_fc", "sd", "t_value", "df", "p_value", "adj_p_value",
+    "converged", "singular",
 ]  # fmt: skip
 #: varm tables compared between two fits (with f"{key}_" in front).
 RESULT_TABLES = ["coef", "se", "t", "p", "theta", "se_theta", "diag"]
+
+
+#: ``tl.flashmm_de``'s options that give FLASHMM's exact numbers (its defaults are calibrated
+#: for few samples instead: docs/calibration.md).
+FLASHMM_SETTINGS = {"moderate": False, "df": "residual", "nonnegative": False}
 
 
 def fit_case(name: str, **kwargs) -> tuple[Any, dict, dict[str, str]]:
@@ -205,6 +211,7 @@ def fit_case(name: str, **kwargs) -> tuple[Any, dict, dict[str, str]]:
     case = load_case(name)
     spec = case["spec"]
     adata = kwargs.pop("adata", None) or case_adata(name)
+    kwargs = FLASHMM_SETTINGS | kwargs
     names = sfm._design.make_design(adata.obs, spec["fixed"], spec["random"]).x_columns
     r_names = list(case["X"].columns)
     mapping = {r: names[i] for r, i in zip(r_names, match_r_columns(names, r_names), strict=True)}

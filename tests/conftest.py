@@ -7,7 +7,7 @@ Constants (models, contrasts, expected column names) and helpers live in ``tests
 from __future__ import annotations
 
 import pytest
-from _reference import CONTRASTS_B, FIXED_B, case_adata
+from _reference import CONTRASTS_B, FIXED_B, FLASHMM_SETTINGS, case_adata
 
 import scflashmm as sfm
 
@@ -16,7 +16,9 @@ import scflashmm as sfm
 def fitted_b():
     """Case b fit by ``tl.flashmm_de`` as FLASHMM fit it, with FLASHMM's three contrasts."""
     adata = case_adata("b")
-    sfm.tl.flashmm_de(adata, FIXED_B, "sam", is_counts=True, contrasts=CONTRASTS_B)
+    sfm.tl.flashmm_de(
+        adata, FIXED_B, "sam", is_counts=True, contrasts=CONTRASTS_B, **FLASHMM_SETTINGS
+    )
     return adata
 
 
@@ -30,6 +32,7 @@ def fitted_b_satterthwaite():
         "sam",
         is_counts=True,
         df="satterthwaite",
+        moderate=False,
         contrasts={"BvsA": CONTRASTS_B["BvsA"]},
     )
     return adata

@@ -128,10 +128,56 @@ def test_de_satterthwaite(tmp_path):
         "--counts",
         "--df",
         "satterthwaite",
+        "--no-moderate",
     ]
     assert main([*argv, "--out", str(out)]) == 0
     adata = case_adata("b")
-    sfm.tl.flashmm_de(adata, FIXED, "sam", is_counts=True, df="satterthwaite")
+    sfm.tl.flashmm_de(adata, FIXED, "sam", is_counts=True, df="satterthwaite", moderate=False)
     table = pd.read_csv(out)
     pd.testing.assert_frame_equal(table, sfm.get.flashmm_df(adata), rtol=1e-10, check_dtype=False)
     assert (table["df"] < adata.uns["flashmm"]["df"]).any()
+
+
+def test_refit_tests_a_new_contrast_without_the_cells(tmp_path, capsys):
+    path, fitted, out = tmp_path / "b.h5ad", tmp_path / "fit.h5ad", tmp_path / "refit.csv"
+    case_adata("b").write_h5ad(path)
+    argv = ["de", str(path), "--fixed", FIXED, "--random", "sam", "--counts", "--no-moderate"]
+    assert main([*argv, "--out", str(tmp_path / "fit.csv"), "--write-h5ad", str(fitted)]) == 0
+    argv = ["refit", str(fitted), "--contrast", "d=cls[3]:trt[T.B] - cls[2]:trt[T.B]"]
+    argv += ["--df", "residual", "--out", str(out)]
+    assert main(argv) == 0
+    assert "Refit 50 genes from their summary statistics" in capsys.readouterr().out
+    adata = case_adata("b")
+    contrasts = {"d": "cls[3]:trt[T.B] - cls[2]:trt[T.B]"}
+    sfm.tl.flashmm_de(
+        adata, FIXED, "sam", is_counts=True, moderate=False, df="residual", contrasts=contrasts
+    )
+    terms = list(adata.uns["flashmm"]["x_columns"])
+    expected = sfm.get.flashmm_df(adata, term=terms, contrast="d")
+    pd.testing.assert_frame_equal(pd.read_csv(out), expected, rtol=1e-10, check_dtype=False)
+
+
+def test_refit_errors(tmp_path, capsys):
+    path = tmp_path / "b.h5ad"
+    case_adata("b").write_h5ad(path)  # no fit stored
+    assert main(["refit", str(path), "--out", str(tmp_path / "r.csv")]) == 1
+    assert "run scflashmm.tl.flashmm_de" in capsys.readouterr().err
+    assert main(["refit", str(tmp_path / "no.h5ad"), "--out", str(tmp_path / "r.csv")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_de_model_options_reach_the_fit(tmp_path):
+    path, out, out_h5ad = tmp_path / "b.h5ad", tmp_path / "res.csv", tmp_path / "res.h5ad"
+    case_adata("b").write_h5ad(path)
+    argv = ["de", str(path), "--fixed", FIXED, "--random", "sam", "--counts", "--out", str(out)]
+    assert main([*argv, "--write-h5ad", str(out_h5ad)]) == 0
+    params = ad.read_h5ad(out_h5ad).uns["flashmm"]["params"]
+    # the calibrated defaults (docs/calibration.md)
+    assert (params["moderate"], params["df"], params["nonnegative"]) == (
+        True, "satterthwaite", False,
+    )  # fmt: skip
+    assert pd.read_csv(out)["df"].isna().all()
+    argv += ["--no-moderate", "--df", "residual", "--write-h5ad", str(out_h5ad)]
+    assert main(argv) == 0
+    params = ad.read_h5ad(out_h5ad).uns["flashmm"]["params"]
+    assert (params["moderate"], params["df"]) == (False, "residual")

@@ -68,7 +68,7 @@ def test_workflow(tmp_path, monkeypatch):
     non_de = comparison["non-DE genes"].unstack("method").iloc[:, 0]
     assert (fp["Wilcoxon over cells"] > 0.3 * non_de).all()
     assert (fp["LMM, n - p df"] <= 5).all()
-    assert (fp["LMM, Satterthwaite df"] <= fp["LMM, n - p df"]).all()
+    assert (fp["LMM, moderated (default)"] <= fp["LMM, n - p df"]).all()
     de = comparison["DE genes"].unstack("method").iloc[:, 0]
     assert (tp["LMM, n - p df"] >= 0.7 * de).all()
     assert set(ns["adata"].uns) >= {"flashmm", "flashmm_satt"}

@@ -9,9 +9,12 @@ all three take the names from here. With ``key = key_added`` (default ``"flashmm
                                  ``"residual"``); ``_se_theta`` their standard errors
 ``varm[f"{key}_diag"]``          ``niter``, ``converged``, ``max_abs_dlogL``, ``logLik``
 ``varm[f"{key}_cov"]``           covariance of the fixed effects, array (genes, p, p)
-``varm[f"{key}_df"]``            Satterthwaite df per coefficient (``df="satterthwaite"``)
+``varm[f"{key}_df"]``            df per coefficient (Satterthwaite or Kenward-Roger)
 ``varm[f"{key}_contrast_coef"]`` contrasts (one column per name); ``_se``, ``_t``, ``_p``,
-                                 and ``_df`` with ``df="satterthwaite"``
+                                 and ``_df`` with per-test df
+``varm[f"{key}_moderation"]``    ``tau``, ``tau_moderated`` (only with ``moderate``)
+``varm[f"{key}_stats_xy"]``      ``X'Y`` (genes x design columns); ``_stats_zy`` ``Z'Y``
+                                 (genes, q) and ``_stats_yy`` ``|y|^2`` (with ``store_stats``)
 ``uns[key]``                     :data:`UNS_FIELDS`
 ===============================  ============================================================
 """
@@ -28,6 +31,7 @@ __all__ = [
     "CONTRAST_TABLES",
     "DEFAULT_KEY",
     "DIAG_COLUMNS",
+    "MODERATION",
     "RESIDUAL",
     "UNS_FIELDS",
     "UNS_PARAMS",
@@ -47,21 +51,27 @@ CONTRAST_TABLES = ("contrast_coef", "contrast_se", "contrast_t", "contrast_p")
 THETA, SE_THETA, DIAG, COV = "theta", "se_theta", "diag", "cov"
 #: Suffixes of the Satterthwaite degrees of freedom of coefficients and contrasts.
 DF, CONTRAST_DF = "df", "contrast_df"
+#: Suffix of the moderated between-sample variances (``moderate=True``).
+MODERATION = "moderation"
+#: Suffixes of the stored gene-wise summary statistics (``store_stats=True``).
+STATS_XY, STATS_ZY, STATS_YY = "stats_xy", "stats_zy", "stats_yy"
 #: Name of the residual variance's column in the ``theta`` tables.
 RESIDUAL = "residual"
 #: Columns of the ``diag`` table.
-DIAG_COLUMNS = ("niter", "converged", "max_abs_dlogL", "logLik")
+DIAG_COLUMNS = ("niter", "converged", "max_abs_dlogL", "logLik", "singular")
 
 #: Keys of ``uns[key]["params"]``: the options of the fit, as given.
 UNS_PARAMS = (
-    "fixed", "random", "method", "df", "layer", "is_counts", "epsilon", "max_iter", "theta0",
-    "chunk_size",
+    "fixed", "random", "method", "df", "nonnegative", "moderate", "layer", "is_counts",
+    "epsilon", "max_iter", "theta0", "chunk_size", "store_stats",
 )  # fmt: skip
-#: Keys of ``uns[key]`` (``contrast_matrix`` only when contrasts were given).
+#: Keys of ``uns[key]`` (``contrast_matrix`` only when contrasts were given, ``moderation``
+#: only with ``moderate``, ``stats`` only with ``store_stats``).
 UNS_FIELDS = (
     "params", "x_columns", "random_terms", "random_formulas", "d", "z_columns",
     "contrast_names", "contrast_expressions", "contrast_matrix", "n_cells", "n_genes", "df",
-    "n_nonconverged", "n_degenerate", "varm_keys", "version",
+    "n_nonconverged", "n_degenerate", "n_singular", "moderation", "stats", "varm_keys",
+    "version",
 )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``scflashmm demo`` and ``scflashmm de INPUT.h5ad ...``.
+"""Command line: ``scflashmm demo``, ``scflashmm de INPUT.h5ad ...``, ``scflashmm refit ...``.
 
 ``scflashmm demo`` simulates a multi-sample, multi-cell-type data set with known DE genes,
 fits FLASHMM's model to every gene, prints the top genes per cell type and how many true DE
@@ -7,6 +7,10 @@ genes were found, and writes the tidy result table to a CSV file.
 ``scflashmm de`` fits a model to an h5ad file and writes the tidy table (one row per gene and
 design column or contrast) to a CSV file. Mistakes in the input (a missing column, a bad
 formula, an unreadable file ...) print one line on stderr and exit with status 1.
+
+``scflashmm refit`` tests new contrasts, or refits with another method, df, ``--nonnegative``
+or ``--moderate``, from the summary statistics that ``de --write-h5ad`` stored: no pass over
+the cells.
 """
 
 from __future__ import annotations
@@ -110,9 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,de}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,de,refit}")
     _add_demo_parser(sub)
     _add_de_parser(sub)
+    _add_refit_parser(sub)
     return parser
 
 
@@ -169,14 +174,7 @@ def _add_de_parser(sub: Any) -> None:
         help="contrast over the design columns, e.g. 'BvsA=cls[1]:trt[T.B] - cls[2]:trt[T.B]'; "
         "repeatable",
     )
-    de.add_argument("--method", choices=get_args(Method), default="REML", help="default REML")
-    de.add_argument(
-        "--df",
-        choices=get_args(DfMethod),
-        default="residual",
-        help="degrees of freedom of the t tests: n - p as FLASHMM (default), or Satterthwaite "
-        "(recommended with few samples per condition)",
-    )
+    _add_model_options(de, defaults=True)
     de.add_argument("--max-iter", type=int, default=50, help="default 50")
     de.add_argument("--epsilon", type=float, default=1e-5, help="default 1e-5")
     de.add_argument("--chunk-size", type=int, help="cells per chunk (default 10000)")
@@ -298,9 +296,8 @@ def _fit_de(adata: Any, args: argparse.Namespace, contrasts: dict[str, str] | No
         args.random if len(args.random) > 1 else args.random[0],
         layer=args.layer,
         is_counts=args.counts,
-        method=args.method,
-        df=args.df,
         contrasts=contrasts,
+        **_model_options(args),
         max_iter=args.max_iter,
         epsilon=args.epsilon,
         key_added=args.key,
@@ -361,6 +358,111 @@ def _write_h5ad(adata: Any, path: str, *, key: str) -> None:
             if key in uns:
                 del uns[key]
             write_elem(uns, key, adata.uns[key])
+
+
+# ---------------------------------------------------------------------- model options, refit
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Add --method, --df, --nonnegative, --moderate (``defaults=False``: None, the fit's)."""
+    keep = "default: the fit's"
+    parser.add_argument(
+        "--method",
+        choices=get_args(Method),
+        default="REML" if defaults else None,
+        help="default REML" if defaults else keep,
+    )
+    parser.add_argument(
+        "--df",
+        choices=get_args(DfMethod),
+        default="satterthwaite" if defaults else None,
+        help="df of the t tests that are not moderated: residual (n - p, FLASHMM), "
+        "satterthwaite or kenward-roger; " + ("default satterthwaite" if defaults else keep),
+    )
+    parser.add_argument(
+        "--nonnegative",
+        action=argparse.BooleanOptionalAction,
+        default=False if defaults else None,
+        help="variance components >= 0 as lme4 (singular fits flagged); "
+        + ("default off" if defaults else keep),
+    )
+    parser.add_argument(
+        "--moderate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="empirical-Bayes moderation of the between-sample variance (one random term); "
+        + ("default: on with one random term" if defaults else keep)
+        + ". FLASHMM's exact numbers: --no-moderate --df residual",
+    )
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "method": args.method,
+        "df": args.df,
+        "nonnegative": args.nonnegative,
+        "moderate": args.moderate,
+    }
+
+
+def _add_refit_parser(sub: Any) -> None:
+    refit = sub.add_parser(
+        "refit",
+        help="test new contrasts or refit an h5ad written by 'de --write-h5ad', without the cells",
+        description="Refit the model stored in INPUT.h5ad (by 'scflashmm de --write-h5ad') from "
+        "its summary statistics, with new contrasts or another method, df, --nonnegative or "
+        "--moderate, and write the tidy table. No pass over the cells.",
+    )
+    refit.add_argument("input", metavar="INPUT.h5ad", help="AnnData with a stored fit")
+    refit.add_argument(
+        "--contrast",
+        action="append",
+        default=[],
+        metavar="NAME=EXPR",
+        help="contrast over the design columns; repeatable (default: the fit's contrasts)",
+    )
+    _add_model_options(refit, defaults=False)
+    refit.add_argument("--key", default=DEFAULT_KEY, help="key of the stored fit")
+    refit.add_argument("--out", required=True, metavar="RESULTS.csv", help="tidy table (CSV)")
+    refit.add_argument("--write-h5ad", metavar="OUT.h5ad", help="also write the refit AnnData")
+    refit.set_defaults(run=_run_refit)
+
+
+def _run_refit(args: argparse.Namespace) -> None:
+    from . import get, tl
+
+    path = Path(args.input)
+    if not path.is_file():
+        msg = f"input file {str(path)!r} does not exist."
+        raise UserError(msg)
+    for option, value in (("--out", args.out), ("--write-h5ad", args.write_h5ad)):
+        if value and not Path(value).resolve().parent.is_dir():
+            msg = f"{option}: the directory of {value!r} does not exist."
+            raise UserError(msg)
+    if args.write_h5ad and Path(args.write_h5ad).resolve() == path.resolve():
+        msg = "--write-h5ad must not overwrite the input file."
+        raise UserError(msg)
+    contrasts = _parse_contrasts(args.contrast)
+    adata = _read_h5ad(path, backed=False)
+    start = time.perf_counter()
+    tl.flashmm_refit(adata, key=args.key, contrasts=contrasts, **_model_options(args))
+    seconds = time.perf_counter() - start
+    info = adata.uns[args.key]
+    names = [str(c) for c in info["contrast_names"]]
+    table = get.flashmm_df(
+        adata,
+        key=args.key,
+        term=list(info["x_columns"]),
+        contrast=names or None,
+    )
+    table.to_csv(args.out, index=False)
+    print(
+        f"Refit {adata.n_vars} genes from their summary statistics in {seconds:.1f} s "
+        f"({info['n_nonconverged']} not converged); wrote {len(table)} rows to {args.out}"
+    )
+    if args.write_h5ad:
+        adata.write_h5ad(args.write_h5ad)
+        print(f"Wrote the AnnData with results to {args.write_h5ad}")
 
 
 # ------------------------------------------------------------------------------------ demo

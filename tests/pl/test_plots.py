@@ -44,7 +44,13 @@ def fitted():
     adata.obs["batch"] = adata.obs["sam"].map(batch).astype("category")
     with pytest.warns(DegenerateFeatureWarning):
         sfm.tl.flashmm_de(
-            adata, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True, contrasts=CONTRASTS
+            adata,
+            "~0+log(libsize)+cls+cls:trt",
+            "sam",
+            is_counts=True,
+            contrasts=CONTRASTS,
+            moderate=False,
+            df="residual",
         )
     # batch has no effect in the simulation: a few genes stop at the boundary without converging
     with warnings.catch_warnings():
@@ -171,7 +177,12 @@ def test_volcano_errors(fitted, kwargs, error, match):
 def test_volcano_new_contrast_with_satterthwaite_df_says_why(fitted):
     satt = fitted[:, 1:].copy()
     sfm.tl.flashmm_de(
-        satt, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True, df="satterthwaite"
+        satt,
+        "~0+log(libsize)+cls+cls:trt",
+        "sam",
+        is_counts=True,
+        df="satterthwaite",
+        moderate=False,
     )
     ax = sfm.pl.volcano(satt, TERM, show=False)
     assert sum(len(c.get_offsets()) for c in ax.collections) == satt.n_vars

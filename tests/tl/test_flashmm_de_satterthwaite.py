@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from _reference import BVSA_B, FIXED_B, REFERENCE, case_adata, load_case
+from _reference import BVSA_B, FIXED_B, FLASHMM_SETTINGS, REFERENCE, case_adata, load_case
 from scipy import stats
 
 import scflashmm as sfm
@@ -64,13 +64,13 @@ def test_getter_reports_df(fitted_b_satterthwaite):
     assert row["df"] == fitted_b_satterthwaite.varm["flashmm_contrast_df"].loc["Gene3", "BvsA"]
     t = table["t_value"].to_numpy()
     np.testing.assert_allclose(table["p_value"], stats.t.sf(t, table["df"]), rtol=1e-10)
-    with pytest.raises(ValueError, match="pass them as flashmm_de"):
+    with pytest.raises(ValueError, match=r"need a refit: scflashmm.tl.flashmm_refit"):
         sfm.get.flashmm_df(fitted_b_satterthwaite, contrast="cls[1]:trt[T.B] - cls[2]:trt[T.B]")
 
 
-def test_residual_default_and_bad_value():
+def test_residual_df_and_bad_value():
     adata = case_adata("b")
-    sfm.tl.flashmm_de(adata, FIXED, "sam", is_counts=True)
+    sfm.tl.flashmm_de(adata, FIXED, "sam", is_counts=True, **FLASHMM_SETTINGS)
     assert adata.uns["flashmm"]["params"]["df"] == "residual"
     assert "flashmm_df" not in adata.varm
     assert (sfm.get.flashmm_df(adata)["df"] == adata.uns["flashmm"]["df"]).all()

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["flashmm_df"]
 
 COLUMNS = [
-    "variable", "contrast", "log_fc", "sd", "t_value", "df", "p_value", "adj_p_value", "converged"
+    "variable", "contrast", "log_fc", "sd", "t_value", "df", "p_value", "adj_p_value",
+    "converged", "singular",
 ]  # fmt: skip
 
 
@@ -53,19 +54,23 @@ def flashmm_df(
         unless ``contrast`` is given.
     contrast
         Contrast(s) to report: names given to ``flashmm_de(contrasts=...)``, or new expressions
-        over the design columns, which are computed here from the stored covariance (not
-        with Satterthwaite df: pass those to ``flashmm_de(contrasts=...)``).
+        over the design columns, which are computed here from the stored covariance when the
+        fit used ``n - p`` df; with per-test df or moderation, test new contrasts with
+        :func:`scflashmm.tl.flashmm_refit` (no pass over the cells).
     alternative
         ``"two-sided"``, ``"less"`` (effect < 0) or ``"greater"`` (effect > 0); p-values are
-        recomputed from the t values with the fit's degrees of freedom (column ``df``).
+        recomputed from the t values with the fit's degrees of freedom (column ``df``), or,
+        for moderated tests, from the stored two-sided p value and the sign of the estimate.
 
     Returns
     -------
     Columns ``variable`` (gene), ``contrast`` (design column or contrast name), ``log_fc``
     (the estimate: a log2 fold change when the fit used ``log2(1 + counts)``), ``sd`` (its
-    standard error), ``t_value``, ``df`` (``n - p``, or Satterthwaite's per gene when the fit
-    used ``df="satterthwaite"``), ``p_value``, ``adj_p_value`` (Benjamini-Hochberg within each
-    term/contrast, over the genes present; NaN p-values are not counted) and ``converged``.
+    standard error), ``t_value``, ``df`` (``n - p``, or per gene with Satterthwaite or
+    Kenward-Roger df; NaN for moderated tests, whose p value is posterior-predictive),
+    ``p_value``, ``adj_p_value`` (Benjamini-Hochberg within each term/contrast, over the genes
+    present; NaN p-values are not counted), ``converged`` and ``singular`` (a variance component
+    estimated at exactly 0 with ``nonnegative=True``).
     The column names follow pertpy's differential-expression schema. Terms come in the order
     asked (design order by default); within a term rows are sorted by p-value, NaN last.
     """
@@ -74,8 +79,18 @@ def flashmm_df(
     info = results_uns(adata, key)
     x_columns = [str(c) for c in info["x_columns"]]
     df = int(info["df"])
-    satterthwaite = info.get("params", {}).get("df", "residual") == "satterthwaite"
-    converged = adata.varm[varm_key(key, DIAG)]["converged"].to_numpy(dtype=bool)
+    params = info.get("params", {})
+    moderated = bool(params.get("moderate", False))
+    per_test = not moderated and params.get("df", "residual") != "residual"
+    diag = adata.varm[varm_key(key, DIAG)]
+    flags = {
+        "converged": diag["converged"].to_numpy(dtype=bool),
+        "singular": (
+            diag["singular"].to_numpy(dtype=bool)
+            if "singular" in diag
+            else np.zeros(adata.n_vars, dtype=bool)
+        ),
+    }
     genes = adata.var_names
 
     blocks = []
@@ -84,8 +99,9 @@ def flashmm_df(
         se = adata.varm[varm_key(key, "se")]
         t = adata.varm[varm_key(key, "t")]
         for name in _select_terms(term, x_columns):
-            ddf = adata.varm[varm_key(key, DF)][name] if satterthwaite else df
-            blocks.append(_block(genes, name, coef[name], se[name], t[name], ddf, side, converged))
+            ddf = adata.varm[varm_key(key, DF)][name] if per_test else df
+            p2 = adata.varm[varm_key(key, "p")][name] if moderated else None
+            blocks.append(_block(genes, name, coef[name], se[name], t[name], ddf, side, flags, p2))
     if contrast is not None:
         stored = [str(c) for c in info.get("contrast_names", [])]
         for name in [contrast] if isinstance(contrast, str) else list(contrast):
@@ -93,18 +109,21 @@ def flashmm_df(
                 est = adata.varm[varm_key(key, "contrast_coef")][name]
                 se_c = adata.varm[varm_key(key, "contrast_se")][name]
                 t_c = adata.varm[varm_key(key, "contrast_t")][name]
-                ddf = adata.varm[varm_key(key, CONTRAST_DF)][name] if satterthwaite else df
-            elif satterthwaite:
+                ddf = adata.varm[varm_key(key, CONTRAST_DF)][name] if per_test else df
+                p2 = adata.varm[varm_key(key, "contrast_p")][name] if moderated else None
+            elif moderated or per_test:
+                how = "moderated tests" if moderated else f"df={params.get('df')!r}"
                 msg = (
-                    f"Contrast {name!r} was not computed by flashmm_de; with df='satterthwaite' "
-                    f"new contrasts need the fit: pass them as flashmm_de(contrasts=...). "
+                    f"Contrast {name!r} was not computed by the fit; with {how} new contrasts "
+                    f"need a refit: scflashmm.tl.flashmm_refit(adata, key={key!r}, "
+                    f"contrasts=...) (no pass over the cells), or flashmm_de(contrasts=...). "
                     f"Stored contrasts: {stored}."
                 )
                 raise ValueError(msg)
             else:
                 est, se_c, t_c = _new_contrast(adata, key, name, x_columns, stored)
-                ddf = df
-            blocks.append(_block(genes, name, est, se_c, t_c, ddf, side, converged))
+                ddf, p2 = df, None
+            blocks.append(_block(genes, name, est, se_c, t_c, ddf, side, flags, p2))
     if not blocks:
         msg = "No term or contrast selected."
         raise ValueError(msg)
@@ -181,11 +200,16 @@ def _block(
     t: Any,
     df: Any,
     alternative: str,
-    converged: np.ndarray,
+    flags: dict[str, np.ndarray],
+    p_two_sided: Any = None,
 ) -> pd.DataFrame:
     t = np.asarray(t, dtype=np.float64)
-    df = np.broadcast_to(np.asarray(df, dtype=np.float64), t.shape)
-    p = t_pvalue(t, df, alternative)
+    if p_two_sided is None:
+        df = np.broadcast_to(np.asarray(df, dtype=np.float64), t.shape)
+        p = t_pvalue(t, df, alternative)
+    else:
+        df = np.full(t.shape, np.nan)
+        p = _one_sided(np.asarray(p_two_sided, dtype=np.float64), t, alternative)
     table = pd.DataFrame(
         {
             "variable": np.asarray(genes, dtype=object),
@@ -196,7 +220,16 @@ def _block(
             "df": df,
             "p_value": p,
             "adj_p_value": bh_adjust(p),
-            "converged": converged,
+            **flags,
         }
     )
     return table.sort_values("p_value", kind="stable", na_position="last")
+
+
+def _one_sided(p: np.ndarray, t: np.ndarray, alternative: str) -> np.ndarray:
+    """One-sided p values from two-sided ones of a test symmetric under the null."""
+    if alternative == "two-sided":
+        return p
+    sign = np.sign(t) if alternative == "greater" else -np.sign(t)
+    with np.errstate(invalid="ignore"):
+        return np.where(sign > 0, p / 2, 1 - p / 2)

@@ -1,5 +1,6 @@
 """scflashmm.tl: tools that fit models and write results into AnnData."""
 
 from ._flashmm_de import flashmm_de
+from ._refit import flashmm_refit
 
-__all__ = ["flashmm_de"]
+__all__ = ["flashmm_de", "flashmm_refit"]

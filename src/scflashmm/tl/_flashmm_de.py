@@ -7,8 +7,10 @@ write them into the AnnData (names from :mod:`scflashmm._results`).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,8 +39,12 @@ from .._results import (
     COV,
     DF,
     DIAG,
+    MODERATION,
     RESIDUAL,
     SE_THETA,
+    STATS_XY,
+    STATS_YY,
+    STATS_ZY,
     THETA,
     check_h5ad_name,
     varm_key,
@@ -52,6 +58,7 @@ from ._matrix import (
     looks_like_counts,
     nonfinite_error,
 )
+from ._moderate import Moderated, moderate_fit, resolve_moderate
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -59,6 +66,46 @@ if TYPE_CHECKING:
     from .._core.reml import LMMFit
     from .._core.sumstats import SummaryStats
     from .._design import Design
+
+
+@dataclass(frozen=True)
+class DesignInfo:
+    """What a fit needs to know of the design besides the summary statistics."""
+
+    x_columns: list[str]
+    random_terms: list[str]
+    random: list[str]
+    d: list[int]
+    z_columns: list[str]
+    x_sum: np.ndarray  # X'1, for the mean-expression trend of the moderation
+    structure: Any = None  # lme4-style terms: the CovarianceStructure of G (else None)
+
+    @classmethod
+    def of(cls, design: Design) -> DesignInfo:
+        """Return the information of an encoded :class:`~scflashmm._design.Design`."""
+        return cls(
+            x_columns=list(design.x_columns),
+            random_terms=list(design.random_terms),
+            random=list(design.random),
+            d=[int(x) for x in design.d],
+            z_columns=list(design.z_columns),
+            x_sum=np.asarray(design.X.sum(axis=0), dtype=np.float64).ravel(),
+            structure=design.structure,
+        )
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The checked options of a fit (shared by :func:`flashmm_de` and ``flashmm_refit``)."""
+
+    method: Method
+    df: DfMethod
+    nonnegative: bool
+    moderate: bool
+    theta0: np.ndarray | None
+    max_iter: int
+    epsilon: float
+
 
 __all__ = ["flashmm_de"]
 
@@ -71,11 +118,14 @@ def flashmm_de(
     layer: str | None = None,
     is_counts: bool = False,
     method: Method = "REML",
-    df: DfMethod = "residual",
+    df: DfMethod = "satterthwaite",
+    nonnegative: bool = False,
+    moderate: bool | None = None,
     contrasts: Mapping[str, str] | Sequence[str] | None = None,
     theta0: Sequence[float] | None = None,
     max_iter: int = 50,
     epsilon: float = 1e-5,
+    store_stats: bool = True,
     key_added: str = "flashmm",
     chunk_size: int | None = None,
     copy: bool = False,
@@ -89,6 +139,11 @@ def flashmm_de(
     ``e ~ N(0, s_0 I)`` by REML or ML, as the R package FLASHMM does: the cells are read once,
     in chunks, to accumulate summary statistics (never densifying cells x genes), and all genes
     are then fit together.
+
+    The defaults are the setting that docs/calibration.md measured to keep false positives and
+    false discoveries in check with 3 to 25 samples: with one random component the tests are
+    moderated (``moderate=None``), otherwise Satterthwaite df. FLASHMM's exact numbers are
+    ``moderate=False, df="residual"`` (``nonnegative=False`` as by default).
 
     Parameters
     ----------
@@ -117,10 +172,29 @@ def flashmm_de(
     method
         ``"REML"`` or ``"ML"``.
     df
-        Degrees of freedom of the t tests: ``"residual"`` (``n - p``, FLASHMM) or
-        ``"satterthwaite"`` (per gene and test, as lmerTest, from the summary statistics).
-        Choose ``"satterthwaite"`` when the tested effect varies between few samples (samples
-        nested in the condition): ``n - p`` counts cells as replicates and is then liberal.
+        Degrees of freedom of the t tests when they are not moderated: ``"residual"``
+        (``n - p``, FLASHMM), ``"satterthwaite"`` (default; per gene and test, as lmerTest) or
+        ``"kenward-roger"`` (REML only; adjusted standard errors and df, as pbkrtest), all from
+        the summary statistics. ``n - p`` counts cells as replicates: when the tested effect
+        varies between few samples (samples nested in the condition) it is liberal.
+    nonnegative
+        Maximise the likelihood over variance components ``>= 0``, as lme4 (a gene whose
+        optimum is on the boundary gets exactly 0 and is flagged ``singular``). Default False:
+        FLASHMM's unconstrained Fisher scoring, and the estimates the moderation was measured
+        with.
+    moderate
+        Empirical-Bayes moderation of the between-sample variance ``tau = s_1 + s_0 / n_s``
+        (``n_s`` about the cells per sample): the genes' estimates, each on ``d`` df (about the
+        samples minus the fixed effects between samples), share a prior centred on a trend in
+        the mean expression, with a shape estimated from all genes (a grid of multiples of the
+        trend, weights by maximum likelihood); each gene's p value averages the GLS tests over
+        its posterior (docs/calibration.md, ``scflashmm._core.moderation``). It replaces
+        ``se``, ``t``, ``p`` and ``cov`` of the coefficients and contrasts (``cov`` of the GLS
+        estimate at the posterior mean of ``tau``; ``p`` is the posterior-predictive p value,
+        so no df is reported); the estimates stay the fit's. Assumes one random component and
+        genes' ``tau`` drawn from one smooth distribution around the trend. ``None``
+        (default): moderate when the model has exactly one random component; ``True`` with
+        several components is an error.
     contrasts
         Linear combinations of the design columns to test, as a mapping ``name -> expression``
         over the column names written by formulaic, e.g.
@@ -132,6 +206,11 @@ def flashmm_de(
         Maximum number of Fisher-scoring iterations.
     epsilon
         Convergence tolerance on the largest absolute score.
+    store_stats
+        Keep the summary statistics in the AnnData, so that :func:`scflashmm.tl.flashmm_refit`
+        can test new contrasts or refit with another method, df, ``nonnegative`` or
+        ``moderate`` without the cells: ``8 (p + q + 1)`` bytes per gene in ``varm`` (``q``:
+        columns of the random design) and ``8 (p + q)^2`` bytes in ``uns``.
     key_added
         Prefix of the keys written to ``adata.varm`` and the key in ``adata.uns``.
     chunk_size
@@ -159,7 +238,8 @@ def flashmm_de(
         Variance components and their standard errors: one column per random term, then
         ``"residual"``.
     ``varm[f"{key}_diag"]``
-        ``niter``, ``converged``, ``max_abs_dlogL``, ``logLik``.
+        ``niter``, ``converged``, ``max_abs_dlogL``, ``logLik``, ``singular`` (a component
+        estimated at exactly 0 with ``nonnegative=True``).
     ``varm[f"{key}_cov"]``
         Covariance of the fixed effects, array (genes, p, p) in the design column order, so
         that further contrasts can be tested later (:func:`scflashmm.get.flashmm_df`).
@@ -168,13 +248,23 @@ def flashmm_de(
         (one column per contrast name); other alternatives from
         :func:`scflashmm.get.flashmm_df`.
     ``varm[f"{key}_df"]``, ``varm[f"{key}_contrast_df"]``
-        Only with ``df="satterthwaite"``: the df of each coefficient and contrast.
+        Only with per-test df (``"satterthwaite"``, ``"kenward-roger"``) and no moderation:
+        the df of each coefficient and contrast.
+    ``varm[f"{key}_moderation"]``
+        Only when moderated: ``tau`` (the gene's between-sample variance from the fit) and
+        ``tau_moderated`` (its posterior mean).
+    ``varm[f"{key}_stats_xy"]``, ``varm[f"{key}_stats_zy"]``, ``varm[f"{key}_stats_yy"]``
+        Only with ``store_stats``: ``X'y`` (columns: design columns), ``Z'y`` (array, genes x
+        q) and ``y'y`` (column ``"yy"``) of every gene.
     ``uns[key]``
-        ``params`` (fixed, random, method, df, layer, is_counts, epsilon, max_iter, theta0,
-        chunk_size), ``x_columns``, ``random_terms``, ``random_formulas``, ``d``,
-        ``z_columns``, ``contrast_names``, ``contrast_expressions``, ``contrast_matrix``
-        (design columns x contrasts, only with contrasts), ``n_cells``, ``n_genes``, ``df``,
-        ``n_nonconverged``, ``n_degenerate``, ``varm_keys`` and ``version``; ``df`` is the
+        ``params`` (fixed, random, method, df, nonnegative, moderate (as applied), layer,
+        is_counts, epsilon, max_iter, theta0, chunk_size, store_stats), ``x_columns``,
+        ``random_terms``, ``random_formulas``, ``d``, ``z_columns``, ``contrast_names``,
+        ``contrast_expressions``, ``contrast_matrix`` (design columns x contrasts, only with
+        contrasts), ``n_cells``, ``n_genes``, ``df``, ``n_nonconverged``, ``n_degenerate``,
+        ``n_singular``, ``moderation`` (only when moderated: method, ``d``, ``bar_lambda``, the
+        prior's ``multipliers`` and ``weights``), ``stats`` (only with ``store_stats``: ``XX``,
+        ``ZX``, ``ZZ``, ``x_sum``, ``n``), ``varm_keys`` and ``version``; ``df`` is the
         residual df ``n - p`` whatever the ``df`` parameter.
 
     Genes that cannot be fit (all zero, or exactly explained by the fixed effects) are NaN.
@@ -188,17 +278,26 @@ def flashmm_de(
     >>> sfm.get.flashmm_df(adata, term=":trt").head()  # doctest: +SKIP
     """
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
-    method = check_method(method)
-    df = check_df(df)
     max_iter = check_positive_int(max_iter, "max_iter")
     epsilon = check_positive_float(epsilon, "epsilon")
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
+    store_stats = _check_bool(store_stats, "store_stats")
 
     jobs = check_n_jobs(n_jobs)
 
     design = make_design(adata.obs, fixed, random)
-    start = check_theta0(theta0, len(design.d))
+    info = DesignInfo.of(design)
+    opts = check_fit_options(
+        method=method,
+        df=df,
+        nonnegative=nonnegative,
+        moderate=moderate,
+        theta0=theta0,
+        max_iter=max_iter,
+        epsilon=epsilon,
+        info=info,
+    )
     cmat, expressions = _contrasts(contrasts, design.x_columns)
     _check_memory(adata.n_obs, design, adata.n_vars, n_jobs=jobs)
 
@@ -212,37 +311,122 @@ def flashmm_de(
         progress=progress,
         n_jobs=jobs,
     )
-    fit = lmm(
-        stats,
-        None if design.structure is not None else design.d,
-        structure=design.structure,
-        method=method,
-        theta0=start,
-        max_iter=max_iter,
-        epsilon=epsilon,
-        output_cov=True,
-        df=df,
-        n_jobs=jobs,
-        feature_names=list(map(str, adata.var_names)),
-        covariate_names=design.x_columns,
-        component_names=None if design.structure is not None else design.random_terms,
-    )
-
-    varm = _result_tables(fit, adata.var_names, key_added, cmat)
     params = {
         "fixed": fixed,
         "random": [random] if isinstance(random, str) else list(random),
-        "method": method,
-        "df": df,
         "layer": layer,
         "is_counts": bool(is_counts),
-        "epsilon": epsilon,
-        "max_iter": max_iter,
-        "theta0": None if start is None else start.tolist(),
         "chunk_size": chunk_size,
+        "store_stats": store_stats,
     }
-    uns = _uns_record(adata, design, fit, params, cmat, expressions, list(varm))
-    return _write(adata, key_added, varm, uns, copy=copy)
+    varm, uns = fit_and_record(
+        adata,
+        stats,
+        info,
+        opts,
+        params,
+        cmat,
+        expressions,
+        key_added,
+        store_stats=store_stats,
+        n_jobs=jobs,
+    )
+    return write_results(adata, key_added, varm, uns, copy=copy)
+
+
+def check_fit_options(
+    *,
+    method: Any,
+    df: Any,
+    nonnegative: Any,
+    moderate: Any,
+    theta0: Any,
+    max_iter: int,
+    epsilon: float,
+    info: DesignInfo,
+) -> FitOptions:
+    """Check the model options against the design; ``moderate=None`` is resolved here."""
+    method = check_method(method)
+    df = check_df(df)
+    nonnegative = _check_bool(nonnegative, "nonnegative")
+    if nonnegative and "nonnegative" not in inspect.signature(lmm).parameters:
+        msg = "nonnegative=True is not available in this version of scflashmm's solver."
+        raise NotImplementedError(msg)
+    start = check_theta0(theta0, len(info.d))
+    return FitOptions(
+        method=method,
+        df=df,
+        nonnegative=nonnegative,
+        moderate=resolve_moderate(
+            moderate, info.d, info.random_terms, structured=info.structure is not None
+        ),
+        theta0=start,
+        max_iter=max_iter,
+        epsilon=epsilon,
+    )
+
+
+def fit_and_record(
+    adata: AnnData,
+    stats: SummaryStats,
+    info: DesignInfo,
+    opts: FitOptions,
+    params: dict[str, Any],
+    cmat: pd.DataFrame | None,
+    expressions: Mapping[str, str],
+    key: str,
+    *,
+    store_stats: bool,
+    n_jobs: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit every gene from ``stats``; return the ``varm`` entries and ``uns[key]``."""
+    extra: dict[str, Any] = {"nonnegative": True} if opts.nonnegative else {}
+    structured = info.structure is not None
+    fit = lmm(
+        stats,
+        None if structured else info.d,
+        structure=info.structure,
+        method=opts.method,
+        theta0=opts.theta0,
+        max_iter=opts.max_iter,
+        epsilon=opts.epsilon,
+        output_cov=True,
+        df=opts.df,
+        feature_names=list(map(str, adata.var_names)),
+        covariate_names=info.x_columns,
+        component_names=None if structured else info.random_terms,
+        n_jobs=n_jobs,
+        **extra,
+    )
+    moderated = None
+    if opts.moderate:
+        cm = None if cmat is None else cmat.to_numpy(dtype=np.float64)
+        moderated = moderate_fit(stats, fit.theta, fit.coef, info.x_sum, cm)
+    varm = _result_tables(fit, adata.var_names, key, cmat, moderated)
+    if store_stats:
+        varm.update(_stats_tables(stats, adata.var_names, key, info))
+    params = {
+        **params,
+        "method": opts.method,
+        "df": opts.df,
+        "nonnegative": opts.nonnegative,
+        "moderate": opts.moderate,
+        "epsilon": opts.epsilon,
+        "max_iter": opts.max_iter,
+        "theta0": None if opts.theta0 is None else opts.theta0.tolist(),
+    }
+    uns = _uns_record(adata, info, fit, params, cmat, expressions, list(varm))
+    if moderated is not None:
+        uns["moderation"] = moderated.record
+    if store_stats:
+        uns["stats"] = {
+            "XX": np.asarray(stats.XX, dtype=np.float64),
+            "ZX": np.asarray(stats.ZX, dtype=np.float64),
+            "ZZ": np.asarray(stats.ZZ, dtype=np.float64),
+            "x_sum": np.asarray(info.x_sum, dtype=np.float64),
+            "n": int(stats.n),
+        }
+    return varm, uns
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,8 +547,34 @@ def _summary_statistics(
     return stats
 
 
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        msg = f"{name} must be True or False, got {value!r}."
+        raise TypeError(msg)
+    return bool(value)
+
+
+def _singular(fit: LMMFit) -> np.ndarray:
+    """Return the per-gene singular flag (False where the solver does not report one)."""
+    flag = getattr(fit, "singular", None)
+    if flag is None:
+        return np.zeros(fit.n_features, dtype=bool)
+    return np.asarray(flag, dtype=bool)
+
+
+def _per_test_df(fit: LMMFit) -> np.ndarray | None:
+    """Per-coefficient df of a Satterthwaite or Kenward-Roger fit, else None."""
+    if fit.df_method == "satterthwaite":
+        return fit.df_satterthwaite
+    return getattr(fit, "df_kenward_roger", None) if fit.df_method != "residual" else None
+
+
 def _result_tables(
-    fit: LMMFit, var_names: pd.Index, key: str, cmat: pd.DataFrame | None
+    fit: LMMFit,
+    var_names: pd.Index,
+    key: str,
+    cmat: pd.DataFrame | None,
+    moderated: Moderated | None = None,
 ) -> dict[str, Any]:
     """Return the ``varm`` entries of a fit, by key (see :mod:`scflashmm._results`)."""
     index = pd.Index(var_names)
@@ -372,8 +582,10 @@ def _result_tables(
     names, theta, se_theta = _random_effect_tables(fit)
     comps = pd.Index([*names, RESIDUAL], dtype=object)
     out: dict[str, Any] = {}
+    source: Any = fit if moderated is None else moderated
     for what in COEF_TABLES:
-        out[varm_key(key, what)] = pd.DataFrame(getattr(fit, what), index=index, columns=cols)
+        values = getattr(fit if what == "coef" else source, what)
+        out[varm_key(key, what)] = pd.DataFrame(values, index=index, columns=cols)
     out[varm_key(key, THETA)] = pd.DataFrame(theta, index=index, columns=comps)
     out[varm_key(key, SE_THETA)] = pd.DataFrame(se_theta, index=index, columns=comps)
     out[varm_key(key, DIAG)] = pd.DataFrame(
@@ -382,14 +594,20 @@ def _result_tables(
             "converged": fit.converged.astype(bool),
             "max_abs_dlogL": np.abs(fit.dlogL).max(axis=1),
             "logLik": fit.logLik,
+            "singular": _singular(fit),
         },
         index=index,
     )
-    out[varm_key(key, COV)] = np.ascontiguousarray(fit.cov)
-    if fit.df_satterthwaite is not None:
-        out[varm_key(key, DF)] = pd.DataFrame(fit.df_satterthwaite, index=index, columns=cols)
+    out[varm_key(key, COV)] = np.ascontiguousarray(source.cov)
+    ddf = _per_test_df(fit)
+    if ddf is not None and moderated is None:
+        out[varm_key(key, DF)] = pd.DataFrame(ddf, index=index, columns=cols)
+    if moderated is not None:
+        out[varm_key(key, MODERATION)] = pd.DataFrame(
+            {"tau": moderated.tau, "tau_moderated": moderated.tau_post}, index=index
+        )
     if cmat is not None:
-        out.update(_contrast_tables(fit, index, key, cmat))
+        out.update(_contrast_tables(fit, index, key, cmat, moderated))
     return out
 
 
@@ -426,25 +644,50 @@ def _structure_record(structure: Any) -> dict[str, Any]:
 
 
 def _contrast_tables(
-    fit: LMMFit, index: pd.Index, key: str, cmat: pd.DataFrame
+    fit: LMMFit,
+    index: pd.Index,
+    key: str,
+    cmat: pd.DataFrame,
+    moderated: Moderated | None,
 ) -> dict[str, pd.DataFrame]:
-    est, se, ddf = fit.contrast_estimates(cmat.to_numpy(dtype=np.float64))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t = est / se
-    p = t_pvalue(t, ddf)
     names = pd.Index([str(c) for c in cmat.columns], dtype=object)
+    if moderated is not None and moderated.contrast is not None:
+        values: tuple[np.ndarray, ...] = moderated.contrast
+        ddf = None
+    else:
+        est, se, ddf = fit.contrast_estimates(cmat.to_numpy(dtype=np.float64))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = est / se
+        values = (est, se, t, t_pvalue(t, ddf))
     out = {
-        varm_key(key, what): pd.DataFrame(values, index=index, columns=names)
-        for what, values in zip(CONTRAST_TABLES, (est, se, t, p), strict=True)
+        varm_key(key, what): pd.DataFrame(v, index=index, columns=names)
+        for what, v in zip(CONTRAST_TABLES, values, strict=True)
     }
-    if fit.df_method == "satterthwaite":
+    if ddf is not None and fit.df_method != "residual":
         out[varm_key(key, CONTRAST_DF)] = pd.DataFrame(ddf, index=index, columns=names)
     return out
 
 
+def _stats_tables(
+    stats: SummaryStats, var_names: pd.Index, key: str, info: DesignInfo
+) -> dict[str, Any]:
+    """Return the gene-wise summary statistics, for refits without the cells."""
+    index = pd.Index(var_names)
+    cols = pd.Index(info.x_columns, dtype=object)
+    return {
+        varm_key(key, STATS_XY): pd.DataFrame(
+            np.asarray(stats.XY, dtype=np.float64).T, index=index, columns=cols
+        ),
+        varm_key(key, STATS_ZY): np.ascontiguousarray(np.asarray(stats.ZY, dtype=np.float64).T),
+        varm_key(key, STATS_YY): pd.DataFrame(
+            {"yy": np.asarray(stats.Ynorm, dtype=np.float64)}, index=index
+        ),
+    }
+
+
 def _uns_record(
     adata: AnnData,
-    design: Design,
+    info: DesignInfo,
     fit: LMMFit,
     params: dict[str, Any],
     cmat: pd.DataFrame | None,
@@ -458,11 +701,11 @@ def _uns_record(
     degenerate = np.isnan(fit.theta[:, -1])
     uns: dict[str, Any] = {
         "params": params,
-        "x_columns": list(design.x_columns),
-        "random_terms": list(design.random_terms),
-        "random_formulas": list(design.random),
-        "d": [int(x) for x in design.d],
-        "z_columns": list(design.z_columns),
+        "x_columns": list(info.x_columns),
+        "random_terms": list(info.random_terms),
+        "random_formulas": list(info.random),
+        "d": [int(x) for x in info.d],
+        "z_columns": list(info.z_columns),
         "contrast_names": names,
         "contrast_expressions": [str(expressions[c]) for c in names],
         "n_cells": int(adata.n_obs),
@@ -470,18 +713,19 @@ def _uns_record(
         "df": int(fit.df),
         "n_nonconverged": int((~fit.converged & ~degenerate).sum()),
         "n_degenerate": int(degenerate.sum()),
+        "n_singular": int(_singular(fit).sum()),
         "varm_keys": varm_keys,
         "version": __version__,
     }
     if cmat is not None:
         uns["contrast_matrix"] = cmat
-    if design.structure is not None:
-        uns["random_structure"] = _structure_record(design.structure)
+    if info.structure is not None:
+        uns["random_structure"] = _structure_record(info.structure)
         uns["solver"] = str(getattr(fit, "kernel", "components"))
     return uns
 
 
-def _write(
+def write_results(
     adata: AnnData, key: str, varm: Mapping[str, Any], uns: dict[str, Any], *, copy: bool
 ) -> AnnData | None:
     """Write the results (nothing here can fail on user input), replacing an earlier fit."""

@@ -1,0 +1,142 @@
+"""``tl.flashmm_refit``: test new contrasts or refit with other options, without the cells.
+
+:func:`scflashmm.tl.flashmm_de` (with ``store_stats=True``, the default) keeps the gene-wise
+summary statistics ``X'y``, ``Z'y``, ``y'y`` in ``varm`` and the shared ``X'X``, ``Z'X``,
+``Z'Z``, ``n`` in ``uns``: everything the fit reads from the cells. A refit rebuilds the
+:class:`~scflashmm.SummaryStats` from them and fits again; its numbers equal those of a fresh
+:func:`~scflashmm.tl.flashmm_de` with the same options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._core._options import DfMethod, Method
+from .._core.sumstats import SummaryStats
+from .._results import STATS_XY, STATS_YY, STATS_ZY, results_uns, varm_key
+from ._flashmm_de import (
+    DesignInfo,
+    _contrasts,
+    check_fit_options,
+    fit_and_record,
+    write_results,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["flashmm_refit"]
+
+
+def flashmm_refit(
+    adata: AnnData,
+    *,
+    key: str = "flashmm",
+    method: Method | None = None,
+    df: DfMethod | None = None,
+    nonnegative: bool | None = None,
+    moderate: bool | None = None,
+    contrasts: Mapping[str, str] | Sequence[str] | None = None,
+    key_added: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Refit a :func:`~scflashmm.tl.flashmm_de` result from its stored summary statistics.
+
+    No pass over the cells: new contrasts can be tested with any df method, and the model
+    refit with another ``method``, ``df``, ``nonnegative`` or ``moderate``, on the genes
+    present (subsetting genes after the fit is fine).
+
+    Parameters
+    ----------
+    adata
+        AnnData fit by :func:`~scflashmm.tl.flashmm_de` with ``store_stats=True``.
+    key
+        The ``key_added`` of that fit.
+    method, df, nonnegative, moderate
+        As in :func:`~scflashmm.tl.flashmm_de`; None keeps the fit's setting (for
+        ``moderate``: as it was applied).
+    contrasts
+        Contrasts to test, as in :func:`~scflashmm.tl.flashmm_de`; None keeps the fit's.
+    key_added
+        Where to write the refit; default ``key`` (replacing the fit).
+    copy
+        Return a new AnnData instead of writing into ``adata``.
+
+    Returns
+    -------
+    With ``copy=True`` a new AnnData, else None; ``adata`` gets under ``key_added`` every key
+    that :func:`~scflashmm.tl.flashmm_de` writes (statistics included), with
+    ``uns[key_added]["params"]`` those of the fit, updated by the options given here.
+    """
+    info_uns = results_uns(adata, key)
+    key_added = key if key_added is None else key_added
+    if not isinstance(key_added, str) or not key_added or "/" in key_added:
+        msg = f"key_added must be a non-empty string without '/', got {key_added!r}."
+        raise ValueError(msg)
+    stats, info = _stored_stats(adata, key, info_uns)
+    params = dict(info_uns["params"])
+    opts = check_fit_options(
+        method=params["method"] if method is None else method,
+        df=params["df"] if df is None else df,
+        nonnegative=bool(params.get("nonnegative", False)) if nonnegative is None else nonnegative,
+        moderate=bool(params.get("moderate", False)) if moderate is None else moderate,
+        theta0=params.get("theta0"),
+        max_iter=int(params["max_iter"]),
+        epsilon=float(params["epsilon"]),
+        info=info,
+    )
+    if contrasts is None:
+        names = [str(c) for c in info_uns.get("contrast_names", [])]
+        exprs = [str(e) for e in info_uns.get("contrast_expressions", [])]
+        contrasts = dict(zip(names, exprs, strict=True)) or None
+    cmat, expressions = _contrasts(contrasts, info.x_columns)
+    kept = {k: params[k] for k in ("fixed", "random", "layer", "is_counts", "chunk_size")}
+    varm, uns = fit_and_record(
+        adata, stats, info, opts, kept | {"store_stats": True}, cmat, expressions, key_added,
+        store_stats=True,
+    )  # fmt: skip
+    return write_results(adata, key_added, varm, uns, copy=copy)
+
+
+def _stored_stats(adata: AnnData, key: str, info: Mapping[str, Any]) -> tuple[Any, DesignInfo]:
+    """Rebuild the summary statistics and the design information of fit ``key``."""
+    keys = [varm_key(key, what) for what in (STATS_XY, STATS_ZY, STATS_YY)]
+    if "stats" not in info or any(k not in adata.varm for k in keys):
+        msg = (
+            f"The fit under key {key!r} has no stored summary statistics: fit it with "
+            f"scflashmm.tl.flashmm_de(..., store_stats=True, key_added={key!r})."
+        )
+        raise KeyError(msg)
+    if "random_structure" in info:
+        # the covariance structure of lme4-style terms is not rebuilt from uns (yet): refitting
+        # with independent components instead would silently change the model
+        msg = (
+            f"The fit under key {key!r} has lme4-style random terms; flashmm_refit supports "
+            "only the component forms (a column name, a list, '~0+sam'). Run "
+            "scflashmm.tl.flashmm_de again with the new options."
+        )
+        raise NotImplementedError(msg)
+    shared = info["stats"]
+    x_columns = [str(c) for c in info["x_columns"]]
+    xy = adata.varm[keys[0]][x_columns].to_numpy(dtype=np.float64)
+    stats = SummaryStats(
+        XX=np.asarray(shared["XX"], dtype=np.float64),
+        XY=np.ascontiguousarray(xy.T),
+        ZX=np.asarray(shared["ZX"], dtype=np.float64),
+        ZY=np.ascontiguousarray(np.asarray(adata.varm[keys[1]], dtype=np.float64).T),
+        ZZ=np.asarray(shared["ZZ"], dtype=np.float64),
+        Ynorm=adata.varm[keys[2]]["yy"].to_numpy(dtype=np.float64),
+        n=int(shared["n"]),
+    )
+    design = DesignInfo(
+        x_columns=x_columns,
+        random_terms=[str(t) for t in info["random_terms"]],
+        random=[str(t) for t in info["random_formulas"]],
+        d=[int(x) for x in info["d"]],
+        z_columns=[str(c) for c in info["z_columns"]],
+        x_sum=np.asarray(shared["x_sum"], dtype=np.float64),
+    )
+    return stats, design
