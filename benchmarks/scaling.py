@@ -119,6 +119,76 @@ def dataset(data_dir: Path, n_cells: int, n_genes: int, n_clusters: int, *, chun
     return path
 
 
+#: The shape of the tuberculosis T-cell atlas FLASHMM's paper fits (docs/benchmarks.md, Scale).
+ATLAS = {"cells": 499_713, "genes": 11_596, "donors": 259, "types": 30, "density": 0.07}
+ATLAS_FIXED = "~0+log(libsize)+sex+cls+cls:trt"  # 1 + 2 + 29 + 30 = 62 columns
+ATLAS_GROUP_FIXED = "~log(libsize)+sex+trt"  # within one cell type: 4 columns
+ATLAS_RANDOM = "donor"
+
+
+def atlas_dataset(data_dir: Path, *, quick: bool = False, chunk: int = 5_000) -> Path:
+    """Write (once) a synthetic backed h5ad of the atlas shape, in chunks, never dense.
+
+    Cells get a cell type (30, unequal sizes) and a donor (259; each donor has a treatment
+    and a sex); each gene is non-zero in a cell with probability ``rate_gene * effect_donor``
+    (about 7 % overall), with small geometric counts. CSR int32, appended chunk by chunk.
+    """
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    import scipy.sparse as sp
+    from anndata.io import sparse_dataset, write_elem
+
+    n, m = (60_000, 2_000) if quick else (ATLAS["cells"], ATLAS["genes"])
+    donors, types = ATLAS["donors"], ATLAS["types"]
+    path = data_dir / f"atlas_{n}x{m}.h5ad"
+    if path.exists():
+        return path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(14)
+    t0 = time.perf_counter()
+    rate = np.clip(rng.gamma(0.7, ATLAS["density"] / 0.7, m), 0.002, 0.9).astype(np.float32)
+    donor_effect = rng.lognormal(0.0, 0.25, (donors, 1)).astype(np.float32)
+    type_weight = rng.dirichlet(np.full(types, 2.0))
+    donor = rng.integers(0, donors, n)
+    cls = rng.choice(types, n, p=type_weight)
+    trt = np.array(["A", "B"])[np.arange(donors) % 2]
+    sex = np.array(["F", "M"])[rng.integers(0, 2, donors)]
+    libsize = np.zeros(n)
+    tmp = path.with_suffix(".part")
+    with h5py.File(tmp, "w") as f:
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            p = rate[None, :] * donor_effect[donor[start:stop]]
+            mask = rng.random((stop - start, m), dtype=np.float32) < p
+            part = sp.csr_matrix(mask, dtype=np.int32)
+            part.data = rng.geometric(0.6, part.nnz).astype(np.int32)
+            libsize[start:stop] = np.asarray(part.sum(axis=1)).ravel()
+            if start == 0:
+                write_elem(f, "X", part)
+            else:
+                sparse_dataset(f["X"]).append(part)
+            del mask, part, p
+        obs = pd.DataFrame(
+            {
+                "libsize": np.maximum(libsize, 1.0),
+                "cls": pd.Categorical([f"T{c + 1:02d}" for c in cls]),
+                "donor": pd.Categorical([f"D{d + 1:03d}" for d in donor]),
+                "trt": pd.Categorical(trt[donor]),
+                "sex": pd.Categorical(sex[donor]),
+            },
+            index=[f"c{i}" for i in range(n)],
+        )
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", pd.DataFrame(index=[f"g{j}" for j in range(m)]))
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+    ad.read_h5ad(tmp, backed="r").file.close()  # readable
+    tmp.rename(path)
+    print(f"  wrote {path.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # measurements (each in its own process)
 # --------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def flashmm_de(
     chunk_size: int | None = None,
     copy: bool = False,
     progress: bool | None = None,
+    groupby: str | None = None,
 ) -> AnnData | None:
     """Differential expression with a linear mixed model per gene, fit from summary statistics.
 
@@ -168,6 +169,15 @@ def flashmm_de(
     >>> sfm.tl.flashmm_de(adata, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True)
     >>> sfm.get.flashmm_df(adata, term=":trt").head()  # doctest: +SKIP
     """
+    if groupby is not None:
+        from ._groupby import flashmm_de_groupby
+
+        return flashmm_de_groupby(
+            adata, fixed, random, groupby=groupby, layer=layer, is_counts=is_counts,
+            method=method, df=df, contrasts=contrasts, theta0=theta0, max_iter=max_iter,
+            epsilon=epsilon, key_added=key_added, chunk_size=chunk_size, copy=copy,
+            progress=progress,
+        )  # fmt: skip
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
     method = check_method(method)
     df = check_df(df)
