@@ -162,7 +162,7 @@ def reduce_dask_blocks(
 
 
 def _distributed_client() -> Any:
-    """The active ``dask.distributed`` client, or None (also when distributed is absent)."""
+    """Return the active ``dask.distributed`` client, or None (also without distributed)."""
     try:
         from distributed import default_client
     except ImportError:

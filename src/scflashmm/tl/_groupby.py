@@ -320,7 +320,7 @@ def grouped_summary_stats(
     n_jobs: int | None = None,
     progress: Any = None,
 ) -> list[SummaryStats]:
-    """The summary statistics of each group's model, in one pass over ``Y``."""
+    """Return the summary statistics of each group's model, in one pass over ``Y``."""
     dask = is_dask_array(Y)
     src = None if dask else open_source(Y)
     if dask and any(np.isnan(c) for c in Y.chunks[0]):
