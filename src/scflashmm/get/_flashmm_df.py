@@ -18,6 +18,7 @@ from .._core.inference import (
 )
 from .._lmm_test import contrast_matrix
 from .._results import CONTRAST_DF, COV, DF, DIAG, results_uns, varm_key
+from ._grouped import grouped_df, grouped_info
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -36,6 +37,7 @@ def flashmm_df(
     term: str | Sequence[str] | None = None,
     contrast: str | Sequence[str] | None = None,
     alternative: Alternative = "two-sided",
+    group: str | Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Tidy table of the tests of :func:`scflashmm.tl.flashmm_de`, one row per gene and term.
 
@@ -58,6 +60,9 @@ def flashmm_df(
     alternative
         ``"two-sided"``, ``"less"`` (effect < 0) or ``"greater"`` (effect > 0); p-values are
         recomputed from the t values with the fit's degrees of freedom (column ``df``).
+    group
+        For a fit with ``flashmm_de(..., groupby=...)``: the group(s) to report; default all
+        groups fit. Each group's tests are adjusted within the group (and term).
 
     Returns
     -------
@@ -68,7 +73,13 @@ def flashmm_df(
     term/contrast, over the genes present; NaN p-values are not counted) and ``converged``.
     The column names follow pertpy's differential-expression schema. Terms come in the order
     asked (design order by default); within a term rows are sorted by p-value, NaN last.
+    For a fit with ``groupby``, a first column ``group`` (categorical, in the order of the
+    groups), the groups one after the other.
     """
+    if group is not None or grouped_info(adata, key) is not None:
+        return grouped_df(
+            adata, key=key, group=group, term=term, contrast=contrast, alternative=alternative
+        )
     side = check_alternative(alternative)
     info = results_uns(adata, key)
     x_columns = [str(c) for c in info["x_columns"]]
