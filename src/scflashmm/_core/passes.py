@@ -157,8 +157,8 @@ def reduce_dask_blocks(
             done[0] += int(rows[key[1]])
             progress(done[0], total)
 
-    with Callback(posttask=posttask):
-        return np.asarray(blocks.sum(axis=0).compute())
+    with Callback(posttask=posttask):  # unfused, so that the blocks keep their keys
+        return np.asarray(blocks.sum(axis=0).compute(optimize_graph=False))
 
 
 def _distributed_client() -> Any:

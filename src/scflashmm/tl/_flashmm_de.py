@@ -127,7 +127,15 @@ def flashmm_de(
         backed AnnData).
     progress
         Show a progress bar over the pass over the data; default: when stderr is a terminal and
-        there is more than one chunk. (Not for Dask arrays: use Dask's own diagnostics.)
+        there is more than one chunk. For a Dask array the bar counts the cells of the
+        blocks done, on the active ``dask.distributed`` client if there is one (to run the
+        pass on an existing cluster, connect first: ``Client("tcp://scheduler:8786")``).
+    groupby
+        A column of ``adata.obs``: fit a separate model within each of its levels (formulas
+        evaluated on the group's cells, so a factor level absent from a group drops out of
+        its design), all groups accumulated in the same single pass over the cells. Groups
+        that cannot be fit (no cells, too few cells, a rank-deficient design, a random term
+        with a single level) are skipped with a warning naming them; the others are fit.
 
     Returns
     -------
@@ -158,6 +166,14 @@ def flashmm_de(
         (design columns x contrasts, only with contrasts), ``n_cells``, ``n_genes``, ``df``,
         ``n_nonconverged``, ``n_degenerate``, ``varm_keys`` and ``version``; ``df`` is the
         residual df ``n - p`` whatever the ``df`` parameter.
+
+    With ``groupby``, each group's fit is stored as above under the key
+    ``sub = f"{key}:{group}"`` (``"/"`` in a group name becomes ``"|"``): ``varm[f"{sub}_coef"]``
+    ..., and ``uns[sub]`` with ``n_cells`` of the group and ``group``; ``uns[key]`` then holds
+    ``params`` (with ``groupby``), ``groupby``, ``groups`` and ``group_keys`` (the groups fit,
+    in level order, and their keys), ``n_cells``, ``skipped`` and ``skipped_reasons`` (groups
+    not fit and why), ``varm_keys`` and ``version``. Read them with
+    ``scflashmm.get.flashmm_df(adata, group=...)`` or the plots' ``group``.
 
     Genes that cannot be fit (all zero, or exactly explained by the fixed effects) are NaN.
     On any error ``adata`` is left unchanged.
