@@ -40,10 +40,9 @@ from .._core._options import (
     check_theta0,
 )
 from .._core._threads import check_n_jobs, ordered_map, single_threaded_blas
-from .._core.blocks import _pieces, block_stats
+from .._core.blocks import _pieces, _values
 from .._core.checks import _check_chunk_size
 from .._core.passes import reduce_dask_blocks
-from .._core.plan import DesignPlan
 from .._core.reml import lmm
 from .._core.sources import CompressedBlock, is_dask_array, open_source, shape2
 from .._core.stats import SummaryStats
@@ -74,8 +73,6 @@ class _Group:
     design: Design
     cmat: pd.DataFrame | None
     expressions: dict[str, str]
-    indicator: np.ndarray  # X columns summed by pattern (indices into design.X)
-    continuous: np.ndarray  # X columns summed with weights
 
 
 def flashmm_de_groupby(
@@ -122,8 +119,7 @@ def flashmm_de_groupby(
         except ValueError as exc:
             skipped[name] = str(exc)
             continue
-        ind, cont = _split_columns(design.X)
-        groups.append(_Group(name, cells, design, cmat, expressions, ind, cont))
+        groups.append(_Group(name, cells, design, cmat, expressions))
     if not groups:
         reasons = "; ".join(f"{k!r}: {v}" for k, v in skipped.items())
         msg = f"No group of adata.obs[{groupby!r}] can be fit: {reasons}"
@@ -237,53 +233,95 @@ def _group_codes(
     return np.asarray(factor.codes, dtype=np.int64), names
 
 
-def _split_columns(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Columns of ``X`` that take one non-zero value (or none), and the others."""
-    nz = X != 0
-    hi = np.where(nz, X, -np.inf).max(axis=0)
-    lo = np.where(nz, X, np.inf).min(axis=0)
-    single = (lo == hi) | ~nz.any(axis=0)
-    return np.flatnonzero(single), np.flatnonzero(~single)
-
-
 @dataclass
 class _Layout:
-    """The combined pass: indicator design ``A`` (n x r), weights ``W`` (n x w), group codes."""
+    """Slots of the pass: per cell, the output row and the weight of its value in each slot.
 
-    A: sp.csc_matrix
-    W: np.ndarray
-    codes: np.ndarray  # int32 group index (into the fitted groups) of each cell, -1 if none
-    x_rows: list[np.ndarray]  # per group: rows of A holding its indicator X columns
-    z_rows: list[np.ndarray]  # per group: rows of A holding its Z columns
+    A slot is a design column position ``j`` of every group's ``X`` (row: the cell's group,
+    weight: ``X_g[cell, j]``) or a random term of every group's ``Z`` with one non-zero per
+    cell (row: the cell's column of all groups' ``Z``, weight: its value). Rows ``-1``: none.
+    """
+
+    rows: np.ndarray  # int32 (n, slots)
+    weights: np.ndarray  # float64 (n, slots)
+    offsets: np.ndarray  # first output row of each slot (slots + 1,), the norms after them
+    G: int
+    x_slots: list[list[int]]  # per group: the slot of each of its X columns
+    z_rows: list[np.ndarray]  # per group: output rows of its Z columns
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1]) + self.G
 
 
 def _layout(groups: list[_Group], n: int) -> _Layout:
-    rows, cols, vals = [], [], []
-    x_rows, z_rows = [], []
-    col = 0
-    w = max(g.continuous.size for g in groups)
-    W = np.zeros((n, w))
-    codes = np.full(n, -1, dtype=np.int32)
-    for i, g in enumerate(groups):
-        codes[g.cells] = i
-        Xi = g.design.X[:, g.indicator]
-        r, c = np.nonzero(Xi)
-        rows.append(g.cells[r])
-        cols.append(c + col)
-        vals.append(Xi[r, c])
-        x_rows.append(np.arange(col, col + g.indicator.size))
-        col += g.indicator.size
-        Z = g.design.Z.tocoo()
-        rows.append(g.cells[Z.row])
-        cols.append(Z.col + col)
-        vals.append(Z.data)
-        z_rows.append(np.arange(col, col + Z.shape[1]))
-        col += Z.shape[1]
-        W[g.cells, : g.continuous.size] = g.design.X[:, g.continuous]
-    A = sp.csc_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, col)
+    G = len(groups)
+    p_max = max(g.design.X.shape[1] for g in groups)
+    rows_cols: list[np.ndarray] = []
+    weight_cols: list[np.ndarray] = []
+    sizes: list[int] = []
+    x_slots: list[list[int]] = [[] for _ in groups]
+    for j in range(p_max):
+        r = np.full(n, -1, dtype=np.int32)
+        w = np.zeros(n)
+        for i, g in enumerate(groups):
+            if j < g.design.X.shape[1]:
+                r[g.cells] = i
+                w[g.cells] = g.design.X[:, j]
+                x_slots[i].append(len(sizes))
+        rows_cols.append(r)
+        weight_cols.append(w)
+        sizes.append(G)
+    # random terms: one slot per term position where every cell has one non-zero in the term,
+    # else one slot per column position (exact for any Z, slower)
+    z_rows = [np.zeros(g.design.Z.shape[1], dtype=np.int64) for g in groups]
+    k = len(groups[0].design.d)
+    for t in range(k):
+        blocks = []
+        for g in groups:
+            lo = sum(g.design.d[:t])
+            blocks.append(sp.csr_matrix(g.design.Z[:, lo : lo + g.design.d[t]]))
+        single = all(np.diff(B.indptr).max(initial=0) <= 1 for B in blocks)
+        if single:
+            r = np.full(n, -1, dtype=np.int32)
+            w = np.zeros(n)
+            total = 0
+            for i, (g, B) in enumerate(zip(groups, blocks, strict=True)):
+                nz = np.diff(B.indptr) == 1
+                cells = g.cells[nz]
+                r[cells] = total + B.indices
+                w[cells] = B.data
+                lo = sum(g.design.d[:t])
+                z_rows[i][lo : lo + B.shape[1]] = total + np.arange(B.shape[1])
+                total += B.shape[1]
+            rows_cols.append(r)
+            weight_cols.append(w)
+            z_rows_base = sum(sizes)
+            for i, g in enumerate(groups):
+                lo = sum(g.design.d[:t])
+                z_rows[i][lo : lo + blocks[i].shape[1]] += z_rows_base
+            sizes.append(total)
+        else:
+            for j in range(max(B.shape[1] for B in blocks)):
+                r = np.full(n, -1, dtype=np.int32)
+                w = np.zeros(n)
+                for i, (g, B) in enumerate(zip(groups, blocks, strict=True)):
+                    if j < B.shape[1]:
+                        r[g.cells] = i
+                        w[g.cells] = B[:, j].toarray().ravel()
+                        lo = sum(g.design.d[:t])
+                        z_rows[i][lo + j] = sum(sizes) + i
+                rows_cols.append(r)
+                weight_cols.append(w)
+                sizes.append(G)
+    return _Layout(
+        rows=np.ascontiguousarray(np.column_stack(rows_cols)),
+        weights=np.ascontiguousarray(np.column_stack(weight_cols)),
+        offsets=np.cumsum([0, *sizes]),
+        G=G,
+        x_slots=x_slots,
+        z_rows=z_rows,
     )
-    return _Layout(A, W, codes, x_rows, z_rows)
 
 
 def _grouped_statistics(
@@ -325,183 +363,131 @@ def grouped_summary_stats(
     src = None if dask else open_source(Y)
     if dask and any(np.isnan(c) for c in Y.chunks[0]):
         Y = Y.compute_chunk_sizes()
-    n, m = shape2(Y) if src is None else src.shape
+    n = shape2(Y)[0] if src is None else src.shape[0]
     lay = _layout(groups, n)
     size = _check_chunk_size(chunk_size)
     jobs = check_n_jobs(n_jobs)
-    G, w = len(groups), lay.W.shape[1]
     with single_threaded_blas():
-        plan = DesignPlan(np.zeros((n, 0)), lay.A, m)
         if src is None:
-            packed, extra = _dask_grouped_pass(Y, plan, lay, G, is_counts, progress)
+            total = _dask_grouped_pass(Y, lay, is_counts, progress)
         else:
-            packed, extra = _local_grouped_pass(
-                src, plan, lay, G, is_counts=is_counts, size=size, n_jobs=jobs, progress=progress
+            total = _local_grouped_pass(
+                src, lay, is_counts=is_counts, size=size, n_jobs=jobs, progress=progress
             )
-        AY, _ = plan.unpack(packed, is_counts=is_counts)
-        norms = extra[:G] / (_LN2 * _LN2) if is_counts else extra[:G]
-        weighted = extra[G:].reshape(w, G, m) / (_LN2 if is_counts else 1.0)
+        if is_counts:  # sums of ln(1 + y): rescale to log2
+            total[: lay.offsets[-1]] /= _LN2
+            total[lay.offsets[-1] :] /= _LN2 * _LN2
         out = []
         for i, g in enumerate(groups):
             X, Z = g.design.X, sp.csc_matrix(g.design.Z)
-            XY = np.empty((X.shape[1], m))
-            XY[g.indicator] = AY[lay.x_rows[i]]
-            XY[g.continuous] = weighted[: g.continuous.size, i]
-            ZZ = Z.T @ Z
+            XY = np.stack([total[lay.offsets[s] + i] for s in lay.x_slots[i]])
             out.append(
                 SummaryStats(
                     XX=X.T @ X,
                     XY=XY,
                     ZX=np.asarray(Z.T @ X),
-                    ZY=AY[lay.z_rows[i]],
-                    ZZ=ZZ.toarray(),
-                    Ynorm=norms[i].copy(),
+                    ZY=total[lay.z_rows[i]],
+                    ZZ=(Z.T @ Z).toarray(),
+                    Ynorm=total[lay.offsets[-1] + i].copy(),
                     n=int(g.cells.size),
                 )
             )
     return out
 
 
-def _triplets(chunk: Any, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """``(cells, genes, stored values, genes in the chunk)`` of a block of ``Y``."""
+def group_block(
+    chunk: Any, lay: _Layout, rows: slice, *, is_counts: bool, axis: int = 0, start: int = 0
+) -> np.ndarray:
+    """Return the slot sums and per-group norms of a block of ``Y``: ``(lay.n_rows, genes)``.
+
+    ``rows`` selects the block's cells in ``lay`` (all cells for column blocks). Values are
+    checked and transformed (``ln(1 + y)`` for counts) as in the ungrouped pass.
+    """
+    R, Wt = lay.rows[rows], lay.weights[rows]
     if isinstance(chunk, CompressedBlock) or sp.issparse(chunk):
         if not isinstance(chunk, CompressedBlock):
             chunk = sp.csc_matrix(chunk) if axis == 1 else sp.csr_matrix(chunk)
-        data, indices, indptr = chunk.data, chunk.indices, chunk.indptr
-        outer = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
-        inner = np.asarray(indices, dtype=np.int64)
-        if chunk.format == "csc":
-            return inner, outer, data, chunk.shape[1]
-        return outer, inner, data, chunk.shape[1]
-    dense = np.asarray(chunk)
-    r, m = dense.shape
-    cells = np.repeat(np.arange(r, dtype=np.int64), m)
-    genes = np.tile(np.arange(m, dtype=np.int64), r)
-    return cells, genes, dense.ravel(), m
-
-
-def group_block(
-    chunk: Any, codes: np.ndarray, W: np.ndarray, G: int, *, is_counts: bool, axis: int = 0
-) -> np.ndarray:
-    """Per group: ``sum y^2`` then ``sum W[:, k] y`` for each k; ``((1 + w) G, genes)``.
-
-    ``codes`` and ``W`` are those of the chunk's cells (all cells for column blocks); values
-    are ``ln(1 + y)`` for counts (checked beforehand by :func:`block_stats`).
-    """
-    w = W.shape[1]
-    if isinstance(chunk, CompressedBlock) and chunk.format == "csr" and axis == 0:
-        return _group_block_csr(chunk, codes, W, G, is_counts=is_counts)
-    cells, genes, values, m = _triplets(chunk, axis)
-    out = np.zeros(((1 + w) * G, m))
-    v = values.astype(np.float64)
-    if is_counts:
-        np.log1p(v, out=v)
-    rows = codes[cells].astype(np.int64)
-    keep = rows >= 0
-    if not keep.all():
-        rows, genes, v, cells = rows[keep], genes[keep], v[keep], cells[keep]
-    scatter_add(out[:G], rows, genes, v * v)
-    for k in range(w):
-        scatter_add(out[(k + 1) * G : (k + 2) * G], rows, genes, v * W[cells, k])
-    return out
-
-
-def _group_block_csr(
-    chunk: CompressedBlock, codes: np.ndarray, W: np.ndarray, G: int, *, is_counts: bool
-) -> np.ndarray:
-    """:func:`group_block` of a CSR block, in cache-sized pieces as :func:`block_stats`."""
+            chunk = CompressedBlock(
+                chunk.data, chunk.indices, chunk.indptr, chunk.shape, chunk.format
+            )
+    else:
+        dense = sp.csr_matrix(np.asarray(chunk))
+        chunk = CompressedBlock(dense.data, dense.indices, dense.indptr, dense.shape, "csr")
     data, indices, indptr = chunk.data, chunk.indices, chunk.indptr
-    w = W.shape[1]
-    out = np.zeros(((1 + w) * G, chunk.shape[1]))
-    parts = [out[k * G : (k + 1) * G] for k in range(1 + w)]
+    m = chunk.shape[1]
+    out = np.zeros((lay.n_rows, m))
+    parts = [out[lay.offsets[k] : lay.offsets[k + 1]] for k in range(len(lay.offsets) - 1)]
+    norms = out[lay.offsets[-1] :]
+    csc = chunk.format == "csc"
+    group_slot = 0 if lay.x_slots and lay.x_slots[0] else None
     for a, b in _pieces(indptr):
         lo, hi = int(indptr[a]), int(indptr[b])
         if hi == lo:
             continue
-        v = data[lo:hi].astype(np.float64)
-        if is_counts:
-            np.log1p(v, out=v)
+        where = f"{'genes' if csc else 'cells'} {start + a}..{start + b - 1}"
+        v = _values(
+            data[lo:hi], is_counts=is_counts, where=where, start=start + a, stop=start + b,
+            axis=1 if csc else 0,
+        )  # fmt: skip
         counts = np.diff(indptr[a : b + 1])
-        rows = np.repeat(codes[a:b], counts)
         idx = indices[lo:hi]
-        if rows.min() < 0:  # cells of no fitted group
-            keep = rows >= 0
-            rows, idx, v = rows[keep], idx[keep], v[keep]
-            cells = np.repeat(np.arange(a, b), counts)[keep]
+        if csc:  # the piece is genes a..b of all cells
+            cells, genes = idx, np.repeat(np.arange(a, b, dtype=idx.dtype), counts)
         else:
-            cells = None
-        rows = rows.astype(idx.dtype, copy=False)
-        scatter_add(parts[0], rows, idx, v * v)
-        for k in range(w):
-            weight = W[a:b, k]
-            wv = W[cells, k] if cells is not None else np.repeat(weight, counts)
-            scatter_add(parts[k + 1], rows, idx, v * wv)
+            cells, genes = np.repeat(np.arange(a, b, dtype=idx.dtype), counts), idx
+        r_all, w_all = R[cells], Wt[cells]
+        grp = r_all[:, group_slot] if group_slot is not None else None
+        for k, part in enumerate(parts):
+            r = r_all[:, k]
+            keep = r >= 0
+            if keep.all():
+                scatter_add(part, r.astype(idx.dtype), genes, v * w_all[:, k])
+            elif keep.any():
+                scatter_add(part, r[keep].astype(idx.dtype), genes[keep], (v * w_all[:, k])[keep])
+        if grp is not None:
+            keep = grp >= 0
+            scatter_add(norms, grp[keep].astype(idx.dtype), genes[keep], (v * v)[keep])
     return out
 
 
 def _local_grouped_pass(
-    source: Any,
-    plan: DesignPlan,
-    lay: _Layout,
-    G: int,
-    *,
-    is_counts: bool,
-    size: int,
-    n_jobs: int,
-    progress: Any,
-) -> tuple[np.ndarray, np.ndarray]:
+    source: Any, lay: _Layout, *, is_counts: bool, size: int, n_jobs: int, progress: Any
+) -> np.ndarray:
     n, m = source.shape
     total_units = n if source.axis == 0 else m
-    packed = np.zeros((plan.rows, m))
-    extra = np.zeros(((1 + lay.W.shape[1]) * G, m))
+    total = np.zeros((lay.n_rows, m))
     spans = list(source.spans(size))
 
-    def read(span: tuple[int, int]) -> tuple[int, Any, slice]:
+    def read(span: tuple[int, int]) -> tuple[int, int, Any]:
         start, stop = span  # in the calling thread: one reader of a file
-        return start, source.read(start, stop), slice(start, stop)
+        return start, stop, source.read(start, stop)
 
-    def run(args: tuple[int, Any, slice]) -> tuple[np.ndarray, np.ndarray]:
-        start, chunk, cut = args
-        rows = cut if source.axis == 0 else slice(None)
-        a = block_stats(
-            chunk,
-            plan.codes[:, rows],
-            plan.cont[rows],
-            plan.sizes,
-            is_counts=is_counts,
-            axis=source.axis,
-            start=start,
-        )
-        b = group_block(
-            chunk, lay.codes[rows], lay.W[rows], G, is_counts=is_counts, axis=source.axis
-        )
-        return a, b
+    def run(args: tuple[int, int, Any]) -> np.ndarray:
+        start, stop, chunk = args
+        rows = slice(start, stop) if source.axis == 0 else slice(None)
+        return group_block(chunk, lay, rows, is_counts=is_counts, axis=source.axis, start=start)
 
     jobs = 1 if len(spans) == 1 else n_jobs
     done = 0
-    for (start, stop), (a, b) in zip(spans, ordered_map(run, map(read, spans), jobs), strict=True):
+    for (start, stop), part in zip(spans, ordered_map(run, map(read, spans), jobs), strict=True):
         if source.axis == 0:
-            packed += a
-            extra += b
+            total += part
         else:
-            packed[:, start:stop] = a
-            extra[:, start:stop] = b
+            total[:, start:stop] = part
         done += stop - start
         if progress is not None:
             progress(done, total_units)
-    return packed, extra
+    return total
 
 
-def _dask_grouped_block(y, codes, cont, gcodes, W, start, *, sizes, G, is_counts):
-    codes = np.ascontiguousarray(codes.T)
-    a = block_stats(y, codes, cont, sizes, is_counts=is_counts, axis=0, start=int(start[0]))
-    b = group_block(y, gcodes, W, G, is_counts=is_counts)
-    return np.vstack([a, b])[None]
+def _dask_grouped_block(y, rows, weights, start, *, lay, is_counts):
+    sub = _Layout(rows, weights, lay.offsets, lay.G, lay.x_slots, lay.z_rows)
+    y = y if sp.issparse(y) or isinstance(y, np.ndarray) else np.asarray(y)
+    out = group_block(y, sub, slice(None), is_counts=is_counts, start=int(start[0]))
+    return out[None]
 
 
-def _dask_grouped_pass(
-    Y: Any, plan: DesignPlan, lay: _Layout, G: int, is_counts: bool, progress: Any
-) -> tuple[np.ndarray, np.ndarray]:
+def _dask_grouped_pass(Y: Any, lay: _Layout, is_counts: bool, progress: Any) -> np.ndarray:
     import dask.array as da
 
     dtype = getattr(Y, "dtype", None)
@@ -509,39 +495,32 @@ def _dask_grouped_pass(
         msg = f"Y must be numeric, got dtype {dtype}."
         raise ValueError(msg)
     rows = Y.chunks[0]
-    codes = da.from_array(plan.codes.T, chunks=(rows, plan.codes.shape[0]))
-    cont = da.from_array(plan.cont, chunks=(rows, plan.cont.shape[1]))
-    gcodes = da.from_array(lay.codes, chunks=(rows,))
-    W = da.from_array(lay.W, chunks=(rows, lay.W.shape[1]))
+    slots = lay.rows.shape[1]
+    R = da.from_array(lay.rows, chunks=(rows, slots))
+    Wt = da.from_array(lay.weights, chunks=(rows, slots))
     starts = da.from_array(np.cumsum((0, *rows[:-1])), chunks=1)
-    extra_rows = (1 + lay.W.shape[1]) * G
+    meta = _Layout(lay.rows[:0], lay.weights[:0], lay.offsets, lay.G, lay.x_slots, lay.z_rows)
     blocks = da.blockwise(
         _dask_grouped_block,
         "ikj",
         Y,
         "ij",
-        codes,
+        R,
         "ia",
-        cont,
-        "ib",
-        gcodes,
-        "i",
-        W,
-        "ic",
+        Wt,
+        "ia",
         starts,
         "i",
-        new_axes={"k": plan.rows + extra_rows},
+        new_axes={"k": lay.n_rows},
         adjust_chunks={"i": 1},
         align_arrays=False,
         concatenate=True,
         dtype=np.float64,
         meta=np.empty((0, 0, 0), dtype=np.float64),
-        sizes=tuple(plan.sizes),
-        G=G,
+        lay=meta,
         is_counts=is_counts,
     )
-    total = reduce_dask_blocks(blocks, rows, progress)
-    return total[: plan.rows], total[plan.rows :]
+    return reduce_dask_blocks(blocks, rows, progress)
 
 
 def _fit_group(
