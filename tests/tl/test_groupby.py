@@ -218,7 +218,7 @@ def test_dask_progress_in_process_and_on_a_local_cluster():
     assert calls[-1] == (n, n) and len(calls) == 4
     np.testing.assert_allclose(stats.ZY, ref.ZY, rtol=1e-12)
     with (
-        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as c,
+        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as c,
         distributed.Client(c),
     ):
         calls.clear()

@@ -242,11 +242,11 @@ class _Layout:
     cell (row: the cell's column of all groups' ``Z``, weight: its value). Rows ``-1``: none.
     """
 
-    rows: np.ndarray  # int32 (n, slots)
+    rows: np.ndarray  # int32 (n, slots + 1): the last column is the cell's group (norms)
     weights: np.ndarray  # float64 (n, slots)
     offsets: np.ndarray  # first output row of each slot (slots + 1,), the norms after them
     G: int
-    x_slots: list[list[int]]  # per group: the slot of each of its X columns
+    x_from: list[list[tuple[str, Any]]]  # per group and X column: ("slot", k) or ("levels", x)
     z_rows: list[np.ndarray]  # per group: output rows of its Z columns
 
     @property
@@ -256,70 +256,82 @@ class _Layout:
 
 def _layout(groups: list[_Group], n: int) -> _Layout:
     G = len(groups)
-    p_max = max(g.design.X.shape[1] for g in groups)
     rows_cols: list[np.ndarray] = []
     weight_cols: list[np.ndarray] = []
     sizes: list[int] = []
-    x_slots: list[list[int]] = [[] for _ in groups]
-    for j in range(p_max):
-        r = np.full(n, -1, dtype=np.int32)
-        w = np.zeros(n)
-        for i, g in enumerate(groups):
-            if j < g.design.X.shape[1]:
-                r[g.cells] = i
-                w[g.cells] = g.design.X[:, j]
-                x_slots[i].append(len(sizes))
-        rows_cols.append(r)
-        weight_cols.append(w)
-        sizes.append(G)
-    # random terms: one slot per term position where every cell has one non-zero in the term,
-    # else one slot per column position (exact for any Z, slower)
     z_rows = [np.zeros(g.design.Z.shape[1], dtype=np.int64) for g in groups]
-    k = len(groups[0].design.d)
-    for t in range(k):
+    # random terms: one slot per term where every cell has at most one non-zero in the term,
+    # else one slot per column position (exact for any Z, slower)
+    levels: list[np.ndarray | None] = [None] * G  # a term of 0/1 indicators covering the group
+    for t in range(len(groups[0].design.d)):
         blocks = []
         for g in groups:
             lo = sum(g.design.d[:t])
-            blocks.append(sp.csr_matrix(g.design.Z[:, lo : lo + g.design.d[t]]))
-        single = all(np.diff(B.indptr).max(initial=0) <= 1 for B in blocks)
-        if single:
+            blocks.append((lo, sp.csr_matrix(g.design.Z[:, lo : lo + g.design.d[t]])))
+        if all(np.diff(B.indptr).max(initial=0) <= 1 for _, B in blocks):
             r = np.full(n, -1, dtype=np.int32)
             w = np.zeros(n)
-            total = 0
-            for i, (g, B) in enumerate(zip(groups, blocks, strict=True)):
+            base, total = sum(sizes), 0
+            for i, (g, (lo, B)) in enumerate(zip(groups, blocks, strict=True)):
                 nz = np.diff(B.indptr) == 1
-                cells = g.cells[nz]
-                r[cells] = total + B.indices
-                w[cells] = B.data
-                lo = sum(g.design.d[:t])
-                z_rows[i][lo : lo + B.shape[1]] = total + np.arange(B.shape[1])
+                r[g.cells[nz]] = total + B.indices
+                w[g.cells[nz]] = B.data
+                z_rows[i][lo : lo + B.shape[1]] = base + total + np.arange(B.shape[1])
+                if levels[i] is None and nz.all() and (B.data == 1).all():
+                    levels[i] = np.asarray(B.indices)
                 total += B.shape[1]
             rows_cols.append(r)
             weight_cols.append(w)
-            z_rows_base = sum(sizes)
-            for i, g in enumerate(groups):
-                lo = sum(g.design.d[:t])
-                z_rows[i][lo : lo + blocks[i].shape[1]] += z_rows_base
             sizes.append(total)
-        else:
-            for j in range(max(B.shape[1] for B in blocks)):
-                r = np.full(n, -1, dtype=np.int32)
-                w = np.zeros(n)
-                for i, (g, B) in enumerate(zip(groups, blocks, strict=True)):
-                    if j < B.shape[1]:
-                        r[g.cells] = i
-                        w[g.cells] = B[:, j].toarray().ravel()
-                        lo = sum(g.design.d[:t])
-                        z_rows[i][lo + j] = sum(sizes) + i
-                rows_cols.append(r)
-                weight_cols.append(w)
+            continue
+        for j in range(max(B.shape[1] for _, B in blocks)):
+            r = np.full(n, -1, dtype=np.int32)
+            w = np.zeros(n)
+            for i, (g, (lo, B)) in enumerate(zip(groups, blocks, strict=True)):
+                if j < B.shape[1]:
+                    r[g.cells] = i
+                    w[g.cells] = B[:, j].toarray().ravel()
+                    z_rows[i][lo + j] = sum(sizes) + i
+            rows_cols.append(r)
+            weight_cols.append(w)
+            sizes.append(G)
+    # fixed columns: from the sums per level of an indicator term where the column is constant
+    # within each level (an intercept, donor-level covariates), else one slot per position
+    x_from: list[list[tuple[str, Any]]] = [[] for _ in groups]
+    for j in range(max(g.design.X.shape[1] for g in groups)):
+        derived = {}
+        for i, g in enumerate(groups):
+            if j >= g.design.X.shape[1] or levels[i] is None:
+                continue
+            x, lv = g.design.X[:, j], levels[i]
+            per_level = np.zeros(z_rows[i].size)
+            per_level[lv] = x
+            if np.array_equal(per_level[lv], x):
+                derived[i] = per_level
+        slot = None
+        for i, g in enumerate(groups):
+            if j >= g.design.X.shape[1]:
+                continue
+            if i in derived:
+                x_from[i].append(("levels", derived[i]))
+                continue
+            if slot is None:
+                slot = len(sizes)
+                rows_cols.append(np.full(n, -1, dtype=np.int32))
+                weight_cols.append(np.zeros(n))
                 sizes.append(G)
+            rows_cols[slot][g.cells] = i
+            weight_cols[slot][g.cells] = g.design.X[:, j]
+            x_from[i].append(("slot", slot))
+    group = np.full(n, -1, dtype=np.int32)
+    for i, g in enumerate(groups):
+        group[g.cells] = i
     return _Layout(
-        rows=np.ascontiguousarray(np.column_stack(rows_cols)),
-        weights=np.ascontiguousarray(np.column_stack(weight_cols)),
+        rows=np.ascontiguousarray(np.column_stack([*rows_cols, group])),
+        weights=np.ascontiguousarray(np.column_stack([*weight_cols, np.ones(n)])),
         offsets=np.cumsum([0, *sizes]),
         G=G,
-        x_slots=x_slots,
+        x_from=x_from,
         z_rows=z_rows,
     )
 
@@ -366,6 +378,8 @@ def grouped_summary_stats(
     n = shape2(Y)[0] if src is None else src.shape[0]
     lay = _layout(groups, n)
     size = _check_chunk_size(chunk_size)
+    if chunk_size is None and src is not None and src.axis == 0:
+        size = _block_cells(src, lay.n_rows * src.shape[1], size)
     jobs = check_n_jobs(n_jobs)
     with single_threaded_blas():
         if src is None:
@@ -380,19 +394,37 @@ def grouped_summary_stats(
         out = []
         for i, g in enumerate(groups):
             X, Z = g.design.X, sp.csc_matrix(g.design.Z)
-            XY = np.stack([total[lay.offsets[s] + i] for s in lay.x_slots[i]])
+            ZY = total[lay.z_rows[i]]
+            XY = np.stack(
+                [
+                    total[lay.offsets[k] + i] if how == "slot" else k @ ZY  # sum over levels
+                    for how, k in lay.x_from[i]
+                ]
+            )
             out.append(
                 SummaryStats(
                     XX=X.T @ X,
                     XY=XY,
                     ZX=np.asarray(Z.T @ X),
-                    ZY=total[lay.z_rows[i]],
+                    ZY=ZY,
                     ZZ=(Z.T @ Z).toarray(),
                     Ynorm=total[lay.offsets[-1] + i].copy(),
                     n=int(g.cells.size),
                 )
             )
     return out
+
+
+def _block_cells(source: Any, out_elements: int, size: int) -> int:
+    """Cells per block so that a block holds at least as many stored values as its result.
+
+    Each block's result (all groups' statistics) is zeroed and added to the total: with many
+    groups x random-effect levels it can be larger than a block of 10,000 cells.
+    """
+    n = source.shape[0]
+    indptr = getattr(source, "indptr", None)
+    per_cell = float(indptr[-1]) / max(n, 1) if indptr is not None else float(source.shape[1])
+    return int(min(max(size, out_elements / max(per_cell, 1.0)), max(n, 1)))
 
 
 def group_block(
@@ -419,7 +451,6 @@ def group_block(
     parts = [out[lay.offsets[k] : lay.offsets[k + 1]] for k in range(len(lay.offsets) - 1)]
     norms = out[lay.offsets[-1] :]
     csc = chunk.format == "csc"
-    group_slot = 0 if lay.x_slots and lay.x_slots[0] else None
     for a, b in _pieces(indptr):
         lo, hi = int(indptr[a]), int(indptr[b])
         if hi == lo:
@@ -436,7 +467,7 @@ def group_block(
         else:
             cells, genes = np.repeat(np.arange(a, b, dtype=idx.dtype), counts), idx
         r_all, w_all = R[cells], Wt[cells]
-        grp = r_all[:, group_slot] if group_slot is not None else None
+        grp = r_all[:, -1]
         for k, part in enumerate(parts):
             r = r_all[:, k]
             keep = r >= 0
@@ -444,8 +475,10 @@ def group_block(
                 scatter_add(part, r.astype(idx.dtype), genes, v * w_all[:, k])
             elif keep.any():
                 scatter_add(part, r[keep].astype(idx.dtype), genes[keep], (v * w_all[:, k])[keep])
-        if grp is not None:
-            keep = grp >= 0
+        keep = grp >= 0
+        if keep.all():
+            scatter_add(norms, grp.astype(idx.dtype), genes, v * v)
+        else:
             scatter_add(norms, grp[keep].astype(idx.dtype), genes[keep], (v * v)[keep])
     return out
 
@@ -481,7 +514,7 @@ def _local_grouped_pass(
 
 
 def _dask_grouped_block(y, rows, weights, start, *, lay, is_counts):
-    sub = _Layout(rows, weights, lay.offsets, lay.G, lay.x_slots, lay.z_rows)
+    sub = _Layout(rows, weights, lay.offsets, lay.G, lay.x_from, lay.z_rows)
     y = y if sp.issparse(y) or isinstance(y, np.ndarray) else np.asarray(y)
     out = group_block(y, sub, slice(None), is_counts=is_counts, start=int(start[0]))
     return out[None]
@@ -499,7 +532,7 @@ def _dask_grouped_pass(Y: Any, lay: _Layout, is_counts: bool, progress: Any) -> 
     R = da.from_array(lay.rows, chunks=(rows, slots))
     Wt = da.from_array(lay.weights, chunks=(rows, slots))
     starts = da.from_array(np.cumsum((0, *rows[:-1])), chunks=1)
-    meta = _Layout(lay.rows[:0], lay.weights[:0], lay.offsets, lay.G, lay.x_slots, lay.z_rows)
+    meta = _Layout(lay.rows[:0], lay.weights[:0], lay.offsets, lay.G, lay.x_from, lay.z_rows)
     blocks = da.blockwise(
         _dask_grouped_block,
         "ikj",
