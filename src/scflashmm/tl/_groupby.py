@@ -156,9 +156,19 @@ def flashmm_de_groupby(
     }
     varm: dict[str, Any] = {}
     records: dict[str, dict[str, Any]] = {}
+    fitted = []
     for group, st in zip(groups, stats, strict=True):
         sub = group_key(key_added, group.name)
-        fit = _fit_group(group, st, groupby, adata.var_names, method, start, max_iter, epsilon, df)
+        try:
+            fit = _fit_group(
+                group, st, groupby, adata.var_names, method, start, max_iter, epsilon, df
+            )
+        except np.linalg.LinAlgError as exc:  # the solver failed for this group only
+            skipped[group.name] = f"the fit failed ({exc})"
+            msg = f"{groupby} = {group.name!r} not fit: the solver failed ({exc})."
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            continue
+        fitted.append(group)
         tables = _result_tables(fit, adata.var_names, sub, group.cmat)
         record = _uns_record(
             adata, group.design, fit, params, group.cmat, group.expressions, list(tables)
@@ -172,9 +182,9 @@ def flashmm_de_groupby(
     top = {
         "params": params,
         "groupby": groupby,
-        "groups": [g.name for g in groups],
+        "groups": [g.name for g in fitted],
         "group_keys": list(records),
-        "n_cells": [int(g.cells.size) for g in groups],
+        "n_cells": [int(g.cells.size) for g in fitted],
         "skipped": list(skipped),
         "skipped_reasons": list(skipped.values()),
         "varm_keys": list(varm),
