@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 def grouped_info(adata: AnnData, key: str) -> Mapping[str, Any] | None:
     """Return ``uns[key]`` if it is the record of a fit with ``groupby``, else None."""
-    info = adata.uns.get(key)
+    uns = getattr(adata, "uns", None)  # not an AnnData: the caller's checks say so
+    info = uns.get(key) if isinstance(uns, Mapping) else None
     if isinstance(info, Mapping) and "group_keys" in info:
         return info
     return None

@@ -54,6 +54,7 @@ from ._matrix import ProgressBar, is_csc, looks_like_counts, nonfinite_error
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from .._core.reml import LMMFit
     from .._design import Design
 
 __all__ = ["group_key"]
@@ -576,7 +577,7 @@ def _fit_group(
     max_iter: int,
     epsilon: float,
     df: DfMethod,
-):
+) -> LMMFit:
     """Fit one group; its warnings name the group."""
     design = group.design
     with warnings.catch_warnings(record=True) as caught:
