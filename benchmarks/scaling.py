@@ -6,6 +6,9 @@
     python benchmarks/scaling.py floor    # T4: the pass over the cells vs a bare scipy product
     python benchmarks/scaling.py solver   # T5: fit alone, 11,600 genes, q = 259, p = 62
     python benchmarks/scaling.py kernels  # T6: building blocks of the pass (how it was chosen)
+    python benchmarks/scaling.py atlas    # T7: the atlas shape from a backed h5ad, single/groupby
+    python benchmarks/scaling.py groupby  # T8: in memory: groupby vs a loop over subsets
+    python benchmarks/scaling.py dask     # T9: the pass on Dask (in process, LocalCluster 1/2)
 
 Options: ``--repeat N`` (default 3; the minimum time is reported, the largest peak RSS),
 ``--data DIR`` (simulated h5ad files are cached there; default ``$TMPDIR/scflashmm-bench``),
@@ -116,6 +119,76 @@ def dataset(data_dir: Path, n_cells: int, n_genes: int, n_clusters: int, *, chun
         ad.read_h5ad(tmp, backed="r").file.close()  # readable
     tmp.rename(path)
     print(f"  simulated {path.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return path
+
+
+#: The shape of the tuberculosis T-cell atlas FLASHMM's paper fits (docs/benchmarks.md, Scale).
+ATLAS = {"cells": 499_713, "genes": 11_596, "donors": 259, "types": 30, "density": 0.07}
+ATLAS_FIXED = "~0+log(libsize)+sex+cls+cls:trt"  # 1 + 2 + 29 + 30 = 62 columns
+ATLAS_GROUP_FIXED = "~log(libsize)+sex+trt"  # within one cell type: 4 columns
+ATLAS_RANDOM = "donor"
+
+
+def atlas_dataset(data_dir: Path, *, quick: bool = False, chunk: int = 5_000) -> Path:
+    """Write (once) a synthetic backed h5ad of the atlas shape, in chunks, never dense.
+
+    Cells get a cell type (30, unequal sizes) and a donor (259; each donor has a treatment
+    and a sex); each gene is non-zero in a cell with probability ``rate_gene * effect_donor``
+    (about 7 % overall), with small geometric counts. CSR int32, appended chunk by chunk.
+    """
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    import scipy.sparse as sp
+    from anndata.io import sparse_dataset, write_elem
+
+    n, m = (60_000, 2_000) if quick else (ATLAS["cells"], ATLAS["genes"])
+    donors, types = ATLAS["donors"], ATLAS["types"]
+    path = data_dir / f"atlas_{n}x{m}.h5ad"
+    if path.exists():
+        return path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(14)
+    t0 = time.perf_counter()
+    rate = np.clip(rng.gamma(0.7, ATLAS["density"] / 0.7, m), 0.002, 0.9).astype(np.float32)
+    donor_effect = rng.lognormal(0.0, 0.25, (donors, 1)).astype(np.float32)
+    type_weight = rng.dirichlet(np.full(types, 2.0))
+    donor = rng.integers(0, donors, n)
+    cls = rng.choice(types, n, p=type_weight)
+    trt = np.array(["A", "B"])[np.arange(donors) % 2]
+    sex = np.array(["F", "M"])[rng.integers(0, 2, donors)]
+    libsize = np.zeros(n)
+    tmp = path.with_suffix(".part")
+    with h5py.File(tmp, "w") as f:
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            p = rate[None, :] * donor_effect[donor[start:stop]]
+            mask = rng.random((stop - start, m), dtype=np.float32) < p
+            part = sp.csr_matrix(mask, dtype=np.int32)
+            part.data = rng.geometric(0.6, part.nnz).astype(np.int32)
+            libsize[start:stop] = np.asarray(part.sum(axis=1)).ravel()
+            if start == 0:
+                write_elem(f, "X", part)
+            else:
+                sparse_dataset(f["X"]).append(part)
+            del mask, part, p
+        obs = pd.DataFrame(
+            {
+                "libsize": np.maximum(libsize, 1.0),
+                "cls": pd.Categorical([f"T{c + 1:02d}" for c in cls]),
+                "donor": pd.Categorical([f"D{d + 1:03d}" for d in donor]),
+                "trt": pd.Categorical(trt[donor]),
+                "sex": pd.Categorical(sex[donor]),
+            },
+            index=[f"c{i}" for i in range(n)],
+        )
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", pd.DataFrame(index=[f"g{j}" for j in range(m)]))
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+    ad.read_h5ad(tmp, backed="r").file.close()  # readable
+    tmp.rename(path)
+    print(f"  wrote {path.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return path
 
 
@@ -432,12 +505,113 @@ def worker_kernels(spec: dict) -> dict:
     return out
 
 
+def worker_atlas(spec: dict) -> dict:
+    """flashmm_de from the backed atlas-shape file, single model or ``groupby`` cell type."""
+    import anndata as ad
+
+    import scflashmm as sfm
+
+    base = _rss_mb()["VmRSS"]
+    adata = ad.read_h5ad(spec["path"], backed="r")
+    reset = _reset_peak()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if spec["mode"] == "groupby":
+            sfm.tl.flashmm_de(adata, ATLAS_GROUP_FIXED, ATLAS_RANDOM, groupby="cls", is_counts=True)
+        else:
+            sfm.tl.flashmm_de(adata, ATLAS_FIXED, ATLAS_RANDOM, is_counts=True)
+    out = {"total_s": time.perf_counter() - t0, "base_mb": base}
+    out["peak_mb"] = _rss_mb()["VmHWM"] if reset else float("nan")
+    info = adata.uns["flashmm"]
+    if spec["mode"] == "groupby":
+        subs = [adata.uns[k] for k in info["group_keys"]]
+        out["groups"] = len(subs)
+        out["p"] = max(len(u["x_columns"]) for u in subs)
+        out["q"] = int(sum(sum(u["d"]) for u in subs))
+        out["nonconverged"] = int(sum(u["n_nonconverged"] for u in subs))
+    else:
+        out["groups"] = 1
+        out["p"], out["q"] = len(info["x_columns"]), int(sum(info["d"]))
+        out["nonconverged"] = int(info["n_nonconverged"])
+    out["n"], out["m"] = adata.n_obs, adata.n_vars
+    adata.file.close()
+    return out
+
+
+def worker_groupby_memory(spec: dict) -> dict:
+    """In memory: the single interaction model, a loop of subset fits, and ``groupby``."""
+    import anndata as ad
+
+    import scflashmm as sfm
+
+    backed = ad.read_h5ad(spec["path"], backed="r")
+    adata = backed[: spec["cells"]].to_memory()
+    backed.file.close()
+    out = {"n": adata.n_obs, "m": adata.n_vars, "groups": int(adata.obs["cls"].nunique())}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = time.perf_counter()
+        sfm.tl.flashmm_de(adata, ATLAS_FIXED, ATLAS_RANDOM, is_counts=True)
+        out["single_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for g in adata.obs["cls"].cat.categories:
+            sub = adata[adata.obs["cls"] == g].copy()
+            sfm.tl.flashmm_de(sub, ATLAS_GROUP_FIXED, ATLAS_RANDOM, is_counts=True)
+        out["loop_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sfm.tl.flashmm_de(adata, ATLAS_GROUP_FIXED, ATLAS_RANDOM, groupby="cls", is_counts=True)
+        out["groupby_s"] = time.perf_counter() - t
+    return out
+
+
+def worker_dask(spec: dict) -> dict:
+    """The pass over a lazily read Dask array: in process, or on a LocalCluster of 1 or 2."""
+    import h5py
+    from anndata.experimental import read_elem_lazy
+
+    import scflashmm as sfm
+    from scflashmm._design import make_design
+
+    f = h5py.File(spec["path"], "r")
+    import anndata as ad
+
+    obs = ad.read_h5ad(spec["path"], backed="r").obs
+    design = make_design(obs, ATLAS_FIXED, ATLAS_RANDOM)
+    Y = read_elem_lazy(f["X"], chunks=(spec["chunk"], -1))
+    out = {"n": int(Y.shape[0]), "m": int(Y.shape[1]), "blocks": len(Y.chunks[0])}
+    workers = spec["workers"]
+    t = time.perf_counter()
+    if workers == 0:  # in process, Dask's threaded scheduler
+        sfm.summary_stats(design.X, Y, design.Z, is_counts=True)
+    elif workers == -1:  # no Dask: the backed file read by the local pass
+        sfm.summary_stats(design.X, f["X"], design.Z, is_counts=True)
+    else:
+        from distributed import Client, LocalCluster
+
+        with (
+            LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster),
+        ):
+            out["startup_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            sfm.summary_stats(design.X, Y, design.Z, is_counts=True)
+    out["pass_s"] = time.perf_counter() - t
+    f.close()
+    return out
+
+
 WORKERS = {
     "e2e": worker_e2e,
     "statsmodels": worker_statsmodels,
     "floor": worker_floor,
     "solver": worker_solver,
     "kernels": worker_kernels,
+    "atlas": worker_atlas,
+    "groupby_memory": worker_groupby_memory,
+    "dask": worker_dask,
 }
 
 
@@ -753,6 +927,119 @@ def cmd_kernels(args) -> str:
     )
 
 
+def _drop_page_cache() -> bool:
+    """Drop the page cache (root only), so that the next read comes from the disk."""
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3")
+        return True
+    except OSError:
+        return False
+
+
+def cmd_atlas(args) -> str:
+    path = atlas_dataset(args.data, quick=args.quick)
+    size_gb = path.stat().st_size / 2**30
+    rows = []
+    for mode in ("single", "groupby"):
+        for cache in ("cold", "warm"):
+            if cache == "cold":
+                if not _drop_page_cache():
+                    continue
+                results = [run("atlas", {"path": str(path), "mode": mode}, 1)]
+                for _ in range(args.repeat - 1):
+                    _drop_page_cache()
+                    results.append(run("atlas", {"path": str(path), "mode": mode}, 1))
+                r = dict(results[0])
+                r["total_s"] = min(x["total_s"] for x in results)
+                r["peak_mb"] = max(x["peak_mb"] for x in results)
+            else:
+                r = run("atlas", {"path": str(path), "mode": mode}, args.repeat)
+            rows.append(
+                [
+                    "single model" if mode == "single" else f"groupby cell type ({r['groups']})",
+                    cache,
+                    f"{r['n']:,} x {r['m']:,}",
+                    f"{size_gb:.2f}",
+                    f"{r['p']}, {r['q']}",
+                    fmt_s(r["total_s"]),
+                    f"{r['peak_mb']:.0f}",
+                    str(r["nonconverged"]),
+                ]
+            )
+    header = [
+        "model",
+        "page cache",
+        "cells x genes",
+        "h5ad GB",
+        "p, q (groupby: largest p, sum of q)",
+        "flashmm_de total s",
+        "peak RSS MB",
+        "not converged",
+    ]
+    return table(header, rows)
+
+
+def cmd_groupby(args) -> str:
+    path = atlas_dataset(args.data, quick=args.quick)
+    cells = 20_000 if args.quick else 120_000
+    r = run("groupby_memory", {"path": str(path), "cells": cells}, args.repeat)
+    rows = [
+        [
+            f"{r['n']:,} x {r['m']:,}",
+            str(r["groups"]),
+            fmt_s(r["single_s"]),
+            fmt_s(r["loop_s"]),
+            fmt_s(r["groupby_s"]),
+            f"{r['loop_s'] / r['groupby_s']:.2f}",
+        ]
+    ]
+    header = [
+        "cells x genes (in memory)",
+        "cell types",
+        "single model s",
+        "loop of subset fits s",
+        "groupby s",
+        "loop / groupby",
+    ]
+    return table(header, rows)
+
+
+def cmd_dask(args) -> str:
+    path = atlas_dataset(args.data, quick=args.quick)
+    chunk = 10_000 if args.quick else 25_000
+    rows = []
+    base = None
+    for workers, label in (
+        (-1, "local pass (backed file, threads)"),
+        (0, "Dask, threaded scheduler in process"),
+        (1, "Dask LocalCluster, 1 worker process"),
+        (2, "Dask LocalCluster, 2 worker processes"),
+    ):
+        r = run("dask", {"path": str(path), "chunk": chunk, "workers": workers}, args.repeat)
+        base = r["pass_s"] if base is None else base
+        rows.append(
+            [
+                label,
+                f"{r['n']:,} x {r['m']:,}",
+                str(r["blocks"]) if workers >= 0 else "-",
+                fmt_s(r["pass_s"]),
+                f"{r['pass_s'] / base:.2f}",
+                fmt_s(r["startup_s"]) if "startup_s" in r else "-",
+            ]
+        )
+    header = [
+        "pass",
+        "cells x genes",
+        "Dask blocks",
+        "summary_stats s",
+        "ratio to local pass",
+        "cluster start-up s",
+    ]
+    return table(header, rows)
+
+
 COMMANDS = {
     "target": cmd_target,
     "paper": cmd_paper,
@@ -760,6 +1047,9 @@ COMMANDS = {
     "floor": cmd_floor,
     "solver": cmd_solver,
     "kernels": cmd_kernels,
+    "atlas": cmd_atlas,
+    "groupby": cmd_groupby,
+    "dask": cmd_dask,
 }
 
 

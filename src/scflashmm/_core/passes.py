@@ -83,7 +83,13 @@ def _dask_block(
     return out[None]
 
 
-def _dask_pass(Y: Any, plan: DesignPlan, *, is_counts: bool) -> np.ndarray:
+def _dask_pass(
+    Y: Any,
+    plan: DesignPlan,
+    *,
+    is_counts: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     import dask.array as da
 
     dtype = getattr(Y, "dtype", None)
@@ -115,4 +121,60 @@ def _dask_pass(Y: Any, plan: DesignPlan, *, is_counts: bool) -> np.ndarray:
         sizes=tuple(plan.sizes),
         is_counts=is_counts,
     )
-    return np.asarray(blocks.sum(axis=0).compute())
+    return reduce_dask_blocks(blocks, rows, progress)
+
+
+def reduce_dask_blocks(
+    blocks: Any, rows: tuple[int, ...], progress: Callable[[int, int], None] | None
+) -> np.ndarray:
+    """Sum the per-block partial statistics ``(blocks, rows, genes)`` of a Dask pass.
+
+    With ``progress``, ``progress(done, total)`` is called with the cells of the blocks done so
+    far: on a ``dask.distributed`` client (the active one: ``Client(...)`` or ``with
+    client.as_current()``) the blocks are summed in about 20 batches submitted at once and
+    reported as they finish; on Dask's local schedulers a callback counts finished blocks.
+    """
+    if progress is None:
+        return np.asarray(blocks.sum(axis=0).compute())
+    total = int(sum(rows))
+    client = _distributed_client()
+    if client is not None:
+        from distributed import as_completed
+
+        step = max(1, -(-len(rows) // 20))
+        cuts = list(range(0, len(rows), step))
+        parts = [blocks[a : a + step].sum(axis=0) for a in cuts]
+        cells = {i: int(sum(rows[a : a + step])) for i, a in enumerate(cuts)}
+        futures = client.compute(parts)
+        index = {f.key: i for i, f in enumerate(futures)}
+        out, done = None, 0
+        for future in as_completed(futures):
+            part = np.asarray(future.result())
+            out = part if out is None else out + part
+            done += cells[index[future.key]]
+            progress(done, total)
+        return out
+    from dask.callbacks import Callback
+
+    name = blocks.name
+    done = [0]
+
+    def posttask(key, result, dsk, state, worker_id):
+        if isinstance(key, tuple) and key[0] == name:
+            done[0] += int(rows[key[1]])
+            progress(done[0], total)
+
+    with Callback(posttask=posttask):  # unfused, so that the blocks keep their keys
+        return np.asarray(blocks.sum(axis=0).compute(optimize_graph=False))
+
+
+def _distributed_client() -> Any:
+    """Return the active ``dask.distributed`` client, or None (also without distributed)."""
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None

@@ -117,7 +117,7 @@ def _summary_stats(X, Y, Z, source, n, m, size, jobs, is_counts, progress) -> Su
     ZZ = ZZ.toarray() if sp.issparse(ZZ) else np.asarray(ZZ)
     plan = DesignPlan(X, Z, m)
     if source is None:
-        packed = _dask_pass(Y, plan, is_counts=is_counts)
+        packed = _dask_pass(Y, plan, is_counts=is_counts, progress=progress)
     else:
         packed = _local_pass(
             source, plan, is_counts=is_counts, size=size, n_jobs=jobs, progress=progress

@@ -18,6 +18,7 @@ from .._core.inference import (
 )
 from .._lmm_test import contrast_matrix
 from .._results import CONTRAST_DF, COV, DF, DIAG, results_uns, varm_key
+from ._grouped import grouped_df, grouped_info
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -37,6 +38,7 @@ def flashmm_df(
     term: str | Sequence[str] | None = None,
     contrast: str | Sequence[str] | None = None,
     alternative: Alternative = "two-sided",
+    group: str | Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Tidy table of the tests of :func:`scflashmm.tl.flashmm_de`, one row per gene and term.
 
@@ -61,6 +63,9 @@ def flashmm_df(
         ``"two-sided"``, ``"less"`` (effect < 0) or ``"greater"`` (effect > 0); p-values are
         recomputed from the t values with the fit's degrees of freedom (column ``df``), or,
         for moderated tests, from the stored two-sided p value and the sign of the estimate.
+    group
+        For a fit with ``flashmm_de(..., groupby=...)``: the group(s) to report; default all
+        groups fit. Each group's tests are adjusted within the group (and term).
 
     Returns
     -------
@@ -73,7 +78,13 @@ def flashmm_df(
     estimated at exactly 0 with ``nonnegative=True``).
     The column names follow pertpy's differential-expression schema. Terms come in the order
     asked (design order by default); within a term rows are sorted by p-value, NaN last.
+    For a fit with ``groupby``, a first column ``group`` (categorical, in the order of the
+    groups), the groups one after the other.
     """
+    if group is not None or grouped_info(adata, key) is not None:
+        return grouped_df(
+            adata, key=key, group=group, term=term, contrast=contrast, alternative=alternative
+        )
     side = check_alternative(alternative)
     _check_selection_types(adata, term=term, contrast=contrast)
     info = results_uns(adata, key)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats
 
+from ..get._grouped import resolve_key
 from ._utils import get_axes, neg_log10, savefig_or_show, terms_tables
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ def qq(
     term: str | Sequence[str] | None = None,
     *,
     key: str = "flashmm",
+    group: str | None = None,
     band: float = 0.95,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -44,6 +46,8 @@ def qq(
         then every stored contrast.
     key
         The ``key_added`` of the fit.
+    group
+        For a fit with ``flashmm_de(..., groupby=...)``: the group whose results to plot.
     band
         Coverage of the pointwise confidence band of the ``i``-th smallest of ``m`` uniform
         p-values (a Beta(i, m - i + 1) interval), for the largest ``m`` among the terms.
@@ -70,7 +74,7 @@ def qq(
     if not 0 <= band < 1:
         msg = f"band must be in [0, 1), got {band!r}."
         raise ValueError(msg)
-    table = terms_tables(adata, term, key)
+    table = terms_tables(adata, term, resolve_key(adata, key, group))
     table = table[table["p_value"].notna()]
     names = list(dict.fromkeys(table["contrast"]))
     if not names:

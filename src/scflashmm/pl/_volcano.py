@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..get._grouped import resolve_key
 from ._utils import (
     COLOR_DOWN,
     COLOR_NS,
@@ -28,6 +29,7 @@ def volcano(
     term: str,
     *,
     key: str = "flashmm",
+    group: str | None = None,
     fdr: float = 0.05,
     lfc: float | None = None,
     label_top: int = 10,
@@ -52,6 +54,8 @@ def volcano(
         columns (computed from the stored covariance, see :func:`scflashmm.get.flashmm_df`).
     key
         The ``key_added`` of the fit.
+    group
+        For a fit with ``flashmm_de(..., groupby=...)``: the group whose results to plot.
     fdr
         False discovery rate: genes with ``adj_p_value < fdr`` are significant.
     lfc
@@ -91,7 +95,7 @@ def volcano(
     if isinstance(label_top, bool) or int(label_top) != label_top or label_top < 0:
         msg = f"label_top must be a non-negative integer, got {label_top!r}."
         raise ValueError(msg)
-    table = tests_table(adata, term, key)
+    table = tests_table(adata, term, resolve_key(adata, key, group))
     names = list(dict.fromkeys(table["contrast"]))
     if len(names) != 1:
         msg = (

@@ -131,6 +131,7 @@ def flashmm_de(
     copy: bool = False,
     progress: bool | None = None,
     n_jobs: int | None = None,
+    groupby: str | None = None,
 ) -> AnnData | None:
     """Differential expression with a linear mixed model per gene, fit from summary statistics.
 
@@ -221,10 +222,18 @@ def flashmm_de(
         backed AnnData).
     progress
         Show a progress bar over the pass over the data; default: when stderr is a terminal and
-        there is more than one chunk. (Not for Dask arrays: use Dask's own diagnostics.)
+        there is more than one chunk. For a Dask array the bar counts the cells of the
+        blocks done, on the active ``dask.distributed`` client if there is one (to run the
+        pass on an existing cluster, connect first: ``Client("tcp://scheduler:8786")``).
     n_jobs
         Threads for the pass over the data and for the fits (default: the CPUs available).
         The results do not depend on it.
+    groupby
+        A column of ``adata.obs``: fit a separate model within each of its levels (formulas
+        evaluated on the group's cells, so a factor level absent from a group drops out of
+        its design), all groups accumulated in the same single pass over the cells. Groups
+        that cannot be fit (no cells, too few cells, a rank-deficient design, a random term
+        with a single level) are skipped with a warning naming them; the others are fit.
 
     Returns
     -------
@@ -267,6 +276,14 @@ def flashmm_de(
         ``ZX``, ``ZZ``, ``x_sum``, ``n``), ``varm_keys`` and ``version``; ``df`` is the
         residual df ``n - p`` whatever the ``df`` parameter.
 
+    With ``groupby``, each group's fit is stored as above under the key
+    ``sub = f"{key}:{group}"`` (``"/"`` in a group name becomes ``"|"``): ``varm[f"{sub}_coef"]``
+    ..., and ``uns[sub]`` with ``n_cells`` of the group and ``group``; ``uns[key]`` then holds
+    ``params`` (with ``groupby``), ``groupby``, ``groups`` and ``group_keys`` (the groups fit,
+    in level order, and their keys), ``n_cells``, ``skipped`` and ``skipped_reasons`` (groups
+    not fit and why), ``varm_keys`` and ``version``. Read them with
+    ``scflashmm.get.flashmm_df(adata, group=...)`` or the plots' ``group``.
+
     Genes that cannot be fit (all zero, or exactly explained by the fixed effects) are NaN.
     On any error ``adata`` is left unchanged.
 
@@ -277,6 +294,15 @@ def flashmm_de(
     >>> sfm.tl.flashmm_de(adata, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True)
     >>> sfm.get.flashmm_df(adata, term=":trt").head()  # doctest: +SKIP
     """
+    if groupby is not None:
+        from ._groupby import flashmm_de_groupby
+
+        return flashmm_de_groupby(
+            adata, fixed, random, groupby=groupby, layer=layer, is_counts=is_counts,
+            method=method, df=df, contrasts=contrasts, theta0=theta0, max_iter=max_iter,
+            epsilon=epsilon, key_added=key_added, chunk_size=chunk_size, copy=copy,
+            progress=progress, nonnegative=nonnegative, moderate=moderate, n_jobs=n_jobs,
+        )  # fmt: skip
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
     max_iter = check_positive_int(max_iter, "max_iter")
     epsilon = check_positive_float(epsilon, "epsilon")

@@ -1,0 +1,634 @@
+"""``tl.flashmm_de(..., groupby=...)``: one model per level of an ``obs`` column, in one pass.
+
+Summary statistics are sums over cells, so the statistics of every group can be accumulated
+in the same pass over the cells. Each group's design ``X_g, Z_g`` is built from the group's
+cells alone (:func:`scflashmm._design.make_design` on the group's ``obs``, so a factor level
+absent from a group drops out of its design). Then one pass computes, for all groups at once:
+
+- ``[X Z]' Y`` of the indicator-like columns (factor levels, interactions, intercepts, random
+  effects) of the block-diagonal design whose columns for group ``g`` are zero outside its
+  cells: the pass plan (:class:`scflashmm._core.plan.DesignPlan`) sums them by pattern, one
+  scatter-add of the stored values whatever the number of groups;
+- the other design columns (e.g. ``log(libsize)``) and the squared norms ``Ynorm`` per group,
+  by a scatter-add of ``w * y`` into the rows of the cell's group (one per column position,
+  whatever the number of groups).
+
+``X_g'X_g``, ``Z_g'X_g`` and ``Z_g'Z_g`` come from the small designs directly. Each group's
+statistics are then fit by :func:`scflashmm._core.reml.lmm`, batched over its genes, and
+written as an ordinary fit under the key ``f"{key}:{group}"``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._core._accumulate import scatter_add
+from .._core._options import (
+    DfMethod,
+    Method,
+    check_positive_float,
+    check_positive_int,
+)
+from .._core._threads import check_n_jobs, ordered_map, single_threaded_blas
+from .._core.blocks import _pieces, _values
+from .._core.checks import _check_chunk_size
+from .._core.passes import reduce_dask_blocks
+from .._core.sources import CompressedBlock, is_dask_array, open_source, shape2
+from .._core.stats import SummaryStats
+from .._core.sumstats import NonFiniteError
+from .._design import _as_factor, _normalize_random, _parse_formula, make_design
+from ._flashmm_de import (
+    DesignInfo,
+    FitOptions,
+    _check_input,
+    _contrasts,
+    check_fit_options,
+    fit_and_record,
+)
+from ._matrix import ProgressBar, is_csc, looks_like_counts, nonfinite_error
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from .._design import Design
+
+__all__ = ["group_key"]
+
+_LN2 = float(np.log(2.0))
+
+
+def group_key(key: str, group: str) -> str:
+    """Return the key under which the fit of ``group`` of a grouped fit ``key`` is stored."""
+    return f"{key}:{str(group).replace('/', '|')}"
+
+
+@dataclass
+class _Group:
+    name: str
+    cells: np.ndarray  # indices of the group's cells
+    design: Design
+    cmat: pd.DataFrame | None
+    expressions: dict[str, str]
+
+
+def flashmm_de_groupby(
+    adata: AnnData,
+    fixed: str,
+    random: str | Sequence[str],
+    *,
+    groupby: str,
+    layer: str | None,
+    is_counts: bool,
+    method: Method,
+    df: DfMethod,
+    contrasts: Mapping[str, str] | Sequence[str] | None,
+    theta0: Sequence[float] | None,
+    max_iter: int,
+    epsilon: float,
+    key_added: str,
+    chunk_size: int | None,
+    copy: bool,
+    progress: bool | None,
+    nonnegative: bool,
+    moderate: bool | None,
+    n_jobs: int | None,
+) -> AnnData | None:
+    """:func:`scflashmm.tl.flashmm_de` with ``groupby``: see its docstring."""
+    Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
+    jobs = check_n_jobs(n_jobs)
+    max_iter = check_positive_int(max_iter, "max_iter")
+    epsilon = check_positive_float(epsilon, "epsilon")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    codes, levels = _group_codes(adata.obs, groupby, fixed, random)
+
+    groups, skipped = [], {}
+    for g, name in enumerate(levels):
+        cells = np.flatnonzero(codes == g)
+        if cells.size == 0:
+            skipped[name] = "no cells"
+            continue
+        try:
+            design = make_design(adata.obs.iloc[cells], fixed, random)
+            if cells.size <= design.X.shape[1]:
+                msg = f"{cells.size} cells for {design.X.shape[1]} fixed-effect columns"
+                raise ValueError(msg)
+            cmat, expressions = _contrasts(contrasts, design.x_columns)
+        except ValueError as exc:
+            skipped[name] = str(exc)
+            continue
+        groups.append(_Group(name, cells, design, cmat, expressions))
+    if not groups:
+        reasons = "; ".join(f"{k!r}: {v}" for k, v in skipped.items())
+        msg = f"No group of adata.obs[{groupby!r}] can be fit: {reasons}"
+        raise ValueError(msg)
+    if skipped:
+        reasons = "; ".join(f"{k!r} ({v})" for k, v in skipped.items())
+        msg = f"{len(skipped)} group(s) of {groupby!r} not fit: {reasons}"
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    opts = check_fit_options(  # the same terms in every group
+        method=method,
+        df=df,
+        nonnegative=nonnegative,
+        moderate=moderate,
+        theta0=theta0,
+        max_iter=max_iter,
+        epsilon=epsilon,
+        info=DesignInfo.of(groups[0].design),
+    )
+
+    stats = _grouped_statistics(
+        adata, Y, source, groups, chunk_size=chunk_size, is_counts=is_counts, progress=progress
+    )
+    if not is_counts and looks_like_counts(Y):
+        msg = (
+            f"{source} looks like raw counts (non-negative integers), but "
+            "is_counts=False fits them untransformed. Pass is_counts=True to fit log2(1 + y) "
+            "as FLASHMM does, or normalise and log-transform first."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+
+    params = {
+        "fixed": fixed,
+        "random": [random] if isinstance(random, str) else list(random),
+        "layer": layer,
+        "is_counts": bool(is_counts),
+        "chunk_size": chunk_size,
+        "store_stats": False,
+        "groupby": groupby,
+    }
+    varm: dict[str, Any] = {}
+    records: dict[str, dict[str, Any]] = {}
+    fitted = []
+    for group, st in zip(groups, stats, strict=True):
+        sub = group_key(key_added, group.name)
+        try:
+            tables, record = _fit_group(group, st, groupby, adata, opts, params, sub, jobs)
+        except np.linalg.LinAlgError as exc:  # the solver failed for this group only
+            skipped[group.name] = f"the fit failed ({exc})"
+            msg = f"{groupby} = {group.name!r} not fit: the solver failed ({exc})."
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            continue
+        fitted.append(group)
+        record["n_cells"] = int(group.cells.size)
+        record["group"] = group.name
+        varm |= tables
+        records[sub] = record
+    from .. import __version__
+
+    top = {
+        "params": records[next(iter(records))]["params"] if records else params,
+        "groupby": groupby,
+        "groups": [g.name for g in fitted],
+        "group_keys": list(records),
+        "n_cells": [int(g.cells.size) for g in fitted],
+        "skipped": list(skipped),
+        "skipped_reasons": list(skipped.values()),
+        "varm_keys": list(varm),
+        "version": __version__,
+    }
+    return _write_groups(adata, key_added, varm, records, top, copy=copy)
+
+
+# --------------------------------------------------------------------------------------------
+# the steps
+# --------------------------------------------------------------------------------------------
+
+
+def _formula_variables(fixed: str, random: str | Sequence[str], obs: pd.DataFrame) -> set[str]:
+    names = set(_parse_formula(fixed, what="fixed formula").required_variables)
+    for formula, _ in _normalize_random(random, obs):
+        names |= set(_parse_formula(formula, what="random formula").required_variables)
+    return names
+
+
+def _group_codes(
+    obs: pd.DataFrame, groupby: Any, fixed: str, random: str | Sequence[str]
+) -> tuple[np.ndarray, list[str]]:
+    """Check the ``groupby`` column; return each cell's group (0..G-1) and the group names."""
+    if not isinstance(groupby, str):
+        msg = f"groupby must be the name of a column of adata.obs, got {groupby!r}."
+        raise TypeError(msg)
+    if groupby not in obs.columns:
+        avail = ", ".join(repr(str(c)) for c in list(obs.columns)[:20])
+        msg = f"groupby={groupby!r} is not a column of adata.obs. Available columns: {avail}."
+        raise ValueError(msg)
+    col = obs[groupby]
+    na = col.isna().to_numpy()
+    if na.any():
+        first = obs.index[np.flatnonzero(na)[0]]
+        msg = (
+            f"adata.obs[{groupby!r}] (groupby) has {int(na.sum())} missing value(s), e.g. in "
+            f"cell {first!r}. Drop or label those cells before fitting."
+        )
+        raise ValueError(msg)
+    if groupby in _formula_variables(fixed, random, obs):
+        msg = (
+            f"groupby={groupby!r} is also used in the model formulas; within a group it is "
+            "constant. Remove it from fixed/random (each group gets its own model)."
+        )
+        raise ValueError(msg)
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        factor = col.array  # unused categories are kept: reported as empty groups
+    else:
+        factor = _as_factor(col)
+    names = [str(c) for c in factor.categories]
+    keys = [group_key("", n) for n in names]
+    if len(set(keys)) != len(keys):
+        msg = f"The groups of {groupby!r} have names that differ only by '/' or '|': {names}."
+        raise ValueError(msg)
+    return np.asarray(factor.codes, dtype=np.int64), names
+
+
+@dataclass
+class _Layout:
+    """Slots of the pass: per cell, the output row and the weight of its value in each slot.
+
+    A slot is a design column position ``j`` of every group's ``X`` (row: the cell's group,
+    weight: ``X_g[cell, j]``) or a random term of every group's ``Z`` with one non-zero per
+    cell (row: the cell's column of all groups' ``Z``, weight: its value). Rows ``-1``: none.
+    """
+
+    rows: np.ndarray  # int32 (n, slots + 1): the last column is the cell's group (norms)
+    weights: np.ndarray  # float64 (n, slots)
+    offsets: np.ndarray  # first output row of each slot (slots + 1,), the norms after them
+    G: int
+    x_from: list[list[tuple[str, Any]]]  # per group and X column: ("slot", k) or ("levels", x)
+    z_rows: list[np.ndarray]  # per group: output rows of its Z columns
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1]) + self.G
+
+
+def _layout(groups: list[_Group], n: int) -> _Layout:
+    G = len(groups)
+    rows_cols: list[np.ndarray] = []
+    weight_cols: list[np.ndarray] = []
+    sizes: list[int] = []
+    z_rows = [np.zeros(g.design.Z.shape[1], dtype=np.int64) for g in groups]
+    # random terms: one slot per term where every cell has at most one non-zero in the term,
+    # else one slot per column position (exact for any Z, slower)
+    levels: list[np.ndarray | None] = [None] * G  # a term of 0/1 indicators covering the group
+    for t in range(len(groups[0].design.d)):
+        blocks = []
+        for g in groups:
+            lo = sum(g.design.d[:t])
+            blocks.append((lo, sp.csr_matrix(g.design.Z[:, lo : lo + g.design.d[t]])))
+        if all(np.diff(B.indptr).max(initial=0) <= 1 for _, B in blocks):
+            r = np.full(n, -1, dtype=np.int32)
+            w = np.zeros(n)
+            base, total = sum(sizes), 0
+            for i, (g, (lo, B)) in enumerate(zip(groups, blocks, strict=True)):
+                nz = np.diff(B.indptr) == 1
+                r[g.cells[nz]] = total + B.indices
+                w[g.cells[nz]] = B.data
+                z_rows[i][lo : lo + B.shape[1]] = base + total + np.arange(B.shape[1])
+                if levels[i] is None and nz.all() and (B.data == 1).all():
+                    levels[i] = np.asarray(B.indices)
+                total += B.shape[1]
+            rows_cols.append(r)
+            weight_cols.append(w)
+            sizes.append(total)
+            continue
+        for j in range(max(B.shape[1] for _, B in blocks)):
+            r = np.full(n, -1, dtype=np.int32)
+            w = np.zeros(n)
+            for i, (g, (lo, B)) in enumerate(zip(groups, blocks, strict=True)):
+                if j < B.shape[1]:
+                    r[g.cells] = i
+                    w[g.cells] = B[:, j].toarray().ravel()
+                    z_rows[i][lo + j] = sum(sizes) + i
+            rows_cols.append(r)
+            weight_cols.append(w)
+            sizes.append(G)
+    # fixed columns: from the sums per level of an indicator term where the column is constant
+    # within each level (an intercept, donor-level covariates), else one slot per position
+    x_from: list[list[tuple[str, Any]]] = [[] for _ in groups]
+    for j in range(max(g.design.X.shape[1] for g in groups)):
+        derived = {}
+        for i, g in enumerate(groups):
+            if j >= g.design.X.shape[1] or levels[i] is None:
+                continue
+            x, lv = g.design.X[:, j], levels[i]
+            per_level = np.zeros(z_rows[i].size)
+            per_level[lv] = x
+            if np.array_equal(per_level[lv], x):
+                derived[i] = per_level
+        slot = None
+        for i, g in enumerate(groups):
+            if j >= g.design.X.shape[1]:
+                continue
+            if i in derived:
+                x_from[i].append(("levels", derived[i]))
+                continue
+            if slot is None:
+                slot = len(sizes)
+                rows_cols.append(np.full(n, -1, dtype=np.int32))
+                weight_cols.append(np.zeros(n))
+                sizes.append(G)
+            rows_cols[slot][g.cells] = i
+            weight_cols[slot][g.cells] = g.design.X[:, j]
+            x_from[i].append(("slot", slot))
+    group = np.full(n, -1, dtype=np.int32)
+    for i, g in enumerate(groups):
+        group[g.cells] = i
+    return _Layout(
+        rows=np.ascontiguousarray(np.column_stack([*rows_cols, group])),
+        weights=np.ascontiguousarray(np.column_stack([*weight_cols, np.ones(n)])),
+        offsets=np.cumsum([0, *sizes]),
+        G=G,
+        x_from=x_from,
+        z_rows=z_rows,
+    )
+
+
+def _grouped_statistics(
+    adata: AnnData,
+    Y: Any,
+    source: str,
+    groups: list[_Group],
+    *,
+    chunk_size: int | None,
+    is_counts: bool,
+    progress: bool | None,
+) -> list[SummaryStats]:
+    """One pass over the cells; the statistics of every group (errors as the ungrouped pass)."""
+    bar = ProgressBar(progress, unit="genes" if is_csc(Y) else "cells")
+    try:
+        return grouped_summary_stats(
+            Y, groups, chunk_size=chunk_size, is_counts=is_counts, progress=bar
+        )
+    except NonFiniteError as exc:
+        raise nonfinite_error(exc, Y, source, adata.obs_names, adata.var_names) from exc
+    except ValueError as exc:
+        msg = f"{source}: {exc}"
+        raise ValueError(msg) from exc
+    finally:
+        bar.close()
+
+
+def grouped_summary_stats(
+    Y: Any,
+    groups: list[_Group],
+    *,
+    chunk_size: int | None = None,
+    is_counts: bool = False,
+    n_jobs: int | None = None,
+    progress: Any = None,
+) -> list[SummaryStats]:
+    """Return the summary statistics of each group's model, in one pass over ``Y``."""
+    dask = is_dask_array(Y)
+    src = None if dask else open_source(Y)
+    if dask and any(np.isnan(c) for c in Y.chunks[0]):
+        Y = Y.compute_chunk_sizes()
+    n = shape2(Y)[0] if src is None else src.shape[0]
+    lay = _layout(groups, n)
+    size = _check_chunk_size(chunk_size)
+    if chunk_size is None and src is not None and src.axis == 0:
+        size = _block_cells(src, lay.n_rows * src.shape[1], size)
+    jobs = check_n_jobs(n_jobs)
+    with single_threaded_blas():
+        if src is None:
+            total = _dask_grouped_pass(Y, lay, is_counts, progress)
+        else:
+            total = _local_grouped_pass(
+                src, lay, is_counts=is_counts, size=size, n_jobs=jobs, progress=progress
+            )
+        if is_counts:  # sums of ln(1 + y): rescale to log2
+            total[: lay.offsets[-1]] /= _LN2
+            total[lay.offsets[-1] :] /= _LN2 * _LN2
+        out = []
+        for i, g in enumerate(groups):
+            X, Z = g.design.X, sp.csc_matrix(g.design.Z)
+            ZY = total[lay.z_rows[i]]
+            XY = np.stack(
+                [
+                    total[lay.offsets[k] + i] if how == "slot" else k @ ZY  # sum over levels
+                    for how, k in lay.x_from[i]
+                ]
+            )
+            out.append(
+                SummaryStats(
+                    XX=X.T @ X,
+                    XY=XY,
+                    ZX=np.asarray(Z.T @ X),
+                    ZY=ZY,
+                    ZZ=(Z.T @ Z).toarray(),
+                    Ynorm=total[lay.offsets[-1] + i].copy(),
+                    n=int(g.cells.size),
+                )
+            )
+    return out
+
+
+def _block_cells(source: Any, out_elements: int, size: int) -> int:
+    """Cells per block so that a block holds at least as many stored values as its result.
+
+    Each block's result (all groups' statistics) is zeroed and added to the total: with many
+    groups x random-effect levels it can be larger than a block of 10,000 cells.
+    """
+    n = source.shape[0]
+    indptr = getattr(source, "indptr", None)
+    per_cell = float(indptr[-1]) / max(n, 1) if indptr is not None else float(source.shape[1])
+    return int(min(max(size, out_elements / max(per_cell, 1.0)), max(n, 1)))
+
+
+def group_block(
+    chunk: Any, lay: _Layout, rows: slice, *, is_counts: bool, axis: int = 0, start: int = 0
+) -> np.ndarray:
+    """Return the slot sums and per-group norms of a block of ``Y``: ``(lay.n_rows, genes)``.
+
+    ``rows`` selects the block's cells in ``lay`` (all cells for column blocks). Values are
+    checked and transformed (``ln(1 + y)`` for counts) as in the ungrouped pass.
+    """
+    R, Wt = lay.rows[rows], lay.weights[rows]
+    if isinstance(chunk, CompressedBlock) or sp.issparse(chunk):
+        if not isinstance(chunk, CompressedBlock):
+            chunk = sp.csc_matrix(chunk) if axis == 1 else sp.csr_matrix(chunk)
+            chunk = CompressedBlock(
+                chunk.data, chunk.indices, chunk.indptr, chunk.shape, chunk.format
+            )
+    else:
+        dense = sp.csr_matrix(np.asarray(chunk))
+        chunk = CompressedBlock(dense.data, dense.indices, dense.indptr, dense.shape, "csr")
+    data, indices, indptr = chunk.data, chunk.indices, chunk.indptr
+    m = chunk.shape[1]
+    out = np.zeros((lay.n_rows, m))
+    parts = [out[lay.offsets[k] : lay.offsets[k + 1]] for k in range(len(lay.offsets) - 1)]
+    norms = out[lay.offsets[-1] :]
+    csc = chunk.format == "csc"
+    for a, b in _pieces(indptr):
+        lo, hi = int(indptr[a]), int(indptr[b])
+        if hi == lo:
+            continue
+        where = f"{'genes' if csc else 'cells'} {start + a}..{start + b - 1}"
+        v = _values(
+            data[lo:hi], is_counts=is_counts, where=where, start=start + a, stop=start + b,
+            axis=1 if csc else 0,
+        )  # fmt: skip
+        counts = np.diff(indptr[a : b + 1])
+        idx = indices[lo:hi]
+        if csc:  # the piece is genes a..b of all cells
+            cells, genes = idx, np.repeat(np.arange(a, b, dtype=idx.dtype), counts)
+        else:
+            cells, genes = np.repeat(np.arange(a, b, dtype=idx.dtype), counts), idx
+        r_all, w_all = R[cells], Wt[cells]
+        grp = r_all[:, -1]
+        for k, part in enumerate(parts):
+            r = r_all[:, k]
+            keep = r >= 0
+            if keep.all():
+                scatter_add(part, r.astype(idx.dtype), genes, v * w_all[:, k])
+            elif keep.any():
+                scatter_add(part, r[keep].astype(idx.dtype), genes[keep], (v * w_all[:, k])[keep])
+        keep = grp >= 0
+        if keep.all():
+            scatter_add(norms, grp.astype(idx.dtype), genes, v * v)
+        else:
+            scatter_add(norms, grp[keep].astype(idx.dtype), genes[keep], (v * v)[keep])
+    return out
+
+
+def _local_grouped_pass(
+    source: Any, lay: _Layout, *, is_counts: bool, size: int, n_jobs: int, progress: Any
+) -> np.ndarray:
+    n, m = source.shape
+    total_units = n if source.axis == 0 else m
+    total = np.zeros((lay.n_rows, m))
+    spans = list(source.spans(size))
+
+    def read(span: tuple[int, int]) -> tuple[int, int, Any]:
+        start, stop = span  # in the calling thread: one reader of a file
+        return start, stop, source.read(start, stop)
+
+    def run(args: tuple[int, int, Any]) -> np.ndarray:
+        start, stop, chunk = args
+        rows = slice(start, stop) if source.axis == 0 else slice(None)
+        return group_block(chunk, lay, rows, is_counts=is_counts, axis=source.axis, start=start)
+
+    jobs = 1 if len(spans) == 1 else n_jobs
+    done = 0
+    for (start, stop), part in zip(spans, ordered_map(run, map(read, spans), jobs), strict=True):
+        if source.axis == 0:
+            total += part
+        else:
+            total[:, start:stop] = part
+        done += stop - start
+        if progress is not None:
+            progress(done, total_units)
+    return total
+
+
+def _dask_grouped_block(y, rows, weights, start, *, lay, is_counts):
+    sub = _Layout(rows, weights, lay.offsets, lay.G, lay.x_from, lay.z_rows)
+    y = y if sp.issparse(y) or isinstance(y, np.ndarray) else np.asarray(y)
+    out = group_block(y, sub, slice(None), is_counts=is_counts, start=int(start[0]))
+    return out[None]
+
+
+def _dask_grouped_pass(Y: Any, lay: _Layout, is_counts: bool, progress: Any) -> np.ndarray:
+    import dask.array as da
+
+    dtype = getattr(Y, "dtype", None)
+    if dtype is not None and np.dtype(dtype).kind not in "biuf":
+        msg = f"Y must be numeric, got dtype {dtype}."
+        raise ValueError(msg)
+    rows = Y.chunks[0]
+    slots = lay.rows.shape[1]
+    R = da.from_array(lay.rows, chunks=(rows, slots))
+    Wt = da.from_array(lay.weights, chunks=(rows, slots))
+    starts = da.from_array(np.cumsum((0, *rows[:-1])), chunks=1)
+    meta = _Layout(lay.rows[:0], lay.weights[:0], lay.offsets, lay.G, lay.x_from, lay.z_rows)
+    blocks = da.blockwise(
+        _dask_grouped_block,
+        "ikj",
+        Y,
+        "ij",
+        R,
+        "ia",
+        Wt,
+        "ia",
+        starts,
+        "i",
+        new_axes={"k": lay.n_rows},
+        adjust_chunks={"i": 1},
+        align_arrays=False,
+        concatenate=True,
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0), dtype=np.float64),
+        lay=meta,
+        is_counts=is_counts,
+    )
+    return reduce_dask_blocks(blocks, rows, progress)
+
+
+def _fit_group(
+    group: _Group,
+    stats: SummaryStats,
+    groupby: str,
+    adata: AnnData,
+    opts: FitOptions,
+    params: dict[str, Any],
+    key: str,
+    n_jobs: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit one group (as :func:`flashmm_de` fits all cells); its warnings name the group."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tables, record = fit_and_record(
+            adata,
+            stats,
+            DesignInfo.of(group.design),
+            opts,
+            params,
+            group.cmat,
+            group.expressions,
+            key,
+            store_stats=False,
+            n_jobs=n_jobs,
+        )
+    for w in caught:
+        msg = f"{groupby} = {group.name!r}: {w.message}"
+        warnings.warn(msg, w.category, stacklevel=4)
+    return tables, record
+
+
+def _write_groups(
+    adata: AnnData,
+    key: str,
+    varm: Mapping[str, Any],
+    records: Mapping[str, dict[str, Any]],
+    top: dict[str, Any],
+    *,
+    copy: bool,
+) -> AnnData | None:
+    """Write every group's fit and the grouped record, replacing an earlier fit under ``key``."""
+    target = adata.copy() if copy else adata
+    if target.is_view:
+        target._init_as_actual(target.copy())
+    previous = target.uns.get(key)
+    if isinstance(previous, Mapping):
+        for old in previous.get("varm_keys", []):
+            target.varm.pop(str(old), None)
+        for old in previous.get("group_keys", []):
+            target.uns.pop(str(old), None)
+    for name, value in varm.items():
+        target.varm[name] = value
+    for name, record in records.items():
+        target.uns[name] = record
+    target.uns[key] = top
+    return target if copy else None
+
+
+def is_grouped(adata: AnnData, key: str) -> bool:
+    """Whether ``adata.uns[key]`` is the record of a fit with ``groupby``."""
+    info = adata.uns.get(key)
+    return isinstance(info, Mapping) and "group_keys" in info
