@@ -104,17 +104,6 @@ def test_flashmm_settings_one_keyword_away():
     np.testing.assert_allclose(adata.varm["flashmm_p"].to_numpy(), fit.p, rtol=1e-12)
 
 
-HAS_NONNEGATIVE = "nonnegative" in __import__("inspect").signature(lmm).parameters
-
-
-@pytest.mark.skipif(HAS_NONNEGATIVE, reason="the solver has nonnegative=True")
-def test_nonnegative_without_solver_support_says_so():
-    adata = case_adata("b")
-    with pytest.raises(NotImplementedError, match="nonnegative=True is not available"):
-        sfm.tl.flashmm_de(adata, FIXED_B, "sam", is_counts=True, nonnegative=True)
-
-
-@pytest.mark.skipif(not HAS_NONNEGATIVE, reason="the solver lacks nonnegative=True")
 def test_nonnegative_reaches_the_fit_and_flags_singular_genes():
     adata = case_adata("b")
     with warnings.catch_warnings():

@@ -99,7 +99,7 @@ def test_each_group_equals_flashmm_de_on_its_cells(data, subsets, layout, tmp_pa
     "options",
     [
         {"method": "ML"},
-        {"df": "satterthwaite", "contrasts": ["trt[T.B]"]},
+        {"df": "satterthwaite", "contrasts": {"B vs A": "trt[T.B]"}},
         {"layer": "logged"},
     ],
 )

@@ -7,7 +7,6 @@ write them into the AnnData (names from :mod:`scflashmm._results`).
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -302,6 +301,7 @@ def flashmm_de(
             method=method, df=df, contrasts=contrasts, theta0=theta0, max_iter=max_iter,
             epsilon=epsilon, key_added=key_added, chunk_size=chunk_size, copy=copy,
             progress=progress, nonnegative=nonnegative, moderate=moderate, n_jobs=n_jobs,
+            store_stats=store_stats,
         )  # fmt: skip
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
     max_iter = check_positive_int(max_iter, "max_iter")
@@ -375,9 +375,6 @@ def check_fit_options(
     method = check_method(method)
     df = check_df(df)
     nonnegative = _check_bool(nonnegative, "nonnegative")
-    if nonnegative and "nonnegative" not in inspect.signature(lmm).parameters:
-        msg = "nonnegative=True is not available in this version of scflashmm's solver."
-        raise NotImplementedError(msg)
     start = check_theta0(theta0, len(info.d))
     return FitOptions(
         method=method,
@@ -406,7 +403,6 @@ def fit_and_record(
     n_jobs: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit every gene from ``stats``; return the ``varm`` entries and ``uns[key]``."""
-    extra: dict[str, Any] = {"nonnegative": True} if opts.nonnegative else {}
     structured = info.structure is not None
     fit = lmm(
         stats,
@@ -422,7 +418,7 @@ def fit_and_record(
         covariate_names=info.x_columns,
         component_names=None if structured else info.random_terms,
         n_jobs=n_jobs,
-        **extra,
+        nonnegative=opts.nonnegative,
     )
     moderated = None
     if opts.moderate:

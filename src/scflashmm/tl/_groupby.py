@@ -99,6 +99,7 @@ def flashmm_de_groupby(
     nonnegative: bool,
     moderate: bool | None,
     n_jobs: int | None,
+    store_stats: bool,
 ) -> AnnData | None:
     """:func:`scflashmm.tl.flashmm_de` with ``groupby``: see its docstring."""
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
@@ -161,7 +162,7 @@ def flashmm_de_groupby(
         "layer": layer,
         "is_counts": bool(is_counts),
         "chunk_size": chunk_size,
-        "store_stats": False,
+        "store_stats": store_stats,
         "groupby": groupby,
     }
     varm: dict[str, Any] = {}
@@ -170,7 +171,9 @@ def flashmm_de_groupby(
     for group, st in zip(groups, stats, strict=True):
         sub = group_key(key_added, group.name)
         try:
-            tables, record = _fit_group(group, st, groupby, adata, opts, params, sub, jobs)
+            tables, record = _fit_group(
+                group, st, groupby, adata, opts, params, sub, jobs, store_stats
+            )
         except np.linalg.LinAlgError as exc:  # the solver failed for this group only
             skipped[group.name] = f"the fit failed ({exc})"
             msg = f"{groupby} = {group.name!r} not fit: the solver failed ({exc})."
@@ -579,6 +582,7 @@ def _fit_group(
     params: dict[str, Any],
     key: str,
     n_jobs: int,
+    store_stats: bool,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit one group (as :func:`flashmm_de` fits all cells); its warnings name the group."""
     with warnings.catch_warnings(record=True) as caught:
@@ -592,7 +596,7 @@ def _fit_group(
             group.cmat,
             group.expressions,
             key,
-            store_stats=False,
+            store_stats=store_stats,
             n_jobs=n_jobs,
         )
     for w in caught:
