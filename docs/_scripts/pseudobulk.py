@@ -65,6 +65,7 @@ def lmm_rows(adata) -> tuple[dict[str, np.ndarray], float]:
 
 
 def main() -> None:
+    """Run from the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--designs", nargs="+", default=list(LABELS), choices=list(LABELS))
     parser.add_argument("--variances", nargs="+", default=["hom", "het"], choices=VARIANCES)
