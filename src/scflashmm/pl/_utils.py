@@ -105,7 +105,9 @@ _ENCODED = re.compile(r"^(?P<var>[^\[\]]+)\[(?P<treatment>T\.)?(?P<level>[^\[\]]
 
 def _split_colon(name: str) -> list[str] | None:
     """Split a column name on ``:`` outside brackets; None if it looks like an expression."""
-    parts, cur, depth, tick = [], [], 0, False
+    parts: list[str] = []
+    cur: list[str] = []
+    depth, tick = 0, False
     for ch in name:
         if ch == "`":
             tick = not tick
