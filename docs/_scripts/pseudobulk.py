@@ -64,6 +64,39 @@ def lmm_rows(adata) -> tuple[dict[str, np.ndarray], float]:
     }, seconds
 
 
+def write(rows: list[dict], out: Path) -> pd.DataFrame:
+    """Average the rows over repeats and write the page's CSV; return the table."""
+    table = (
+        pd.DataFrame(rows)
+        .groupby(["design", "donor variances", "method"], sort=False)
+        .mean()
+        .reset_index()
+    )
+    table = table.rename(
+        columns={
+            "fpr": "FPR at 0.05",
+            "fdp": "FDP at BH 5 %",
+            "power_bh": "power at BH 5 %",
+            "seconds": "time (s)",
+        }
+    )[
+        [
+            "design",
+            "donor variances",
+            "method",
+            "FPR at 0.05",
+            "FDP at BH 5 %",
+            "power at BH 5 %",
+            "time (s)",
+        ]
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.round({"FPR at 0.05": 3, "FDP at BH 5 %": 2, "power at BH 5 %": 2, "time (s)": 1}).to_csv(
+        out, index=False
+    )
+    return table
+
+
 def main() -> None:
     """Run from the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,34 +133,8 @@ def main() -> None:
                         | {"seconds": times[method]}
                     )
                 print(f"# {design} {variances} repeat {r}: {times}", flush=True)
-    table = (
-        pd.DataFrame(rows)
-        .groupby(["design", "donor variances", "method"], sort=False)
-        .mean()
-        .reset_index()
-    )
-    table = table.rename(
-        columns={
-            "fpr": "FPR at 0.05",
-            "fdp": "FDP at BH 5 %",
-            "power_bh": "power at BH 5 %",
-            "seconds": "time (s)",
-        }
-    )[
-        [
-            "design",
-            "donor variances",
-            "method",
-            "FPR at 0.05",
-            "FDP at BH 5 %",
-            "power at BH 5 %",
-            "time (s)",
-        ]
-    ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.round({"FPR at 0.05": 3, "FDP at BH 5 %": 2, "power at BH 5 %": 2, "time (s)": 1}).to_csv(
-        args.out, index=False
-    )
+                write(rows, args.out)  # after every repeat: an interrupted run keeps its rows
+    table = write(rows, args.out)
     print(table.to_string(index=False))
     print(f"({args.repeats} repeats, {args.genes} genes, {args.cells} cells; wrote {args.out})")
 
