@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from datetime import date
 from importlib.metadata import version as _version
+from pathlib import Path
 
 project = "scflashmm"
 author = "scflashmm developers"
@@ -16,12 +19,21 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
+    "sphinx.ext.intersphinx",
+    # MathJax 3 served from the build's _static (the package ships it): no CDN, works offline
+    "sphinx-mathjax-offline",
 ]
 
-# tutorials/ (at the repository root, executed by tests/test_tutorials.py) is linked in as
-# docs/tutorials; the docs show them without running them, so the build stays fast.
-nb_execution_mode = "off"
+# tutorials/ (at the repository root) is linked in as docs/tutorials. The tutorials are
+# executed at build time, so the pages show their tables and figures; "cache" keeps the
+# outputs under the build directory and re-runs a tutorial only when its code changed. They
+# run in a temporary directory (they write files), and an error in a cell fails the build.
+nb_execution_mode = os.environ.get("SCFLASHMM_DOCS_EXECUTE", "cache")
+nb_execution_in_temp = True
+nb_execution_timeout = 600
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_merge_streams = True
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
@@ -54,3 +66,43 @@ html_theme_options = {
     "show_toc_level": 2,
 }
 pygments_style = "default"
+
+# Intersphinx: links to the projects' own API pages. Their inventories come from the web, and a
+# build without network (CI here) would fail under -W ("failed to reach any of the
+# inventories"), so the mapping is only set when the docs host of numpy answers (or when
+# SCFLASHMM_DOCS_INTERSPHINX=1 forces it). An inventory saved as docs/_inventories/NAME.inv
+# is used instead of the download, online or not.
+_INTERSPHINX = {
+    "python": "https://docs.python.org/3/",
+    "anndata": "https://anndata.readthedocs.io/en/stable/",
+    "scanpy": "https://scanpy.readthedocs.io/en/stable/",
+    "numpy": "https://numpy.org/doc/stable/",
+    "scipy": "https://docs.scipy.org/doc/scipy/",
+    "pandas": "https://pandas.pydata.org/docs/",
+    "matplotlib": "https://matplotlib.org/stable/",
+}
+_INVENTORIES = Path(__file__).parent / "_inventories"
+
+
+def _online(host: str = "numpy.org", timeout: float = 2.0) -> bool:
+    forced = os.environ.get("SCFLASHMM_DOCS_INTERSPHINX")
+    if forced is not None:
+        return forced == "1"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+_ONLINE = _online()
+intersphinx_mapping = {
+    name: (url, str(_INVENTORIES / f"{name}.inv"))
+    for name, url in _INTERSPHINX.items()
+    if (_INVENTORIES / f"{name}.inv").exists()
+}
+if _ONLINE:
+    intersphinx_mapping |= {
+        name: (url, None) for name, url in _INTERSPHINX.items() if name not in intersphinx_mapping
+    }
+intersphinx_timeout = 10

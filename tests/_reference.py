@@ -9,6 +9,8 @@ Everything is cached: treat the returned objects as read-only (``case_adata`` re
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -206,7 +208,6 @@ def fit_case(name: str, **kwargs) -> tuple[Any, dict, dict[str, str]]:
 
     import scflashmm as sfm
     from scflashmm import ConvergenceWarning, DegenerateFeatureWarning
-    from scflashmm._design import match_r_columns
 
     case = load_case(name)
     spec = case["spec"]
@@ -254,3 +255,109 @@ def assert_same_results(a: Any, b: Any, key: str = "flashmm", atol: float = 1e-1
         if name in a.varm or name in b.varm:
             pd.testing.assert_frame_equal(a.varm[name], b.varm[name], atol=atol, rtol=1e-9)
     np.testing.assert_allclose(a.varm[f"{key}_cov"], b.varm[f"{key}_cov"], atol=atol, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# formulaic <-> R model.matrix names (moved here from the package: only the tests need them)
+# --------------------------------------------------------------------------------------------
+
+_ENCODED = re.compile(r"^(?P<var>.+?)\[(?:T\.)?(?P<level>[^\[\]]*)\]$")
+
+
+def _split_interaction(name: str) -> list[str]:
+    """Split on ':' outside brackets, parentheses and backticks."""
+    parts: list[str] = []
+    cur: list[str] = []
+    depth, tick = 0, False
+    for ch in name:
+        if ch == "`":
+            tick = not tick
+        elif not tick and ch in "([":
+            depth += 1
+        elif not tick and ch in ")]":
+            depth -= 1
+        if ch == ":" and depth == 0 and not tick:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def _r_part(part: str) -> str:
+    if part == "Intercept":
+        return "(Intercept)"
+    m = _ENCODED.match(part)
+    if m is None:
+        return part.replace("`", "")
+    return f"{m['var'].replace('`', '')}{m['level']}"
+
+
+def r_column_name(name: str) -> str:
+    """Spell a formulaic design-column name the way R's ``model.matrix`` does.
+
+    Parameters
+    ----------
+    name
+        A formulaic column name.
+
+    Returns
+    -------
+    The R name: ``"Intercept"`` -> ``"(Intercept)"``, ``"trt[T.B]"`` -> ``"trtB"``,
+    ``"cls[1]"`` -> ``"cls1"``, ``"cls[1]:trt[T.B]"`` -> ``"cls1:trtB"``; numeric terms such
+    as ``"log(libsize)"`` or ``"age"`` are unchanged. The order of the variables inside an
+    interaction is kept (R may order them differently; see :func:`match_r_columns`).
+
+    Examples
+    --------
+    >>> r_column_name("cls[1]:trt[T.B]")
+    'cls1:trtB'
+    """
+    return ":".join(_r_part(p) for p in _split_interaction(name))
+
+
+def _canonical(r_name: str) -> frozenset[str]:
+    return frozenset(_split_interaction(r_name))
+
+
+def match_r_columns(names: Sequence[str], r_names: Sequence[str]) -> list[int]:
+    """Position in ``names`` (formulaic) of each of ``r_names`` (R ``model.matrix``).
+
+    Interaction names are compared as sets of factors, so ``cls[T.2]:trt[A]`` matches R's
+    ``trtA:cls2``.
+
+    Parameters
+    ----------
+    names
+        Formulaic column names.
+    r_names
+        R column names.
+
+    Returns
+    -------
+    ``idx`` with ``names[idx[i]]`` corresponding to ``r_names[i]``.
+
+    Raises
+    ------
+    ValueError
+        If a name has no counterpart, or the lists differ in length.
+    """
+    keys: dict[frozenset[str], int] = {}
+    for i, n in enumerate(names):
+        key = _canonical(r_column_name(n))
+        if key in keys:
+            msg = f"Columns {names[keys[key]]!r} and {n!r} have the same R name."
+            raise ValueError(msg)
+        keys[key] = i
+    if len(names) != len(r_names):
+        msg = f"{len(names)} formulaic columns but {len(r_names)} R columns."
+        raise ValueError(msg)
+    out = []
+    for r in r_names:
+        key = _canonical(r)
+        if key not in keys:
+            msg = f"R column {r!r} has no formulaic counterpart among {list(names)}."
+            raise ValueError(msg)
+        out.append(keys[key])
+    return out

@@ -5,13 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from _reference import CASES, load_case
+from _reference import CASES, load_case, match_r_columns, r_column_name
 
 from scflashmm._design import (
     fixed_design,
     make_design,
-    match_r_columns,
-    r_column_name,
     random_design,
 )
 

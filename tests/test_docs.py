@@ -4,6 +4,7 @@ contract page names every key that ``flashmm_de`` writes."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -23,32 +24,67 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 DOC_PACKAGES = ("sphinx", "myst_nb", "sphinx_book_theme")
 
 
-def test_sphinx_build_without_warnings(tmp_path):
+PAGES = ("index", "installation", "quickstart", "model", "anndata", "api", "parity",
+         "benchmarks", "pseudobulk", "calibration", "contributing", "changelog", "citation",
+         "tutorials/workflow", "tutorials/large_data")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built_docs(tmp_path_factory) -> Path:
+    """Build the docs once with ``sphinx-build -W``, executing the tutorials; the HTML folder."""
     missing = [m for m in DOC_PACKAGES if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(
             f"documentation tools not installed ({', '.join(missing)}): pip install '.[doc]'"
         )
+    tmp_path = tmp_path_factory.mktemp("docs")
     # build a copy (tutorials/ is linked in as docs/tutorials; copytree follows the link), so
-    # that autosummary's generated pages do not land in the work tree
+    # that autosummary's generated pages and the execution cache do not land in the work tree
     src = tmp_path / "docs"
     shutil.copytree(
         DOCS, src, ignore=shutil.ignore_patterns("_build", "generated", "jupyter_execute")
     )
-    shutil.copy(DOCS.parent / "CONTRIBUTING.md", tmp_path)  # included by docs/contributing.md
+    for name in ("CONTRIBUTING.md", "CHANGELOG.md"):  # included by docs/contributing.md, ...
+        shutil.copy(DOCS.parent / name, tmp_path)
     cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
            "-d", str(tmp_path / "doctrees"), str(src), str(tmp_path / "html")]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    # offline, as in CI: no intersphinx download is attempted
+    env = os.environ | {"SCFLASHMM_DOCS_INTERSPHINX": "0", "SCFLASHMM_DOCS_EXECUTE": "cache"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    html = tmp_path / "html"
-    for page in ("index", "installation", "quickstart", "model", "anndata", "api", "parity",
-                 "benchmarks", "contributing", "tutorials/workflow",
-                 "tutorials/large_data"):  # fmt: skip
+    return tmp_path / "html"
+
+
+def test_sphinx_build_without_warnings(built_docs):
+    html = built_docs
+    for page in PAGES:
         assert (html / f"{page}.html").exists(), page
     api = (html / "generated" / "scflashmm.tl.flashmm_de.html").read_text(encoding="utf-8")
     assert "key_added" in api and "Returns" in api  # docstrings rendered, not raw directives
     for name in ("volcano", "qq", "variance_components"):
         assert (html / "generated" / f"scflashmm.pl.{name}.html").exists()
+
+
+def test_tutorials_are_executed_and_show_their_output(built_docs):
+    for name, min_figures in (("workflow", 4), ("large_data", 0)):
+        page = (built_docs / "tutorials" / f"{name}.html").read_text(encoding="utf-8")
+        assert "cell_output" in page, name
+        figures = re.findall(r'<img[^>]+src="[^"]*\.png"', page)
+        assert len(figures) >= min_figures, (name, len(figures))
+        assert "<table" in page, name  # DataFrames rendered as tables
+        assert "Traceback" not in page, name
+    assert (built_docs / "_static" / "scaling.png").exists()  # the benchmark figure
+
+
+def test_math_without_a_cdn(built_docs):
+    model = (built_docs / "model.html").read_text(encoding="utf-8")
+    assert "math notranslate" in model  # there is math to render
+    for page in built_docs.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        scripts = re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", text)
+        remote = [s for s in scripts if "://" in s or s.startswith("//") or "cdn" in s.lower()]
+        assert not remote, (page.name, remote)
+    assert (built_docs / "_static" / "mathjax" / "tex-chtml.js").exists()
 
 
 def python_blocks(path: Path) -> list[str]:

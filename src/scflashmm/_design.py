@@ -19,9 +19,9 @@ Column names
 ------------
 The names are formulaic's (``cls[1]``, ``trt[T.B]``, ``cls[1]:trt[T.B]``, ``log(libsize)``,
 ``Intercept``); they are the names users write in contrasts. R's ``model.matrix`` names the same
-columns ``cls1``, ``trtB``, ``cls1:trtB``, ``log(libsize)``, ``(Intercept)``:
-:func:`r_column_name` converts one name, and :func:`match_r_columns` matches two lists of names.
-Two differences besides the spelling:
+columns ``cls1``, ``trtB``, ``cls1:trtB``, ``log(libsize)``, ``(Intercept)`` (the tests match
+the two spellings to compare with FLASHMM's reference outputs). Two differences besides the
+spelling:
 
 * inside an interaction, R orders the variables by their first appearance in the formula while
   formulaic keeps the order written in the term (``~trt + cls:trt``: R says ``trtA:cls2``,
@@ -29,8 +29,8 @@ Two differences besides the spelling:
 * for such formulas the *order* of interaction columns can differ too (R varies the first
   factor fastest), so columns must be matched by name, never by position.
 
-Only treatment (``[T.level]``) and full-dummy (``[level]``) encodings have an R spelling here;
-other contrast codings (``C(x, contr.sum)`` ...) are left unchanged by :func:`r_column_name`.
+Only treatment (``[T.level]``) and full-dummy (``[level]``) encodings have an R spelling there;
+other contrast codings (``C(x, contr.sum)`` ...) keep formulaic's name.
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ __all__ = [
     "Design",
     "fixed_design",
     "make_design",
-    "match_r_columns",
-    "r_column_name",
     "random_design",
 ]
 
@@ -610,109 +608,3 @@ def _check_lme4_confounding(design: Design, terms: Sequence[Any]) -> None:
                     "it from the fixed formula or from the random term."
                 )
                 raise ValueError(msg)
-
-
-# --------------------------------------------------------------------------------------------
-# formulaic <-> R model.matrix names
-# --------------------------------------------------------------------------------------------
-
-_ENCODED = re.compile(r"^(?P<var>.+?)\[(?:T\.)?(?P<level>[^\[\]]*)\]$")
-
-
-def _split_interaction(name: str) -> list[str]:
-    """Split on ':' outside brackets, parentheses and backticks."""
-    parts: list[str] = []
-    cur: list[str] = []
-    depth, tick = 0, False
-    for ch in name:
-        if ch == "`":
-            tick = not tick
-        elif not tick and ch in "([":
-            depth += 1
-        elif not tick and ch in ")]":
-            depth -= 1
-        if ch == ":" and depth == 0 and not tick:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return parts
-
-
-def _r_part(part: str) -> str:
-    if part == "Intercept":
-        return "(Intercept)"
-    m = _ENCODED.match(part)
-    if m is None:
-        return part.replace("`", "")
-    return f"{m['var'].replace('`', '')}{m['level']}"
-
-
-def r_column_name(name: str) -> str:
-    """Spell a formulaic design-column name the way R's ``model.matrix`` does.
-
-    Parameters
-    ----------
-    name
-        A formulaic column name.
-
-    Returns
-    -------
-    The R name: ``"Intercept"`` -> ``"(Intercept)"``, ``"trt[T.B]"`` -> ``"trtB"``,
-    ``"cls[1]"`` -> ``"cls1"``, ``"cls[1]:trt[T.B]"`` -> ``"cls1:trtB"``; numeric terms such
-    as ``"log(libsize)"`` or ``"age"`` are unchanged. The order of the variables inside an
-    interaction is kept (R may order them differently; see :func:`match_r_columns`).
-
-    Examples
-    --------
-    >>> r_column_name("cls[1]:trt[T.B]")
-    'cls1:trtB'
-    """
-    return ":".join(_r_part(p) for p in _split_interaction(name))
-
-
-def _canonical(r_name: str) -> frozenset[str]:
-    return frozenset(_split_interaction(r_name))
-
-
-def match_r_columns(names: Sequence[str], r_names: Sequence[str]) -> list[int]:
-    """Position in ``names`` (formulaic) of each of ``r_names`` (R ``model.matrix``).
-
-    Interaction names are compared as sets of factors, so ``cls[T.2]:trt[A]`` matches R's
-    ``trtA:cls2``.
-
-    Parameters
-    ----------
-    names
-        Formulaic column names.
-    r_names
-        R column names.
-
-    Returns
-    -------
-    ``idx`` with ``names[idx[i]]`` corresponding to ``r_names[i]``.
-
-    Raises
-    ------
-    ValueError
-        If a name has no counterpart, or the lists differ in length.
-    """
-    keys: dict[frozenset[str], int] = {}
-    for i, n in enumerate(names):
-        key = _canonical(r_column_name(n))
-        if key in keys:
-            msg = f"Columns {names[keys[key]]!r} and {n!r} have the same R name."
-            raise ValueError(msg)
-        keys[key] = i
-    if len(names) != len(r_names):
-        msg = f"{len(names)} formulaic columns but {len(r_names)} R columns."
-        raise ValueError(msg)
-    out = []
-    for r in r_names:
-        key = _canonical(r)
-        if key not in keys:
-            msg = f"R column {r!r} has no formulaic counterpart among {list(names)}."
-            raise ValueError(msg)
-        out.append(keys[key])
-    return out

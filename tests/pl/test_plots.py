@@ -18,7 +18,8 @@ from scipy import sparse
 
 import scflashmm as sfm
 from scflashmm import ConvergenceWarning, DegenerateFeatureWarning
-from scflashmm.pl._utils import COLOR_DOWN, COLOR_NS, COLOR_UP
+from scflashmm.pl._qq import inflation
+from scflashmm.pl._utils import COLOR_DOWN, COLOR_NS, COLOR_UP, readable_term
 
 TERM = "cls[1]:trt[T.B]"
 CONTRASTS = {"mean_trt": "(cls[1]:trt[T.B] + cls[2]:trt[T.B])/2"}
@@ -113,7 +114,8 @@ def test_volcano_points_colours_labels(fitted, tmp_path):
 
     labels = [t.get_text() for t in ax.texts]
     assert labels == list(sig["variable"].head(10))
-    assert TERM in ax.get_title()
+    assert ax.get_title().splitlines()[0] == "trt B vs A in cls 1"
+    assert ax.get_xlabel() == "log_fc: difference of mean log2(1 + counts)"
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == [
         f"not significant ({len(rest.get_offsets())})",
@@ -247,7 +249,12 @@ def test_qq_points_band_and_labels(fitted, tmp_path):
         np.testing.assert_allclose(xy[:, 1], -np.log10(p))
         np.testing.assert_allclose(xy[:, 0], -np.log10((np.arange(1, m + 1) - 0.5) / m))
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["95% band", *terms]
+    lam = [inflation(fitted.varm["flashmm_p"][t].dropna().to_numpy()) for t in terms]
+    assert legend == [
+        "95% band",
+        f"trt B vs A in cls 1 (λ = {lam[0]:.2f})",
+        f"trt B vs A in cls 2 (λ = {lam[1]:.2f})",
+    ]
     # the band contains the diagonal
     (diag,) = ax.get_lines()
     assert diag.get_linestyle() == "--"
@@ -258,7 +265,8 @@ def test_qq_points_band_and_labels(fitted, tmp_path):
 def test_qq_default_terms_and_no_band(fitted):
     ax = sfm.pl.qq(fitted, band=0, show=False)
     expected = [*fitted.uns["flashmm"]["x_columns"], "mean_trt"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == expected
+    legend = [t.get_text().rsplit(" (λ = ", 1)[0] for t in ax.get_legend().get_texts()]
+    assert legend == [readable_term(t, {"trt": ["A", "B"]}) for t in expected]
     assert len(ax.collections) == len(expected)
 
 
@@ -316,3 +324,94 @@ def test_plots_after_h5ad_round_trip_and_subsetting(fitted, tmp_path):
     assert sum(len(c.get_offsets()) for c in ax.collections) == 59
     assert len(sfm.pl.qq(back, TERM, show=False).collections) == 2
     sfm.pl.variance_components(back, show=False)
+
+
+# --------------------------------------------------------------------------------------------
+# readable names, the tidy table as input, labels, lambda
+# --------------------------------------------------------------------------------------------
+
+AB = {"trt": ["A", "B"], "cls": ["1", "2"]}
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+@pytest.mark.parametrize(
+    ("name", "levels", "expected"),
+    [
+        ("cls[1]:trt[T.B]", AB, "trt B vs A in cls 1"),
+        ("cls[1]:trt[T.B]", None, "trt B vs reference in cls 1"),
+        ("trt[T.B]", AB, "trt B vs A"),
+        ("trt[T.B]:cls[1]", AB, "trt B vs A in cls 1"),
+        ("cls[2]", AB, "cls 2"),
+        ("cls[1]:batch[b2]", AB, "cls 1, batch b2"),
+        ("log(libsize)", AB, "log(libsize)"),
+        ("Intercept", AB, "Intercept"),
+        ("age:trt[T.B]", AB, f"age {TIMES} (trt B vs A)"),
+        ("cls[1]:age", AB, "age in cls 1"),
+        ("trt[T.B]:cls[T.2]", AB, f"(trt B vs A) {TIMES} (cls 2 vs 1)"),
+        ("`my var`[T.x y]", {"my var": ["w", "x y"]}, "my var x y vs w"),
+        ("mean_trt", AB, "mean_trt"),  # a contrast's name
+        ("cls[2]:trt[T.B] - cls[1]:trt[T.B]", AB, "cls[2]:trt[T.B] - cls[1]:trt[T.B]"),
+        ("(cls[1]:trt[T.B] + cls[2]:trt[T.B])/2", AB, "(cls[1]:trt[T.B] + cls[2]:trt[T.B])/2"),
+    ],
+)
+def test_readable_term(name, levels, expected):
+    assert readable_term(name, levels) == expected
+
+
+def test_inflation_factor():
+    from scipy import stats
+
+    # uniform p-values: lambda 1; chi-square statistics scaled by 1.5: lambda 1.5
+    p = (np.arange(1, 100_001) - 0.5) / 100_000
+    assert inflation(p) == pytest.approx(1.0, abs=1e-4)
+    chi = stats.chi2.isf(p, 1) * 1.5
+    assert inflation(stats.chi2.sf(chi, 1)) == pytest.approx(1.5, abs=1e-4)
+    assert np.isnan(inflation(np.array([np.nan])))
+
+
+def test_volcano_from_the_tidy_table(fitted):
+    table = sfm.get.flashmm_df(fitted, term=TERM)
+    ax = sfm.pl.volcano(table, show=False)
+    ref = sfm.pl.volcano(fitted, TERM, show=False)
+    for a, b in zip(ax.collections, ref.collections, strict=True):
+        np.testing.assert_allclose(a.get_offsets(), b.get_offsets())
+    assert [t.get_text() for t in ax.texts] == [t.get_text() for t in ref.texts]
+    # the factor levels are unknown without the AnnData
+    assert ax.get_title().splitlines()[0] == "trt B vs reference in cls 1"
+    both = sfm.get.flashmm_df(fitted, term=":trt")
+    ax = sfm.pl.volcano(both, "cls[2]:trt[T.B]", title="cls 2", show=False)
+    assert ax.get_title() == "cls 2"
+    with pytest.raises(ValueError, match="holds 2 contrasts"):
+        sfm.pl.volcano(both, show=False)
+    with pytest.raises(ValueError, match="not in the table's contrast column"):
+        sfm.pl.volcano(both, "nope", show=False)
+    with pytest.raises(ValueError, match="lacks the columns"):
+        sfm.pl.volcano(both.drop(columns="p_value"), show=False)
+    with pytest.raises(ValueError, match="term is required"):
+        sfm.pl.volcano(fitted, show=False)
+
+
+def test_qq_from_the_tidy_table(fitted):
+    table = sfm.get.flashmm_df(fitted, term=":trt")
+    ax = sfm.pl.qq(table, "cls[2]:trt[T.B]", show=False)
+    ref = sfm.pl.qq(fitted, "cls[2]:trt[T.B]", show=False)
+    np.testing.assert_allclose(ax.collections[1].get_offsets(), ref.collections[1].get_offsets())
+    assert len(sfm.pl.qq(table, show=False).collections) == 3  # band + two terms
+    with pytest.raises(ValueError, match="not in the table's contrast column"):
+        sfm.pl.qq(table, "nope", show=False)
+
+
+def test_volcano_labels_given_genes_and_do_not_overlap(fitted, tmp_path):
+    table = sfm.get.flashmm_df(fitted, term=TERM).dropna(subset="p_value")
+    quiet = list(table["variable"].iloc[-3:])  # the least significant genes
+    ax = sfm.pl.volcano(fitted, TERM, label_top=12, genes=quiet, show=False)
+    render(ax, tmp_path)
+    labels = [t.get_text() for t in ax.texts]
+    sig = table[table["adj_p_value"] < 0.05]
+    assert labels == [*sig["variable"].head(12), *quiet]
+    renderer = ax.figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    overlaps = sum(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert overlaps == 0
+    with pytest.raises(ValueError, match="genes not in the results"):
+        sfm.pl.volcano(fitted, TERM, genes=["nope"], show=False)

@@ -8,11 +8,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from _reference import BVSA_B, FIXED_B, FLASHMM_SETTINGS, REFERENCE, case_adata, load_case
+from _reference import (
+    BVSA_B,
+    FIXED_B,
+    FLASHMM_SETTINGS,
+    REFERENCE,
+    case_adata,
+    load_case,
+    match_r_columns,
+)
 from scipy import stats
 
 import scflashmm as sfm
-from scflashmm._design import match_r_columns
 
 SATT = REFERENCE.parent / "reference_satterthwaite" / "b_simu_reml_counts"
 FIXED, BVSA = FIXED_B, BVSA_B

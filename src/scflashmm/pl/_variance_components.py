@@ -8,7 +8,7 @@ import numpy as np
 
 from .._core._options import check_positive_int
 from .._results import THETA, varm_key
-from ._utils import get_axes, results_info, savefig_or_show
+from ._utils import get_axes, results_info, show_or_save
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -126,7 +126,7 @@ def variance_components(
     ax.set_ylabel("genes")
     ax.set_title(f"Variance components of {share.shape[0]} genes", fontsize="medium")
     ax.legend(fontsize="x-small", frameon=False)
-    return savefig_or_show("variance_components", ax, show=show, save=save)
+    return show_or_save("variance_components", ax, show=show, save=save)
 
 
 def _correlations(corr: Any, ax: Axes, bins: int) -> None:
