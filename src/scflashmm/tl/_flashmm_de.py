@@ -40,6 +40,7 @@ from .._results import (
     THETA,
     varm_key,
 )
+from ._effect_size import fit_effect_sizes
 from ._matrix import ProgressBar, get_matrix, is_csc, looks_like_counts, nonfinite_error
 
 if TYPE_CHECKING:
@@ -69,6 +70,9 @@ def flashmm_de(
     chunk_size: int | None = None,
     copy: bool = False,
     progress: bool | None = None,
+    effect_size: bool | None = None,
+    library_size: str | None = None,
+    store_cov: bool = False,
 ) -> AnnData | None:
     """Differential expression with a linear mixed model per gene, fit from summary statistics.
 
@@ -127,6 +131,16 @@ def flashmm_de(
     progress
         Show a progress bar over the pass over the data; default: when stderr is a terminal and
         there is more than one chunk. (Not for Dask arrays: use Dask's own diagnostics.)
+    effect_size
+        Also estimate log2 fold changes of normalised means (docs/effect_sizes.md), in a
+        second streaming pass over the cells; default: with ``is_counts=True``. With
+        ``is_counts=False`` the values must be on the linear scale (e.g. normalised counts).
+    library_size
+        Column of ``obs`` with each cell's library size for the effect sizes; default the
+        cell's sum over the genes of the matrix fitted.
+    store_cov
+        Store the covariance of the fixed effects (genes x p x p; about 270 MB for 20,000
+        genes and 41 columns), needed only to test new contrasts after the fit.
 
     Returns
     -------
@@ -142,8 +156,12 @@ def flashmm_de(
     ``varm[f"{key}_diag"]``
         ``niter``, ``converged``, ``max_abs_dlogL``, ``logLik``.
     ``varm[f"{key}_cov"]``
-        Covariance of the fixed effects, array (genes, p, p) in the design column order, so
-        that further contrasts can be tested later (:func:`scflashmm.get.flashmm_df`).
+        Only with ``store_cov=True``: covariance of the fixed effects, array (genes, p, p) in
+        the design column order, so that further contrasts can be tested later
+        (:func:`scflashmm.get.flashmm_df`).
+    ``varm[f"{key}_log2fc"]``
+        Only with effect sizes: log2 fold change of normalised means of each design column
+        (NaN for columns that are not factor indicators; docs/effect_sizes.md).
     ``varm[f"{key}_contrast_coef"]``, ``_contrast_se``, ``_contrast_t``, ``_contrast_p``
         Only with ``contrasts``: estimate, standard error, t and two-sided p of each contrast
         (one column per contrast name); other alternatives from
@@ -152,7 +170,8 @@ def flashmm_de(
         Only with ``df="satterthwaite"``: the df of each coefficient and contrast.
     ``uns[key]``
         ``params`` (fixed, random, method, df, layer, is_counts, epsilon, max_iter, theta0,
-        chunk_size), ``x_columns``, ``random_terms``, ``random_formulas``, ``d``,
+        chunk_size, and ``transform``: ``"log2(1 + y)"`` or ``"identity"``, the scale of
+        the coefficients), ``x_columns``, ``random_terms``, ``random_formulas``, ``d``,
         ``z_columns``, ``contrast_names``, ``contrast_expressions``, ``contrast_matrix``
         (design columns x contrasts, only with contrasts), ``n_cells``, ``n_genes``, ``df``,
         ``n_nonconverged``, ``n_degenerate``, ``varm_keys`` and ``version``; ``df`` is the
@@ -198,6 +217,14 @@ def flashmm_de(
     )
 
     varm = _result_tables(fit, adata.var_names, key_added, cmat)
+    if not store_cov:
+        del varm[varm_key(key_added, COV)]
+    varm.update(
+        fit_effect_sizes(
+            adata, Y, design.X, design.x_columns, key_added, effect_size=effect_size,
+            is_counts=is_counts, library_size=library_size, chunk_size=chunk_size,
+        )
+    )  # fmt: skip
     params = {
         "fixed": fixed,
         "random": [random] if isinstance(random, str) else list(random),
@@ -209,6 +236,7 @@ def flashmm_de(
         "max_iter": max_iter,
         "theta0": None if start is None else start.tolist(),
         "chunk_size": chunk_size,
+        "transform": "log2(1 + y)" if is_counts else "identity",
     }
     uns = _uns_record(adata, design, fit, params, cmat, expressions, list(varm))
     return _write(adata, key_added, varm, uns, copy=copy)

@@ -1,0 +1,257 @@
+"""Log2 fold changes of normalised means: an effect size on the scale analysts compare.
+
+The coefficients of :func:`scflashmm.tl.flashmm_de` fitted to counts are differences of mean
+``log2(1 + y)``, which shrink towards zero for lowly expressed genes (docs/effect_sizes.md).
+This module gives, for every gene and design column, an estimate on the log2 scale of the
+normalised mean expression, comparable with a pseudobulk ``log2FoldChange``:
+
+1. the cells are grouped into *patterns*: cells with the same values of the design's factor
+   (indicator) columns, e.g. one pattern per cell type x treatment;
+2. per pattern ``k`` and gene ``g`` the normalised mean ``m_kg = S_kg / L_k + prior / mean(L)``,
+   with ``S_kg`` the sum of the gene's counts over the pattern's cells, ``L_k`` the pattern's
+   library size (the sum of its cells' library sizes) and a prior count of 0.5 (finite values
+   for genes without counts in a pattern; two such patterns compare as 0);
+3. the design restricted to its factor columns, one row per pattern, is fitted to
+   ``log2(m_kg)`` by least squares weighted by the patterns' numbers of cells; its coefficient
+   for a design column (and any contrast, applied to these coefficients) is the effect size.
+
+For a design that is saturated in its factors (e.g. ``~0+log(libsize)+cls+cls:trt``) the fit is
+exact: ``cls[1]:trt[T.B]`` is ``log2`` of the ratio of the normalised means of treated and
+control cells of cell type 1. Columns that are not indicators (``log(libsize)``, a numeric
+covariate) have no such estimate (NaN). Only the per-pattern sums are needed: they come from a
+streaming pass over the stored values (sparse stays sparse; never cells x genes dense).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._core.sources import CompressedBlock, is_dask_array, open_source
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["PRIOR_COUNT", "factor_patterns", "log2_fold_changes", "pattern_sums"]
+
+#: Counts added to every pattern (scaled to its library size), as edgeR's ``prior.count``.
+PRIOR_COUNT = 0.5
+#: Suffix of the ``varm`` table of the effect sizes (genes x design columns).
+LOG2FC = "log2fc"
+#: How the effect size is defined, recorded in ``uns[key]["effect_size"]``.
+DEFINITION = (
+    "log2 fold change of normalised means: the design's factor (indicator) columns fitted, "
+    "weighted by cells, to log2(sum of counts / sum of library sizes + prior) of each design "
+    "pattern; NaN for other columns"
+)
+
+
+def factor_patterns(
+    X: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group the cells by their values of the design's indicator columns.
+
+    Parameters
+    ----------
+    X
+        Fixed-effects design, cells x p.
+
+    Returns
+    -------
+    ``(columns, codes, patterns, counts)``: the indicator columns (only 0 and 1, e.g.
+    factor levels, their interactions and an intercept), the pattern of each cell (int64,
+    0 .. U-1), the U distinct rows of ``X[:, columns]`` and the number of cells of each.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    columns = np.flatnonzero(((X == 0) | (X == 1)).all(axis=0))
+    patterns, codes, counts = np.unique(
+        X[:, columns], axis=0, return_inverse=True, return_counts=True
+    )
+    return columns, codes.reshape(-1).astype(np.int64), patterns, counts
+
+
+def pattern_sums(Y: Any, codes: np.ndarray, n_patterns: int, *, chunk_size: int = 10_000):
+    """Sum the rows (cells) of ``Y`` by pattern in one streaming pass: ``(U, genes)`` float64.
+
+    ``Y`` is anything :func:`scflashmm.tl.flashmm_de` reads (dense, CSR, CSC, backed, Dask);
+    blocks of cells (of genes for CSC) are read one at a time and only their stored values are
+    visited, so cells x genes is never densified.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    if is_dask_array(Y):
+        return _dask_sums(Y, codes, n_patterns)
+    source = open_source(Y)
+    _, m = source.shape
+    out = np.zeros((n_patterns, m))
+    for start, stop in source.spans(chunk_size):
+        block = source.read(start, stop)
+        if source.axis == 0:
+            out += _row_block_sums(block, codes[start:stop], n_patterns)
+        else:
+            out[:, start:stop] = _column_block_sums(block, codes, n_patterns)
+    return out
+
+
+def _indicator(codes: np.ndarray, n_patterns: int) -> sp.csr_matrix:
+    """Return the U x cells matrix with a 1 where a cell belongs to a pattern."""
+    ones = np.ones(codes.size)
+    return sp.csr_matrix((ones, (codes, np.arange(codes.size))), shape=(n_patterns, codes.size))
+
+
+def _check_values(values: np.ndarray) -> None:
+    if values.dtype.kind not in "biuf":
+        msg = f"Effect sizes need numeric values, got dtype {values.dtype}."
+        raise ValueError(msg)
+    if values.size and not np.isfinite(values).all():
+        msg = "Effect sizes need finite values; the matrix holds NaN or infinite values."
+        raise ValueError(msg)
+    if values.size and values.min() < 0:
+        msg = (
+            "Effect sizes need expression on the linear scale (counts or normalised counts), "
+            "but the matrix holds negative values; pass effect_size=False, or a counts layer."
+        )
+        raise ValueError(msg)
+
+
+def _row_block_sums(block: Any, codes: np.ndarray, n_patterns: int) -> np.ndarray:
+    if isinstance(block, CompressedBlock):
+        block = block.to_scipy()
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        _check_values(block.data)
+        return np.asarray((_indicator(codes, n_patterns) @ block).toarray())
+    block = np.asarray(block)
+    _check_values(block)
+    return np.asarray(_indicator(codes, n_patterns) @ block.astype(np.float64, copy=False))
+
+
+def _column_block_sums(block: Any, codes: np.ndarray, n_patterns: int) -> np.ndarray:
+    if isinstance(block, CompressedBlock):
+        block = block.to_scipy()
+    block = sp.csc_matrix(block)
+    _check_values(block.data)
+    return np.asarray((_indicator(codes, n_patterns) @ block).toarray())
+
+
+def _dask_sums(Y: Any, codes: np.ndarray, n_patterns: int) -> np.ndarray:
+    import dask
+
+    if any(np.isnan(c) for c in Y.chunks[0]):
+        Y = Y.compute_chunk_sizes()
+    starts = np.cumsum((0, *Y.chunks[0]))
+    parts = []
+    for i, (lo, hi) in enumerate(itertools.pairwise(starts)):
+        row = Y.blocks[i]
+        parts.append(dask.delayed(_row_block_sums)(row, codes[lo:hi], n_patterns))
+    return np.sum(dask.compute(*parts), axis=0)
+
+
+def log2_fold_changes(
+    sums: np.ndarray,
+    library: np.ndarray,
+    patterns: np.ndarray,
+    counts: np.ndarray,
+    *,
+    prior_count: float = PRIOR_COUNT,
+) -> np.ndarray:
+    """Coefficients of the factor design fitted to log2 normalised pattern means.
+
+    Parameters
+    ----------
+    sums
+        ``(U, genes)``: sum of each gene's counts over each pattern's cells.
+    library
+        ``(U,)``: sum of the library sizes of each pattern's cells.
+    patterns
+        ``(U, f)``: the factor columns of the design, one row per pattern.
+    counts
+        ``(U,)``: cells per pattern (the weights).
+    prior_count
+        Counts added to each pattern in proportion to its library size.
+
+    Returns
+    -------
+    ``(genes, f)``: the weighted least-squares coefficients.
+    """
+    library = np.asarray(library, dtype=np.float64)
+    if (library <= 0).any():
+        msg = "Every design pattern needs a positive library size to normalise its counts."
+        raise ValueError(msg)
+    means = sums / library[:, None] + prior_count / library.mean()
+    logm = np.log2(means)
+    w = np.asarray(counts, dtype=np.float64)[:, None]
+    gram = patterns.T @ (w * patterns)
+    return np.linalg.solve(gram, patterns.T @ (w * logm)).T
+
+
+def effect_size_table(
+    X: np.ndarray,
+    x_columns: Sequence[str],
+    Y: Any,
+    *,
+    var_names: pd.Index,
+    library_size: np.ndarray | None = None,
+    chunk_size: int | None = None,
+) -> pd.DataFrame:
+    """Genes x design columns: the log2 fold change of normalised means of each column.
+
+    ``library_size`` gives one library size per cell (default: each cell's sum over the
+    genes of ``Y``, taken per pattern from the same pass). Non-indicator columns are NaN.
+    """
+    columns, codes, patterns, counts = factor_patterns(X)
+    out = np.full((len(var_names), len(x_columns)), np.nan)
+    if columns.size:
+        sums = pattern_sums(Y, codes, patterns.shape[0], chunk_size=chunk_size or 10_000)
+        if library_size is None:
+            library = sums.sum(axis=1)
+        else:
+            library = np.bincount(
+                codes, weights=np.asarray(library_size, np.float64), minlength=len(counts)
+            )
+        out[:, columns] = log2_fold_changes(sums, library, patterns, counts)
+    return pd.DataFrame(out, index=pd.Index(var_names), columns=pd.Index(x_columns, dtype=object))
+
+
+def fit_effect_sizes(
+    adata: Any,
+    Y: Any,
+    X: np.ndarray,
+    x_columns: Sequence[str],
+    key: str,
+    *,
+    effect_size: bool | None,
+    is_counts: bool,
+    library_size: str | None,
+    chunk_size: int | None,
+) -> dict[str, pd.DataFrame]:
+    """Return the ``varm`` entry of the effect sizes of :func:`scflashmm.tl.flashmm_de`, or {}.
+
+    ``effect_size=None`` means: when the fit is on counts (``is_counts=True``).
+    """
+    if effect_size is None:
+        effect_size = is_counts
+    if not isinstance(effect_size, bool | np.bool_):
+        msg = f"effect_size must be True, False or None, got {effect_size!r}."
+        raise TypeError(msg)
+    if library_size is not None and not effect_size:
+        msg = "library_size is only used with effect_size=True."
+        raise ValueError(msg)
+    if not effect_size:
+        return {}
+    sizes = None
+    if library_size is not None:
+        if library_size not in adata.obs.columns:
+            msg = f"library_size={library_size!r} is not a column of adata.obs."
+            raise ValueError(msg)
+        sizes = pd.to_numeric(adata.obs[library_size], errors="coerce").to_numpy(np.float64)
+        if not np.isfinite(sizes).all() or (sizes <= 0).any():
+            msg = f"adata.obs[{library_size!r}] must hold positive finite library sizes."
+            raise ValueError(msg)
+    table = effect_size_table(
+        X, x_columns, Y, var_names=adata.var_names, library_size=sizes, chunk_size=chunk_size
+    )
+    return {f"{key}_{LOG2FC}": table}
