@@ -1,5 +1,6 @@
 """scflashmm.tl: tools that fit models and write results into AnnData."""
 
+from .._contrast import contrasts_within
 from ._flashmm_de import flashmm_de
 
-__all__ = ["flashmm_de"]
+__all__ = ["contrasts_within", "flashmm_de"]

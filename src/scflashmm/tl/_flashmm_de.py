@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._contrast import DesignConditions
 from .._core._options import (
     DfMethod,
     Method,
@@ -197,7 +198,8 @@ def flashmm_de(
 
     design = make_design(adata.obs, fixed, random)
     start = check_theta0(theta0, len(design.d))
-    cmat, expressions = _contrasts(contrasts, design.x_columns)
+    cond = DesignConditions(adata.obs, fixed, design.x_columns)
+    cmat, expressions = _contrasts(contrasts, design.x_columns, cond)
 
     stats = _summary_statistics(
         adata, Y, source, design, chunk_size=chunk_size, is_counts=is_counts, progress=progress
@@ -273,12 +275,14 @@ def _check_input(adata: Any, *, layer: str | None, key_added: Any, copy: bool) -
 
 
 def _contrasts(
-    contrasts: Mapping[str, str] | Sequence[str] | None, x_columns: Sequence[str]
+    contrasts: Mapping[str, str] | Sequence[str] | None,
+    x_columns: Sequence[str],
+    cond: DesignConditions | None = None,
 ) -> tuple[pd.DataFrame | None, dict[str, str]]:
     """Return the contrast matrix (design columns x contrasts) and each contrast's expression."""
     if contrasts is None:
         return None, {}
-    cmat = contrast_matrix(contrasts, x_columns)
+    cmat = contrast_matrix(contrasts, x_columns, cond=cond)
     bad = [c for c in cmat.columns if "/" in c]
     if bad:
         msg = (
