@@ -44,8 +44,9 @@ def fitted():
     adata.obs["batch"] = adata.obs["sam"].map(batch).astype("category")
     with pytest.warns(DegenerateFeatureWarning):
         sfm.tl.flashmm_de(
-            adata, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True, contrasts=CONTRASTS
-        )
+            adata, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True, contrasts=CONTRASTS,
+            store_cov=True,  # new contrasts in the plots
+        )  # fmt: skip
     # batch has no effect in the simulation: a few genes stop at the boundary without converging
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
