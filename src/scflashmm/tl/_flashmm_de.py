@@ -204,6 +204,10 @@ def flashmm_de(
     stats = _summary_statistics(
         adata, Y, source, design, chunk_size=chunk_size, is_counts=is_counts, progress=progress
     )
+    effect_sizes = fit_effect_sizes(
+        adata, Y, design.X, design.x_columns, key_added, effect_size=effect_size,
+        is_counts=is_counts, library_size=library_size, chunk_size=chunk_size,
+    )  # fmt: skip
     fit = lmm(
         stats,
         design.d,
@@ -221,12 +225,7 @@ def flashmm_de(
     varm = _result_tables(fit, adata.var_names, key_added, cmat)
     if not store_cov:
         del varm[varm_key(key_added, COV)]
-    varm.update(
-        fit_effect_sizes(
-            adata, Y, design.X, design.x_columns, key_added, effect_size=effect_size,
-            is_counts=is_counts, library_size=library_size, chunk_size=chunk_size,
-        )
-    )  # fmt: skip
+    varm.update(effect_sizes)
     params = {
         "fixed": fixed,
         "random": [random] if isinstance(random, str) else list(random),
