@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._core._accumulate import scatter_add
 from .._core.sources import CompressedBlock, is_dask_array, open_source
 
 if TYPE_CHECKING:
@@ -68,9 +69,16 @@ def factor_patterns(
     """
     X = np.asarray(X, dtype=np.float64)
     columns = np.flatnonzero(((X == 0) | (X == 1)).all(axis=0))
-    patterns, codes, counts = np.unique(
-        X[:, columns], axis=0, return_inverse=True, return_counts=True
+    on = X[:, columns] != 0
+    # one byte string per cell: unique over a 1-D array of those is much faster than axis=0
+    packed = np.ascontiguousarray(np.packbits(on, axis=1))
+    keys = packed.view(np.dtype((np.void, max(packed.shape[1], 1)))).reshape(-1)
+    if packed.shape[1] == 0:
+        keys = np.zeros(X.shape[0], dtype=np.int8)
+    _, first, codes, counts = np.unique(
+        keys, return_index=True, return_inverse=True, return_counts=True
     )
+    patterns = on[first].astype(np.float64)
     return columns, codes.reshape(-1).astype(np.int64), patterns, counts
 
 
@@ -79,9 +87,9 @@ def pattern_sums(Y: Any, codes: np.ndarray, n_patterns: int, *, chunk_size: int 
 
     ``Y`` is anything :func:`scflashmm.tl.flashmm_de` reads (dense, CSR, CSC, backed, Dask);
     blocks of cells (of genes for CSC) are read one at a time and only their stored values are
-    visited, so cells x genes is never densified.
+    visited (a scatter-add), so cells x genes is never densified.
     """
-    codes = np.asarray(codes, dtype=np.int64)
+    codes = np.asarray(codes, dtype=np.int32)
     if is_dask_array(Y):
         return _dask_sums(Y, codes, n_patterns)
     source = open_source(Y)
@@ -90,10 +98,58 @@ def pattern_sums(Y: Any, codes: np.ndarray, n_patterns: int, *, chunk_size: int 
     for start, stop in source.spans(chunk_size):
         block = source.read(start, stop)
         if source.axis == 0:
-            out += _row_block_sums(block, codes[start:stop], n_patterns)
+            _add_row_block(out, block, codes[start:stop])
         else:
-            out[:, start:stop] = _column_block_sums(block, codes, n_patterns)
+            part = np.zeros((n_patterns, stop - start))
+            _add_column_block(part, block, codes)
+            out[:, start:stop] = part
     return out
+
+
+def _arrays(block: Any, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(data, indices, indptr)`` of a compressed block (no copy when in memory)."""
+    if not isinstance(block, CompressedBlock):
+        block = sp.csr_matrix(block) if fmt == "csr" else sp.csc_matrix(block)
+    indptr = np.asarray(block.indptr, dtype=np.int64)
+    return np.asarray(block.data), np.asarray(block.indices, dtype=np.int32), indptr
+
+
+def _check_values(values: np.ndarray) -> np.ndarray:
+    """Return the stored values as float64 after checking them."""
+    if values.dtype.kind not in "biuf":
+        msg = f"Effect sizes need numeric values, got dtype {values.dtype}."
+        raise ValueError(msg)
+    if values.size:
+        lo, hi = values.min(), values.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            msg = "Effect sizes need finite values; the matrix holds NaN or infinite values."
+            raise ValueError(msg)
+        if lo < 0:
+            msg = (
+                "Effect sizes need expression on the linear scale (counts or normalised "
+                "counts), but the matrix holds negative values; pass effect_size=False, or "
+                "fit a counts layer."
+            )
+            raise ValueError(msg)
+    return np.asarray(values, dtype=np.float64)
+
+
+def _add_row_block(out: np.ndarray, block: Any, codes: np.ndarray) -> None:
+    """``out[pattern of cell, gene] += y`` over the stored values of a block of cells."""
+    if isinstance(block, CompressedBlock) or sp.issparse(block):
+        data, indices, indptr = _arrays(block, "csr")
+        rows = np.repeat(codes, np.diff(indptr))
+        scatter_add(out, rows, indices, _check_values(data))
+        return
+    block = _check_values(np.asarray(block))
+    out += _indicator(codes, out.shape[0]) @ block
+
+
+def _add_column_block(out: np.ndarray, block: Any, codes: np.ndarray) -> None:
+    """Add ``y`` to ``out[pattern of cell, gene]`` for a CSC block of genes (all cells)."""
+    data, indices, indptr = _arrays(block, "csc")
+    genes = np.repeat(np.arange(indptr.size - 1, dtype=np.int32), np.diff(indptr))
+    scatter_add(out, codes[indices], genes, _check_values(data))
 
 
 def _indicator(codes: np.ndarray, n_patterns: int) -> sp.csr_matrix:
@@ -102,39 +158,10 @@ def _indicator(codes: np.ndarray, n_patterns: int) -> sp.csr_matrix:
     return sp.csr_matrix((ones, (codes, np.arange(codes.size))), shape=(n_patterns, codes.size))
 
 
-def _check_values(values: np.ndarray) -> None:
-    if values.dtype.kind not in "biuf":
-        msg = f"Effect sizes need numeric values, got dtype {values.dtype}."
-        raise ValueError(msg)
-    if values.size and not np.isfinite(values).all():
-        msg = "Effect sizes need finite values; the matrix holds NaN or infinite values."
-        raise ValueError(msg)
-    if values.size and values.min() < 0:
-        msg = (
-            "Effect sizes need expression on the linear scale (counts or normalised counts), "
-            "but the matrix holds negative values; pass effect_size=False, or a counts layer."
-        )
-        raise ValueError(msg)
-
-
-def _row_block_sums(block: Any, codes: np.ndarray, n_patterns: int) -> np.ndarray:
-    if isinstance(block, CompressedBlock):
-        block = block.to_scipy()
-    if sp.issparse(block):
-        block = sp.csr_matrix(block)
-        _check_values(block.data)
-        return np.asarray((_indicator(codes, n_patterns) @ block).toarray())
-    block = np.asarray(block)
-    _check_values(block)
-    return np.asarray(_indicator(codes, n_patterns) @ block.astype(np.float64, copy=False))
-
-
-def _column_block_sums(block: Any, codes: np.ndarray, n_patterns: int) -> np.ndarray:
-    if isinstance(block, CompressedBlock):
-        block = block.to_scipy()
-    block = sp.csc_matrix(block)
-    _check_values(block.data)
-    return np.asarray((_indicator(codes, n_patterns) @ block).toarray())
+def _block_sums(block: Any, codes: np.ndarray, n_patterns: int) -> np.ndarray:
+    out = np.zeros((n_patterns, block.shape[1]))
+    _add_row_block(out, block, codes)
+    return out
 
 
 def _dask_sums(Y: Any, codes: np.ndarray, n_patterns: int) -> np.ndarray:
@@ -146,7 +173,7 @@ def _dask_sums(Y: Any, codes: np.ndarray, n_patterns: int) -> np.ndarray:
     parts = []
     for i, (lo, hi) in enumerate(itertools.pairwise(starts)):
         row = Y.blocks[i]
-        parts.append(dask.delayed(_row_block_sums)(row, codes[lo:hi], n_patterns))
+        parts.append(dask.delayed(_block_sums)(row, codes[lo:hi], n_patterns))
     return np.sum(dask.compute(*parts), axis=0)
 
 
