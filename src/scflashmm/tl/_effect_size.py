@@ -32,6 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._core._accumulate import scatter_add
+from .._core._threads import check_n_jobs, ordered_map
 from .._core.sources import CompressedBlock, is_dask_array, open_source
 
 if TYPE_CHECKING:
@@ -95,13 +96,25 @@ def pattern_sums(Y: Any, codes: np.ndarray, n_patterns: int, *, chunk_size: int 
     source = open_source(Y)
     _, m = source.shape
     out = np.zeros((n_patterns, m))
-    for start, stop in source.spans(chunk_size):
-        block = source.read(start, stop)
+    spans = list(source.spans(chunk_size))
+
+    def read(span: tuple[int, int]) -> tuple[int, int, Any]:  # in the calling thread
+        return (*span, source.read(*span))
+
+    def run(item: tuple[int, int, Any]) -> np.ndarray:
+        start, stop, block = item
         if source.axis == 0:
-            _add_row_block(out, block, codes[start:stop])
+            return _block_sums(block, codes[start:stop], n_patterns)
+        part = np.zeros((n_patterns, stop - start))
+        _add_column_block(part, block, codes)
+        return part
+
+    # blocks in threads (the scatter-add releases the GIL), added in block order as the core
+    jobs = 1 if len(spans) == 1 else check_n_jobs(None)
+    for (start, stop), part in zip(spans, ordered_map(run, map(read, spans), jobs), strict=True):
+        if source.axis == 0:
+            out += part
         else:
-            part = np.zeros((n_patterns, stop - start))
-            _add_column_block(part, block, codes)
             out[:, start:stop] = part
     return out
 
