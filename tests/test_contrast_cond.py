@@ -123,3 +123,10 @@ def test_through_flashmm_de_and_the_getter():
     mean = sfm.get.flashmm_df(adata, contrast='cond(trt="B") - cond(trt="A")').set_index("variable")
     expected = adata.varm["flashmm_coef"][[f"cls[{c}]:trt[T.B]" for c in "123"]].mean(axis=1)
     np.testing.assert_allclose(mean.loc[adata.var_names, "log_fc"], expected, rtol=1e-10)
+
+
+def test_cli_contrast_with_cond_needs_no_name():
+    from scflashmm.cli import _parse_contrasts
+
+    expr = 'cond(trt="B") - cond(trt="A")'
+    assert _parse_contrasts([expr, f"BvsA={expr}"]) == {expr: expr, "BvsA": expr}

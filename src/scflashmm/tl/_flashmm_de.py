@@ -115,6 +115,9 @@ def flashmm_de(
         over the column names written by formulaic, e.g.
         ``{"BvsA": "(cls[1]:trt[T.B] + cls[2]:trt[T.B])/2"}``, or a list of expressions (each
         named by its text). Names may not contain ``"/"`` (they become h5ad keys).
+        Expressions may also use conditions, as pertpy's formulaic-contrasts:
+        ``'cond(trt="B") - cond(trt="A")'`` (see :func:`scflashmm.tl.contrasts_within` and
+        docs/effect_sizes.md).
     theta0
         Start values ``(s_1 .. s_k, s_0)`` for every gene; default ``(0 .. 0, yRy/(n-p))``.
     max_iter
