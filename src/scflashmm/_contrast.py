@@ -119,7 +119,9 @@ def contrasts_within(
     if not compared:
         msg = f"{factor!r} has no level besides the reference {reference!r}."
         raise ValueError(msg)
-    groups: list[str | None] = [None] if within is None else _levels(obs, within, "within")
+    groups: list[str | None] = [None]
+    if within is not None:
+        groups = list(_levels(obs, within, "within"))
     out: dict[str, str] = {}
     for group in groups:
         extra = "" if group is None else f", {within}={_quote(group)}"

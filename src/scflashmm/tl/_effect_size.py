@@ -83,7 +83,9 @@ def factor_patterns(
     return columns, codes.reshape(-1).astype(np.int64), patterns, counts
 
 
-def pattern_sums(Y: Any, codes: np.ndarray, n_patterns: int, *, chunk_size: int = 10_000):
+def pattern_sums(
+    Y: Any, codes: np.ndarray, n_patterns: int, *, chunk_size: int = 10_000
+) -> np.ndarray:
     """Sum the rows (cells) of ``Y`` by pattern in one streaming pass: ``(U, genes)`` float64.
 
     ``Y`` is anything :func:`scflashmm.tl.flashmm_de` reads (dense, CSR, CSC, backed, Dask);
