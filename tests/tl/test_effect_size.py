@@ -165,3 +165,11 @@ def test_negative_values_with_effect_size():
     adata.X = adata.X.toarray() - 1.0
     with pytest.raises(ValueError, match="linear scale"):  # found before the genes are fit
         sfm.tl.flashmm_de(adata, FIXED, "sam", effect_size=True)
+
+
+def test_too_many_patterns(monkeypatch):
+    from scflashmm.tl import _effect_size
+
+    monkeypatch.setattr(_effect_size, "_MAX_SUMS", 10)
+    with pytest.raises(ValueError, match="too many to hold; pass effect_size=False"):
+        fit(small_adata(7))

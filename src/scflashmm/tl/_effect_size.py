@@ -42,6 +42,8 @@ __all__ = ["PRIOR_COUNT", "factor_patterns", "log2_fold_changes", "pattern_sums"
 
 #: Counts added to every pattern (scaled to its library size), as edgeR's ``prior.count``.
 PRIOR_COUNT = 0.5
+#: Largest number of per-pattern sums (patterns x genes, float64: 2 GB) held in memory.
+_MAX_SUMS = 1 << 28
 #: Suffix of the ``varm`` table of the effect sizes (genes x design columns).
 LOG2FC = "log2fc"
 #: How the effect size is defined, recorded in ``uns[key]["effect_size"]``.
@@ -246,6 +248,13 @@ def effect_size_table(
     """
     columns, codes, patterns, counts = factor_patterns(X)
     out = np.full((len(var_names), len(x_columns)), np.nan)
+    if patterns.shape[0] * len(var_names) > _MAX_SUMS:
+        msg = (
+            f"Effect sizes need the sums of {len(var_names)} genes over {patterns.shape[0]} "
+            "groups of cells (one per combination of the design's factor levels), too many "
+            "to hold; pass effect_size=False."
+        )
+        raise ValueError(msg)
     if columns.size:
         sums = pattern_sums(Y, codes, patterns.shape[0], chunk_size=chunk_size or 10_000)
         if library_size is None:
