@@ -174,11 +174,12 @@ def flashmm_de(
         Only with ``df="satterthwaite"``: the df of each coefficient and contrast.
     ``uns[key]``
         ``params`` (fixed, random, method, df, layer, is_counts, epsilon, max_iter, theta0,
-        chunk_size, and ``transform``: ``"log2(1 + y)"`` or ``"identity"``, the scale of
-        the coefficients), ``x_columns``, ``random_terms``, ``random_formulas``, ``d``,
-        ``z_columns``, ``contrast_names``, ``contrast_expressions``, ``contrast_matrix``
-        (design columns x contrasts, only with contrasts), ``n_cells``, ``n_genes``, ``df``,
-        ``n_nonconverged``, ``n_degenerate``, ``varm_keys`` and ``version``; ``df`` is the
+        chunk_size, effect_size (as resolved), library_size, store_cov, and ``transform``:
+        ``"log2(1 + y)"`` or ``"identity"``, the scale of the coefficients), ``x_columns``,
+        ``random_terms``, ``random_formulas``, ``d``, ``z_columns``, ``contrast_names``,
+        ``contrast_expressions``, ``contrast_matrix`` (design columns x contrasts, only with
+        contrasts), ``n_cells``, ``n_genes``, ``df``, ``n_nonconverged``, ``n_degenerate``,
+        ``varm_keys`` and ``version``; ``df`` is the
         residual df ``n - p`` whatever the ``df`` parameter.
 
     Genes that cannot be fit (all zero, or exactly explained by the fixed effects) are NaN.
@@ -241,6 +242,9 @@ def flashmm_de(
         "theta0": None if start is None else start.tolist(),
         "chunk_size": chunk_size,
         "transform": "log2(1 + y)" if is_counts else "identity",
+        "effect_size": bool(effect_sizes),
+        "library_size": library_size,
+        "store_cov": bool(store_cov),
     }
     uns = _uns_record(adata, design, fit, params, cmat, expressions, list(varm))
     return _write(adata, key_added, varm, uns, copy=copy)
