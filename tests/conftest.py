@@ -14,10 +14,19 @@ import scflashmm as sfm
 
 @pytest.fixture(scope="session")
 def fitted_b():
-    """Case b fit by ``tl.flashmm_de`` as FLASHMM fit it, with FLASHMM's three contrasts."""
+    """Case b fit by ``tl.flashmm_de`` as FLASHMM fit it, with FLASHMM's three contrasts.
+
+    The covariance is stored (``store_cov=True``) so that new contrasts can be tested.
+    """
     adata = case_adata("b")
     sfm.tl.flashmm_de(
-        adata, FIXED_B, "sam", is_counts=True, contrasts=CONTRASTS_B, **FLASHMM_SETTINGS
+        adata,
+        FIXED_B,
+        "sam",
+        is_counts=True,
+        contrasts=CONTRASTS_B,
+        store_cov=True,  # getter tests compute new contrasts from it
+        **FLASHMM_SETTINGS,
     )
     return adata
 

@@ -9,12 +9,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from _reference import FIXED_B, TIDY_COLUMNS, case_adata
+from _reference import FIXED_B, TIDY_COLUMNS_COUNTS, case_adata
 
 import scflashmm as sfm
 from scflashmm.cli import main
 
-FIXED, TIDY = FIXED_B, TIDY_COLUMNS
+FIXED, TIDY = FIXED_B, TIDY_COLUMNS_COUNTS
 
 
 def test_demo(tmp_path, capsys):

@@ -8,14 +8,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._contrast import parse_contrast
+from ._contrast import Cond, parse_contrast
 from ._core._options import DfMethod, check_df
 from ._core.fit import LMMFit
 from ._core.inference import check_alternative, t_pvalue
 
 
 def contrast_matrix(
-    contrasts: Mapping[str, str] | Sequence[str] | str, names: Sequence[str]
+    contrasts: Mapping[str, str] | Sequence[str] | str,
+    names: Sequence[str],
+    *,
+    cond: Cond | None = None,
 ) -> pd.DataFrame:
     """Build a contrast matrix from expressions over design column names.
 
@@ -28,6 +31,10 @@ def contrast_matrix(
         contain brackets, colons, dots and parentheses (``log(libsize)``, ``cls[1]:trt[T.B]``).
     names
         Design column names (e.g. ``fit.covariate_names``).
+    cond
+        Evaluates ``cond(variable="level", ...)`` terms (design rows of hypothetical cells),
+        e.g. ``scflashmm._contrast.DesignConditions(obs, fixed, names)``; without it such
+        terms are an error.
 
     Returns
     -------
@@ -40,7 +47,7 @@ def contrast_matrix(
     if isinstance(contrasts, str):
         contrasts = [contrasts]
     items = contrasts.items() if isinstance(contrasts, Mapping) else [(c, c) for c in contrasts]
-    columns = {str(label): parse_contrast(expr, names) for label, expr in items}
+    columns = {str(label): parse_contrast(expr, names, cond=cond) for label, expr in items}
     if not columns:
         msg = "No contrast given."
         raise ValueError(msg)

@@ -199,7 +199,7 @@ def _parse_contrasts(items: list[str]) -> dict[str, str] | None:
     out: dict[str, str] = {}
     for item in items:
         name, sep, expr = item.partition("=")
-        if not sep:
+        if not sep or "(" in name:  # no name: an expression (cond(trt="B") holds '=' too)
             name, expr = item, item
         name, expr = name.strip(), expr.strip()
         if not name or not expr:

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from _reference import CONTRASTS_B, TIDY_COLUMNS, case_adata, load_case
+from _reference import CONTRASTS_B, TIDY_COLUMNS_COUNTS, case_adata, load_case
 from scipy import stats
 
 import scflashmm as sfm
@@ -17,7 +17,7 @@ CONTRASTS = CONTRASTS_B
 
 def test_schema_and_default_terms(fitted_b):
     df = sfm.get.flashmm_df(fitted_b)
-    assert list(df.columns) == TIDY_COLUMNS
+    assert list(df.columns) == TIDY_COLUMNS_COUNTS
     terms = list(fitted_b.uns["flashmm"]["x_columns"])
     assert list(df["contrast"].unique()) == terms  # design order
     assert len(df) == len(terms) * fitted_b.n_vars

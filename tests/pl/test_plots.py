@@ -52,6 +52,7 @@ def fitted():
             contrasts=CONTRASTS,
             moderate=False,
             df="residual",
+            store_cov=True,  # new contrasts in the plots
         )
     # batch has no effect in the simulation: a few genes stop at the boundary without converging
     with warnings.catch_warnings():

@@ -1,5 +1,6 @@
 """scflashmm.get: tidy tables of results stored in AnnData."""
 
 from ._flashmm_df import flashmm_df
+from ._tables import flashmm_matrix
 
-__all__ = ["flashmm_df"]
+__all__ = ["flashmm_df", "flashmm_matrix"]

@@ -16,9 +16,9 @@ from .._core.inference import (
     contrast_estimates,
     t_pvalue,
 )
-from .._lmm_test import contrast_matrix
 from .._results import CONTRAST_DF, COV, DF, DIAG, results_uns, varm_key
 from ._grouped import grouped_df, grouped_info
+from ._tables import contrast_vector, finish_table
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -39,6 +39,10 @@ def flashmm_df(
     contrast: str | Sequence[str] | None = None,
     alternative: Alternative = "two-sided",
     group: str | Sequence[str] | None = None,
+    gene_symbols: str | None = None,
+    pval_cutoff: float | None = None,
+    log2fc_min: float | None = None,
+    log2fc_max: float | None = None,
 ) -> pd.DataFrame:
     """Tidy table of the tests of :func:`scflashmm.tl.flashmm_de`, one row per gene and term.
 
@@ -56,8 +60,9 @@ def flashmm_df(
         unless ``contrast`` is given.
     contrast
         Contrast(s) to report: names given to ``flashmm_de(contrasts=...)``, or new expressions
-        over the design columns, which are computed here from the stored covariance when the
-        fit used ``n - p`` df; with per-test df or moderation, test new contrasts with
+        over the design columns or ``cond(...)`` (docs/effect_sizes.md), which are computed
+        here from the covariance stored by ``flashmm_de(..., store_cov=True)`` when the fit used
+        ``n - p`` df; with per-test df or moderation, test new contrasts with
         :func:`scflashmm.tl.flashmm_refit` (no pass over the cells).
     alternative
         ``"two-sided"``, ``"less"`` (effect < 0) or ``"greater"`` (effect > 0); p-values are
@@ -66,25 +71,42 @@ def flashmm_df(
     group
         For a fit with ``flashmm_de(..., groupby=...)``: the group(s) to report; default all
         groups fit. Each group's tests are adjusted within the group (and term).
+    gene_symbols
+        Column of ``adata.var`` to add to the table (under its own name), as in
+        :func:`scanpy.get.rank_genes_groups_df`.
+    pval_cutoff
+        Keep rows with ``adj_p_value < pval_cutoff``.
+    log2fc_min, log2fc_max
+        Keep rows with a log2 fold change ``> log2fc_min`` (``< log2fc_max``): the column
+        ``log2fc_means`` when the fit has effect sizes, else ``log_fc``. Filters are applied
+        after the adjustment of the p-values.
 
     Returns
     -------
     Columns ``variable`` (gene), ``contrast`` (design column or contrast name), ``log_fc``
-    (the estimate: a log2 fold change when the fit used ``log2(1 + counts)``), ``sd`` (its
-    standard error), ``t_value``, ``df`` (``n - p``, or per gene with Satterthwaite or
+    (the estimate, on the scale of the fit: with ``is_counts=True`` a difference of mean
+    ``log2(1 + counts)`` adjusted for the other fixed effects, which is *not* a log2 fold
+    change of means and is smaller for lowly expressed genes; see ``log2fc_means``), ``sd``
+    (its standard error), ``t_value``, ``df`` (``n - p``, or per gene with Satterthwaite or
     Kenward-Roger df; NaN for moderated tests, whose p value is posterior-predictive),
     ``p_value``, ``adj_p_value`` (Benjamini-Hochberg within each term/contrast, over the genes
     present; NaN p-values are not counted), ``converged`` and ``singular`` (a variance component
     estimated at exactly 0 with ``nonnegative=True``).
-    The column names follow pertpy's differential-expression schema. Terms come in the order
-    asked (design order by default); within a term rows are sorted by p-value, NaN last.
-    For a fit with ``groupby``, a first column ``group`` (categorical, in the order of the
-    groups), the groups one after the other.
+    Then, with effect sizes (``flashmm_de(..., effect_size=True)``, the default for counts),
+    ``log2fc_means``: the log2 fold change of normalised means (sum of counts over sum of
+    library sizes) between the groups of cells the term or contrast compares, NaN for
+    numeric covariates (definition in docs/effect_sizes.md); and the ``gene_symbols`` column
+    if asked. The column names follow pertpy's differential-expression schema. Terms come in
+    the order asked (design order by default); within a term rows are sorted by p-value, NaN
+    last. For a fit with ``groupby``, a first column ``group`` (categorical, in the order of
+    the groups), the groups one after the other.
     """
     if group is not None or grouped_info(adata, key) is not None:
         return grouped_df(
-            adata, key=key, group=group, term=term, contrast=contrast, alternative=alternative
-        )
+            adata, key=key, group=group, term=term, contrast=contrast, alternative=alternative,
+            gene_symbols=gene_symbols, pval_cutoff=pval_cutoff, log2fc_min=log2fc_min,
+            log2fc_max=log2fc_max,
+        )  # fmt: skip
     side = check_alternative(alternative)
     _check_selection_types(adata, term=term, contrast=contrast)
     info = results_uns(adata, key)
@@ -138,7 +160,11 @@ def flashmm_df(
     if not blocks:
         msg = "No term or contrast selected."
         raise ValueError(msg)
-    return pd.concat(blocks, ignore_index=True)[COLUMNS]
+    table = pd.concat(blocks, ignore_index=True)[COLUMNS]
+    return finish_table(
+        table, adata, key, gene_symbols=gene_symbols, pval_cutoff=pval_cutoff,
+        log2fc_min=log2fc_min, log2fc_max=log2fc_max,
+    )  # fmt: skip
 
 
 def _check_selection_types(adata: Any, **selection: Any) -> None:
@@ -187,13 +213,18 @@ def _new_contrast(
     adata: AnnData, key: str, expression: str, x_columns: list[str], stored: list[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
-        cmat = contrast_matrix({expression: expression}, x_columns)
+        vector = contrast_vector(adata, key, expression)
+        cmat = pd.DataFrame({expression: vector}, index=x_columns)
     except ValueError as exc:
         known = f" Stored contrasts: {stored}." if stored else ""
         msg = f"{expression!r} is neither a stored contrast nor a valid expression: {exc}{known}"
         raise ValueError(msg) from exc
     if varm_key(key, COV) not in adata.varm:
-        msg = f"Cannot compute contrast {expression!r}: varm[{varm_key(key, COV)!r}] is missing."
+        msg = (
+            f"Cannot test the new contrast {expression!r}: the covariance of the fixed effects "
+            f"(varm[{varm_key(key, COV)!r}]) was not stored. Pass it to flashmm_de(contrasts="
+            "...), or fit with store_cov=True."
+        )
         raise KeyError(msg)
     coef = adata.varm[varm_key(key, "coef")][x_columns].to_numpy(dtype=np.float64)
     cov = np.asarray(adata.varm[varm_key(key, COV)], dtype=np.float64)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._contrast import DesignConditions
 from .._core._options import (
     DfMethod,
     Method,
@@ -48,6 +49,7 @@ from .._results import (
     check_h5ad_name,
     varm_key,
 )
+from ._effect_size import fit_effect_sizes
 from ._matrix import (
     ProgressBar,
     check_backed_view,
@@ -131,6 +133,9 @@ def flashmm_de(
     progress: bool | None = None,
     n_jobs: int | None = None,
     groupby: str | None = None,
+    effect_size: bool | None = None,
+    library_size: str | None = None,
+    store_cov: bool = False,
 ) -> AnnData | None:
     """Differential expression with a linear mixed model per gene, fit from summary statistics.
 
@@ -200,6 +205,9 @@ def flashmm_de(
         over the column names written by formulaic, e.g.
         ``{"BvsA": "(cls[1]:trt[T.B] + cls[2]:trt[T.B])/2"}``, or a list of expressions (each
         named by its text). Names may not contain ``"/"`` (they become h5ad keys).
+        Expressions may also use conditions, as pertpy's formulaic-contrasts:
+        ``'cond(trt="B") - cond(trt="A")'`` (see :func:`scflashmm.tl.contrasts_within` and
+        docs/effect_sizes.md).
     theta0
         Start values ``(s_1 .. s_k, s_0)`` for every gene; default ``(0 .. 0, yRy/(n-p))``.
     max_iter
@@ -233,6 +241,17 @@ def flashmm_de(
         its design), all groups accumulated in the same single pass over the cells. Groups
         that cannot be fit (no cells, too few cells, a rank-deficient design, a random term
         with a single level) are skipped with a warning naming them; the others are fit.
+        (Effect sizes are not computed with groupby yet.)
+    effect_size
+        Also estimate log2 fold changes of normalised means (docs/effect_sizes.md), in a
+        second streaming pass over the cells; default: with ``is_counts=True``. With
+        ``is_counts=False`` the values must be on the linear scale (e.g. normalised counts).
+    library_size
+        Column of ``obs`` with each cell's library size for the effect sizes; default the
+        cell's sum over the genes of the matrix fitted.
+    store_cov
+        Store the covariance of the fixed effects (genes x p x p; about 270 MB for 20,000
+        genes and 41 columns), needed only to test new contrasts after the fit.
 
     Returns
     -------
@@ -249,8 +268,12 @@ def flashmm_de(
         ``niter``, ``converged``, ``max_abs_dlogL``, ``logLik``, ``singular`` (a component
         estimated at exactly 0 with ``nonnegative=True``).
     ``varm[f"{key}_cov"]``
-        Covariance of the fixed effects, array (genes, p, p) in the design column order, so
-        that further contrasts can be tested later (:func:`scflashmm.get.flashmm_df`).
+        Only with ``store_cov=True``: covariance of the fixed effects, array (genes, p, p) in
+        the design column order, so that further contrasts can be tested later
+        (:func:`scflashmm.get.flashmm_df`).
+    ``varm[f"{key}_log2fc"]``
+        Only with effect sizes: log2 fold change of normalised means of each design column
+        (NaN for columns that are not factor indicators; docs/effect_sizes.md).
     ``varm[f"{key}_contrast_coef"]``, ``_contrast_se``, ``_contrast_t``, ``_contrast_p``
         Only with ``contrasts``: estimate, standard error, t and two-sided p of each contrast
         (one column per contrast name); other alternatives from
@@ -266,7 +289,9 @@ def flashmm_de(
         q) and ``y'y`` (column ``"yy"``) of every gene.
     ``uns[key]``
         ``params`` (fixed, random, method, df, nonnegative, moderate (as applied), layer,
-        is_counts, epsilon, max_iter, theta0, chunk_size, store_stats), ``x_columns``,
+        is_counts, epsilon, max_iter, theta0, chunk_size, store_stats, effect_size (as
+        resolved), library_size, store_cov, and ``transform``: ``"log2(1 + y)"`` or
+        ``"identity"``, the scale of the coefficients), ``x_columns``,
         ``random_terms``, ``random_formulas``, ``d``, ``z_columns``, ``contrast_names``,
         ``contrast_expressions``, ``contrast_matrix`` (design columns x contrasts, only with
         contrasts), ``n_cells``, ``n_genes``, ``df``, ``n_nonconverged``, ``n_degenerate``,
@@ -301,7 +326,7 @@ def flashmm_de(
             method=method, df=df, contrasts=contrasts, theta0=theta0, max_iter=max_iter,
             epsilon=epsilon, key_added=key_added, chunk_size=chunk_size, copy=copy,
             progress=progress, nonnegative=nonnegative, moderate=moderate, n_jobs=n_jobs,
-            store_stats=store_stats,
+            store_stats=store_stats, store_cov=store_cov, effect_size=effect_size,
         )  # fmt: skip
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
     max_iter = check_positive_int(max_iter, "max_iter")
@@ -324,7 +349,8 @@ def flashmm_de(
         epsilon=epsilon,
         info=info,
     )
-    cmat, expressions = _contrasts(contrasts, design.x_columns)
+    cond = DesignConditions(adata.obs, fixed, design.x_columns)
+    cmat, expressions = _contrasts(contrasts, design.x_columns, cond)
     _check_memory(adata.n_obs, design, adata.n_vars, n_jobs=jobs)
 
     stats = _summary_statistics(
@@ -337,6 +363,10 @@ def flashmm_de(
         progress=progress,
         n_jobs=jobs,
     )
+    effect_sizes = fit_effect_sizes(
+        adata, Y, design.X, design.x_columns, key_added, effect_size=effect_size,
+        is_counts=is_counts, library_size=library_size, chunk_size=chunk_size,
+    )  # fmt: skip
     params = {
         "fixed": fixed,
         "random": [random] if isinstance(random, str) else list(random),
@@ -344,6 +374,10 @@ def flashmm_de(
         "is_counts": bool(is_counts),
         "chunk_size": chunk_size,
         "store_stats": store_stats,
+        "transform": "log2(1 + y)" if is_counts else "identity",
+        "effect_size": bool(effect_sizes),
+        "library_size": library_size,
+        "store_cov": bool(store_cov),
     }
     varm, uns = fit_and_record(
         adata,
@@ -356,6 +390,7 @@ def flashmm_de(
         key_added,
         store_stats=store_stats,
         n_jobs=jobs,
+        extra_tables=effect_sizes,
     )
     return write_results(adata, key_added, varm, uns, copy=copy)
 
@@ -401,6 +436,7 @@ def fit_and_record(
     *,
     store_stats: bool,
     n_jobs: int | None = None,
+    extra_tables: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit every gene from ``stats``; return the ``varm`` entries and ``uns[key]``."""
     structured = info.structure is not None
@@ -425,6 +461,9 @@ def fit_and_record(
         cm = None if cmat is None else cmat.to_numpy(dtype=np.float64)
         moderated = moderate_fit(stats, fit.theta, fit.coef, info.x_sum, cm)
     varm = _result_tables(fit, adata.var_names, key, cmat, moderated)
+    if not params.get("store_cov", True):
+        del varm[varm_key(key, COV)]
+    varm.update(extra_tables or {})
     if store_stats:
         varm.update(_stats_tables(stats, adata.var_names, key, info))
     params = {
@@ -481,12 +520,14 @@ def _check_input(adata: Any, *, layer: str | None, key_added: Any, copy: bool) -
 
 
 def _contrasts(
-    contrasts: Mapping[str, str] | Sequence[str] | None, x_columns: Sequence[str]
+    contrasts: Mapping[str, str] | Sequence[str] | None,
+    x_columns: Sequence[str],
+    cond: DesignConditions | None = None,
 ) -> tuple[pd.DataFrame | None, dict[str, str]]:
     """Return the contrast matrix (design columns x contrasts) and each contrast's expression."""
     if contrasts is None:
         return None, {}
-    cmat = contrast_matrix(contrasts, x_columns)
+    cmat = contrast_matrix(contrasts, x_columns, cond=cond)
     bad = [c for c in cmat.columns if "/" in c]
     if bad:
         msg = (

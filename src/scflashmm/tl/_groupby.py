@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._contrast import DesignConditions
 from .._core._accumulate import scatter_add
 from .._core._options import (
     DfMethod,
@@ -100,10 +101,18 @@ def flashmm_de_groupby(
     moderate: bool | None,
     n_jobs: int | None,
     store_stats: bool,
+    store_cov: bool,
+    effect_size: bool | None,
 ) -> AnnData | None:
     """:func:`scflashmm.tl.flashmm_de` with ``groupby``: see its docstring."""
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
     jobs = check_n_jobs(n_jobs)
+    if effect_size:
+        msg = (
+            "effect_size=True is not available with groupby yet (it needs a pass per group); "
+            "fit a group's subset with flashmm_de(adata[adata.obs[groupby] == level], ...)."
+        )
+        raise ValueError(msg)
     max_iter = check_positive_int(max_iter, "max_iter")
     epsilon = check_positive_float(epsilon, "epsilon")
     if chunk_size is not None:
@@ -121,7 +130,8 @@ def flashmm_de_groupby(
             if cells.size <= design.X.shape[1]:
                 msg = f"{cells.size} cells for {design.X.shape[1]} fixed-effect columns"
                 raise ValueError(msg)
-            cmat, expressions = _contrasts(contrasts, design.x_columns)
+            cond = DesignConditions(adata.obs.iloc[cells], fixed, design.x_columns)
+            cmat, expressions = _contrasts(contrasts, design.x_columns, cond)
         except ValueError as exc:
             skipped[name] = str(exc)
             continue
@@ -163,6 +173,10 @@ def flashmm_de_groupby(
         "is_counts": bool(is_counts),
         "chunk_size": chunk_size,
         "store_stats": store_stats,
+        "transform": "log2(1 + y)" if is_counts else "identity",
+        "effect_size": False,
+        "library_size": None,
+        "store_cov": bool(store_cov),
         "groupby": groupby,
     }
     varm: dict[str, Any] = {}

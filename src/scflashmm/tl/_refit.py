@@ -94,6 +94,7 @@ def flashmm_refit(
         contrasts = dict(zip(names, exprs, strict=True)) or None
     cmat, expressions = _contrasts(contrasts, info.x_columns)
     kept = {k: params[k] for k in ("fixed", "random", "layer", "is_counts", "chunk_size")}
+    kept |= {k: params[k] for k in ("transform", "store_cov") if k in params}
     varm, uns = fit_and_record(
         adata, stats, info, opts, kept | {"store_stats": True}, cmat, expressions, key_added,
         store_stats=True,
