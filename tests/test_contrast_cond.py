@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from _reference import FLASHMM_SETTINGS
 
 import scflashmm as sfm
 from scflashmm._contrast import DesignConditions, contrasts_within, parse_contrast
@@ -111,7 +112,9 @@ def test_through_flashmm_de_and_the_getter():
     )
     fixed = "~0+log(libsize)+cls+cls:trt"
     named = sfm.tl.contrasts_within(adata, "trt", "A", "cls")
-    sfm.tl.flashmm_de(adata, fixed, "sam", is_counts=True, contrasts=named, store_cov=True)
+    sfm.tl.flashmm_de(
+        adata, fixed, "sam", is_counts=True, contrasts=named, store_cov=True, **FLASHMM_SETTINGS
+    )
     est = adata.varm["flashmm_contrast_coef"]
     for level in ("1", "2", "3"):
         np.testing.assert_allclose(

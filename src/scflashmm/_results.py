@@ -53,6 +53,8 @@ THETA, SE_THETA, DIAG, COV = "theta", "se_theta", "diag", "cov"
 DF, CONTRAST_DF = "df", "contrast_df"
 #: Suffix of the moderated between-sample variances (``moderate=True``).
 MODERATION = "moderation"
+#: Suffix of the log2 fold changes of normalised means (``effect_size=True``).
+LOG2FC = "log2fc"
 #: Suffixes of the stored gene-wise summary statistics (``store_stats=True``).
 STATS_XY, STATS_ZY, STATS_YY = "stats_xy", "stats_zy", "stats_yy"
 #: Name of the residual variance's column in the ``theta`` tables.

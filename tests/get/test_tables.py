@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from _reference import FLASHMM_SETTINGS
 
 import scflashmm as sfm
 
@@ -18,7 +19,9 @@ def fitted():
     )
     adata.var["symbol"] = [f"SYM{i}" for i in range(adata.n_vars)]
     named = sfm.tl.contrasts_within(adata, "trt", "A", "cls")
-    sfm.tl.flashmm_de(adata, FIXED, "sam", is_counts=True, contrasts=named, store_cov=True)
+    sfm.tl.flashmm_de(
+        adata, FIXED, "sam", is_counts=True, contrasts=named, store_cov=True, **FLASHMM_SETTINGS
+    )
     return adata
 
 
@@ -79,7 +82,7 @@ def test_new_contrast_without_covariance_says_how():
     adata = sfm.datasets.simulate_rnaseq(
         n_genes=10, n_cells=300, n_clusters=2, n_de_genes=2, seed=2
     )
-    sfm.tl.flashmm_de(adata, FIXED, "sam", is_counts=True)
+    sfm.tl.flashmm_de(adata, FIXED, "sam", is_counts=True, **FLASHMM_SETTINGS)
     assert "flashmm_cov" not in adata.varm
     with pytest.raises(KeyError, match=r"store_cov=True"):
         sfm.get.flashmm_df(adata, contrast="cls[1]:trt[T.B] - cls[2]:trt[T.B]")

@@ -14,8 +14,7 @@ import pandas as pd
 
 from .._contrast import DesignConditions
 from .._lmm_test import contrast_matrix
-from .._results import results_uns, varm_key
-from ..tl._effect_size import LOG2FC
+from .._results import LOG2FC, results_uns, varm_key
 
 if TYPE_CHECKING:
     from anndata import AnnData

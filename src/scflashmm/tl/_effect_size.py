@@ -34,6 +34,7 @@ import scipy.sparse as sp
 from .._core._accumulate import scatter_add
 from .._core._threads import check_n_jobs, ordered_map
 from .._core.sources import CompressedBlock, is_dask_array, open_source
+from .._results import LOG2FC, varm_key
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -45,7 +46,6 @@ PRIOR_COUNT = 0.5
 #: Largest number of per-pattern sums (patterns x genes, float64: 2 GB) held in memory.
 _MAX_SUMS = 1 << 28
 #: Suffix of the ``varm`` table of the effect sizes (genes x design columns).
-LOG2FC = "log2fc"
 #: How the effect size is defined, recorded in ``uns[key]["effect_size"]``.
 DEFINITION = (
     "log2 fold change of normalised means: the design's factor (indicator) columns fitted, "
@@ -305,4 +305,4 @@ def fit_effect_sizes(
     table = effect_size_table(
         X, x_columns, Y, var_names=adata.var_names, library_size=sizes, chunk_size=chunk_size
     )
-    return {f"{key}_{LOG2FC}": table}
+    return {varm_key(key, LOG2FC): table}

@@ -16,7 +16,7 @@ import numpy as np
 
 from .._core._options import DfMethod, Method
 from .._core.sumstats import SummaryStats
-from .._results import STATS_XY, STATS_YY, STATS_ZY, results_uns, varm_key
+from .._results import LOG2FC, STATS_XY, STATS_YY, STATS_ZY, results_uns, varm_key
 from ._flashmm_de import (
     DesignInfo,
     _contrasts,
@@ -94,10 +94,17 @@ def flashmm_refit(
         contrasts = dict(zip(names, exprs, strict=True)) or None
     cmat, expressions = _contrasts(contrasts, info.x_columns)
     kept = {k: params[k] for k in ("fixed", "random", "layer", "is_counts", "chunk_size")}
-    kept |= {k: params[k] for k in ("transform", "store_cov") if k in params}
+    kept |= {
+        k: params[k]
+        for k in ("transform", "store_cov", "effect_size", "library_size")
+        if k in params
+    }
+    # effect sizes do not depend on the model: carry them over from the fit refitted
+    source = varm_key(key, LOG2FC)
+    effect_sizes = {varm_key(key_added, LOG2FC): adata.varm[source]} if source in adata.varm else {}
     varm, uns = fit_and_record(
         adata, stats, info, opts, kept | {"store_stats": True}, cmat, expressions, key_added,
-        store_stats=True,
+        store_stats=True, extra_tables=effect_sizes,
     )  # fmt: skip
     return write_results(adata, key_added, varm, uns, copy=copy)
 
