@@ -4,7 +4,7 @@ Simulates the data of ``benchmarks/few_donors.py`` (samples nested in treatment,
 types, genes in four blocks of donor variance: "hom" 0.1 each, "het" 0.02 / 0.1 / 0.3 / 0.6)
 and tests every gene for "treated vs control within cell type k" with
 
-- scflashmm, ``df="residual"`` (FLASHMM's n - p df, the default of ``tl.flashmm_de``);
+- scflashmm, FLASHMM's n - p df (``moderate=False, df="residual"``);
 - scflashmm, ``df="satterthwaite"`` (lmerTest's df, from the same fit);
 - scflashmm, REML t on (samples - 2) df (a conservative reference row);
 - pseudobulk: counts summed per sample x cell type, PyDESeq2 ``~trt`` per cell type.
@@ -58,7 +58,7 @@ def lmm_rows(adata) -> tuple[dict[str, np.ndarray], float]:
     t = fit.t[:, inter]
     n_samples = design.Z.shape[1]
     return {
-        "scflashmm, n - p df (default)": 2 * stats.t.sf(np.abs(t), fit.df),
+        "scflashmm, n - p df (FLASHMM)": 2 * stats.t.sf(np.abs(t), fit.df),
         "scflashmm, Satterthwaite df": fit.p[:, inter],
         "scflashmm, samples - 2 df": 2 * stats.t.sf(np.abs(t), n_samples - 2),
     }, seconds
