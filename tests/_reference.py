@@ -201,7 +201,12 @@ RESULT_TABLES = ["coef", "se", "t", "p", "theta", "se_theta", "diag"]
 
 #: ``tl.flashmm_de``'s options that give FLASHMM's exact numbers (its defaults are calibrated
 #: for few samples instead: docs/calibration.md).
-FLASHMM_SETTINGS = {"moderate": False, "df": "residual", "nonnegative": False}
+FLASHMM_SETTINGS = {
+    "moderate": False,
+    "df": "residual",
+    "nonnegative": False,
+    "criterion": "flashmm",
+}
 
 
 def fit_case(name: str, **kwargs) -> tuple[Any, dict, dict[str, str]]:

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from _reference import CONTRASTS_B, FIXED_B, case_adata
+from _reference import CONTRASTS_B, FIXED_B, FLASHMM_SETTINGS, case_adata
 
 import scflashmm as sfm
 from scflashmm import lmm, summary_stats
@@ -36,7 +36,7 @@ def test_default_moderates_one_component_and_matches_the_core(moderated):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = lmm(st)
+        fit = lmm(st, criterion="relative")  # tl.flashmm_de's default criterion
     cmat = moderated.uns["flashmm"]["contrast_matrix"].to_numpy()
     C = np.hstack([np.eye(st.XX.shape[0]), cmat])
     ref = mixture_moderate(
@@ -96,7 +96,7 @@ def test_two_components():
 
 def test_flashmm_settings_one_keyword_away():
     adata = case_adata("b")
-    sfm.tl.flashmm_de(adata, FIXED_B, "sam", is_counts=True, moderate=False, df="residual")
+    sfm.tl.flashmm_de(adata, FIXED_B, "sam", is_counts=True, **FLASHMM_SETTINGS)
     fit = sfm.lmm_fit(
         adata.X, *(lambda d: (d.X, d.Z, d.d))(make_design(adata.obs, FIXED_B, "sam")),
         is_counts=True,

@@ -17,8 +17,10 @@ import pandas as pd
 
 from .._contrast import DesignConditions
 from .._core._options import (
+    Criterion,
     DfMethod,
     Method,
+    check_criterion,
     check_df,
     check_method,
     check_positive_float,
@@ -106,6 +108,7 @@ class FitOptions:
     theta0: np.ndarray | None
     max_iter: int
     epsilon: float
+    criterion: Criterion = "relative"
 
 
 __all__ = ["flashmm_de"]
@@ -126,6 +129,7 @@ def flashmm_de(
     theta0: Sequence[float] | None = None,
     max_iter: int = 50,
     epsilon: float = 1e-5,
+    criterion: Criterion = "relative",
     store_stats: bool = True,
     key_added: str = "flashmm",
     chunk_size: int | None = None,
@@ -214,6 +218,11 @@ def flashmm_de(
         Maximum number of Fisher-scoring iterations.
     epsilon
         Convergence tolerance on the largest absolute score.
+    criterion
+        ``"relative"`` (default): the score is that of each gene's response scaled to unit
+        residual variance, so that t and p do not depend on the units of the data
+        (docs/model.md, Convergence); ``"flashmm"``: FLASHMM's score in the units of the data
+        (its exact iterations and numbers).
     store_stats
         Keep the summary statistics in the AnnData, so that :func:`scflashmm.tl.flashmm_refit`
         can test new contrasts or refit with another method, df, ``nonnegative`` or
@@ -326,6 +335,7 @@ def flashmm_de(
             method=method, df=df, contrasts=contrasts, theta0=theta0, max_iter=max_iter,
             epsilon=epsilon, key_added=key_added, chunk_size=chunk_size, copy=copy,
             progress=progress, nonnegative=nonnegative, moderate=moderate, n_jobs=n_jobs,
+            criterion=criterion,
             store_stats=store_stats, store_cov=store_cov, effect_size=effect_size,
         )  # fmt: skip
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
@@ -348,6 +358,7 @@ def flashmm_de(
         max_iter=max_iter,
         epsilon=epsilon,
         info=info,
+        criterion=criterion,
     )
     cond = DesignConditions(adata.obs, fixed, design.x_columns)
     cmat, expressions = _contrasts(contrasts, design.x_columns, cond)
@@ -405,10 +416,11 @@ def check_fit_options(
     max_iter: int,
     epsilon: float,
     info: DesignInfo,
+    criterion: Any = "relative",
 ) -> FitOptions:
     """Check the model options against the design; ``moderate=None`` is resolved here."""
     method = check_method(method)
-    df = check_df(df)
+    df = check_df(df, method)
     nonnegative = _check_bool(nonnegative, "nonnegative")
     start = check_theta0(theta0, len(info.d))
     return FitOptions(
@@ -421,6 +433,7 @@ def check_fit_options(
         theta0=start,
         max_iter=max_iter,
         epsilon=epsilon,
+        criterion=check_criterion(criterion),
     )
 
 
@@ -455,6 +468,7 @@ def fit_and_record(
         component_names=None if structured else info.random_terms,
         n_jobs=n_jobs,
         nonnegative=opts.nonnegative,
+        criterion=opts.criterion,
     )
     moderated = None
     if opts.moderate:
@@ -471,6 +485,7 @@ def fit_and_record(
         "method": opts.method,
         "df": opts.df,
         "nonnegative": opts.nonnegative,
+        "criterion": opts.criterion,
         "moderate": opts.moderate,
         "epsilon": opts.epsilon,
         "max_iter": opts.max_iter,

@@ -103,6 +103,7 @@ def flashmm_de_groupby(
     store_stats: bool,
     store_cov: bool,
     effect_size: bool | None,
+    criterion: str,
 ) -> AnnData | None:
     """:func:`scflashmm.tl.flashmm_de` with ``groupby``: see its docstring."""
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
@@ -153,6 +154,7 @@ def flashmm_de_groupby(
         max_iter=max_iter,
         epsilon=epsilon,
         info=DesignInfo.of(groups[0].design),
+        criterion=criterion,
     )
 
     stats = _grouped_statistics(

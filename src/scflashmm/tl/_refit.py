@@ -86,6 +86,7 @@ def flashmm_refit(
         theta0=params.get("theta0"),
         max_iter=int(params["max_iter"]),
         epsilon=float(params["epsilon"]),
+        criterion=str(params.get("criterion", "flashmm")),
         info=info,
     )
     if contrasts is None:
