@@ -298,7 +298,7 @@ def flashmm_de(
         q) and ``y'y`` (column ``"yy"``) of every gene.
     ``uns[key]``
         ``params`` (fixed, random, method, df, nonnegative, moderate (as applied), layer,
-        is_counts, epsilon, max_iter, theta0, chunk_size, store_stats, effect_size (as
+        is_counts, epsilon, criterion, max_iter, theta0, chunk_size, store_stats, effect_size (as
         resolved), library_size, store_cov, and ``transform``: ``"log2(1 + y)"`` or
         ``"identity"``, the scale of the coefficients), ``x_columns``,
         ``random_terms``, ``random_formulas``, ``d``, ``z_columns``, ``contrast_names``,
