@@ -135,3 +135,25 @@ def test_contrast_parsing(expr, expected):
 def test_contrast_errors(expr, match):
     with pytest.raises(ValueError, match=match):
         scflashmm.contrast_matrix({"x": expr}, NAMES)
+
+
+@pytest.mark.parametrize("n_jobs", [float("nan"), float("inf"), "2", 1.5, 0])
+def test_n_jobs_bad_values_are_named(n_jobs):
+    from scflashmm._core._threads import check_n_jobs
+
+    with pytest.raises(ValueError, match="n_jobs must be a positive integer"):
+        check_n_jobs(n_jobs)
+
+
+def test_lmm_fit_refuses_a_random_component_confounded_with_x():
+    rng = np.random.default_rng(0)
+    sam = np.repeat(np.arange(4), 25)
+    Z = np.eye(4)[sam]
+    X = np.column_stack([np.ones(100), Z[:, 1:]])  # the samples are fixed effects too
+    Y = rng.normal(size=(100, 3))
+    with pytest.raises(ValueError, match=r"Random component 1 .* confounded with the fixed"):
+        scflashmm.lmm_fit(Y, X, Z)
+    with pytest.raises(ValueError, match="'sam' is confounded"):
+        scflashmm.lmm_fit(Y, X, Z, component_names=["sam"])
+    with pytest.raises(ValueError, match="zero for every cell"):
+        scflashmm.lmm_fit(Y, X[:, :1], np.zeros((100, 2)))

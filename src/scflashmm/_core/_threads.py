@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -50,7 +52,13 @@ def check_n_jobs(n_jobs: Any) -> int:
         return available_cores()
     # ValueError (not check_positive_int's TypeError) also for True and other non-integers:
     # callers and tests rely on one exception type for every bad n_jobs.
-    if isinstance(n_jobs, bool) or int(n_jobs) != n_jobs or n_jobs < 1:
+    if (
+        isinstance(n_jobs, bool)
+        or not isinstance(n_jobs, (int, float, np.integer, np.floating))
+        or not np.isfinite(n_jobs)
+        or int(n_jobs) != n_jobs
+        or n_jobs < 1
+    ):
         msg = f"n_jobs must be a positive integer, got {n_jobs!r}."
         raise ValueError(msg)
     return int(n_jobs)

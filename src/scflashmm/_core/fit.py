@@ -409,6 +409,7 @@ def lmm(
         stats, reduced, scale = standardise(stats, names.covariates)
     else:
         reduced = reduce_fixed_effects(stats, names.covariates)
+    _check_identifiable(reduced.zrz, stats.ZZ, d, names.components)
     genes = _select_fittable(stats.Ynorm, reduced.yry, names.features, reduced.yry_error)
     solver = select_kernel(stats, d, reduced.zrz, opts.method, kernel=kernel)
     out = _empty_results(stats.shape, len(d), opts)
@@ -490,6 +491,35 @@ def _check_stats(
         ),
         components=_check_names(component_names, k, "component_names"),
     )
+
+
+def _check_identifiable(
+    zrz: np.ndarray, ZZ: np.ndarray, d: tuple[int, ...], names: list[str] | None
+) -> None:
+    """Raise if a random component is zero or lies in the span of the fixed design.
+
+    Its variance is then not identifiable (the same check as the AnnData layer's, here for
+    statistics and design matrices given directly).
+    """
+    start = 0
+    for i, q in enumerate(d):
+        block = slice(start, start + q)
+        start += q
+        name = (
+            repr(names[i])
+            if names is not None
+            else f"{i + 1} (columns {block.start}-{block.stop - 1} of Z)"
+        )
+        total = float(np.trace(ZZ[block, block]))
+        if total <= 0:
+            msg = f"Random component {name} is zero for every cell."
+            raise ValueError(msg)
+        if float(np.trace(zrz[block, block])) <= 1e-9 * total:
+            msg = (
+                f"Random component {name} is confounded with the fixed effects: its columns of Z "
+                "lie in the span of X, so its variance is not identifiable."
+            )
+            raise ValueError(msg)
 
 
 def reduce_fixed_effects(stats: SummaryStats, covariate_names: list[str] | None) -> Reduced:
