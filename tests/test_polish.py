@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import pandas as pd
+import pytest
 from _reference import FIXED_B, case_adata
 
 import scflashmm as sfm
@@ -81,3 +85,51 @@ def test_demo_natural_order_of_cell_types(capsys):
     _print_top(table, "B", 1)
     lines = capsys.readouterr().out.strip().splitlines()[2:]
     assert [line.split()[0] for line in lines] == ["1", "2", "3", "10", "11"]
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+@pytest.fixture
+def scanpy_log(monkeypatch):
+    """Scanpy's log at verbosity 'hint' (where "added ..." is shown), in a buffer."""
+    import scanpy as sc
+
+    buffer = io.StringIO()
+    old_file, old_verbosity = sc.settings.logfile, sc.settings.verbosity
+    sc.settings.logfile, sc.settings.verbosity = buffer, "hint"
+    yield buffer
+    sc.settings.logfile, sc.settings.verbosity = old_file, old_verbosity
+
+
+def test_fit_is_logged_with_scanpy(scanpy_log):
+    _fit_b()
+    text = scanpy_log.getvalue()
+    assert "fitting the mixed model" in text
+    assert "finished" in text and "'flashmm_coef'" in text
+
+
+def test_view_copy_is_logged_as_scanpy_does(scanpy_log):
+    adata = case_adata("b")
+    view = adata[adata.obs["cls"] != "4"]
+    sfm.tl.flashmm_de(view, FIXED_B, "sam", is_counts=True)
+    assert "Received a view of an AnnData. Making a copy." in scanpy_log.getvalue()
+    assert not view.is_view and "flashmm" in view.uns
+
+
+def test_duplicate_var_names_warn():
+    adata = case_adata("b")
+    adata.var_names = ["g0", "g0", *adata.var_names[2:]]
+    with pytest.warns(UserWarning, match=r"var_names_make_unique\(\)"):
+        sfm.tl.flashmm_de(adata, FIXED_B, "sam", is_counts=True)
+
+
+def test_no_tqdm_without_a_bar():
+    code = (
+        "import sys, scflashmm as sfm\n"
+        "a = sfm.datasets.simulate_rnaseq(n_genes=20, n_cells=400, n_de_genes=2, seed=1)\n"
+        "sfm.tl.flashmm_de(a, '~0+cls', 'sam', is_counts=True, chunk_size=100)\n"
+        "assert 'tqdm' not in sys.modules, 'tqdm imported'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
