@@ -2,11 +2,13 @@
 
 ``scflashmm demo`` simulates a multi-sample, multi-cell-type data set with known DE genes,
 fits FLASHMM's model to every gene, prints the top genes per cell type and how many true DE
-genes were found, and writes the tidy result table to a CSV file.
+genes were found, and writes the tidy result table to a CSV file when asked (``--out FILE``).
 
 ``scflashmm de`` fits a model to an h5ad file and writes the tidy table (one row per gene and
-design column or contrast) to a CSV file. Mistakes in the input (a missing column, a bad
-formula, an unreadable file ...) print one line on stderr and exit with status 1.
+design column or contrast) to a CSV file, or to stdout with ``--out -`` (the one-line summary
+then goes to stderr); ``--term`` keeps only the design columns that match. Mistakes in the
+input (a missing column, a bad formula, an unreadable file ...) print one line on stderr and
+exit with status 1.
 
 ``scflashmm refit`` tests new contrasts, or refits with another method, df, ``--nonnegative``
 or ``--moderate``, from the summary statistics that ``de --write-h5ad`` stored: no pass over
@@ -22,7 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Any, get_args
 
@@ -140,8 +142,8 @@ def _add_demo_parser(sub: Any) -> None:
     demo.add_argument("--top", type=int, default=3, help="genes shown per cell type (3)")
     demo.add_argument(
         "--out",
-        default="flashmm_demo_results.csv",
-        help="CSV file for the tidy table (default flashmm_demo_results.csv)",
+        metavar="FILE",
+        help="write the tidy table to this CSV file ('-': stdout); default: print its head only",
     )
     demo.set_defaults(run=_run_demo)
 
@@ -182,7 +184,7 @@ def _add_de_parser(sub: Any) -> None:
         "--n-jobs", type=int, help="threads (default: the CPUs available); results do not change"
     )
     de.add_argument("--key", default=DEFAULT_KEY, help="key_added for the results")
-    de.add_argument("--out", required=True, metavar="RESULTS.csv", help="tidy table (CSV)")
+    _add_table_options(de)
     de.add_argument("--write-h5ad", metavar="OUT.h5ad", help="also write the AnnData with results")
     de.add_argument(
         "--backed", action="store_true", help="open INPUT backed: stream X from disk in chunks"
@@ -191,6 +193,43 @@ def _add_de_parser(sub: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------- de
+
+
+def _add_table_options(parser: argparse.ArgumentParser) -> None:
+    """Add --out (a CSV file, or '-' for stdout) and --term (filter of the design columns)."""
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="RESULTS.csv",
+        help="tidy table (CSV); '-' writes it to stdout (the summary then goes to stderr)",
+    )
+    parser.add_argument(
+        "--term",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="report only the design columns matching PATTERN (an exact name, a substring or "
+        "a regular expression, e.g. ':trt'); repeatable; contrasts given with --contrast "
+        "are always reported (default: every design column)",
+    )
+
+
+def _table(adata: Any, args: argparse.Namespace, contrast_names: list[str]) -> Any:
+    """Return the tidy table: the design columns (all, or those matching --term), contrasts."""
+    from . import get
+
+    if args.term:
+        term: list[str] | None = list(args.term)
+    elif contrast_names:
+        term = [str(c) for c in adata.uns[args.key]["x_columns"]]
+    else:
+        term = None
+    return get.flashmm_df(adata, key=args.key, term=term, contrast=contrast_names or None)
+
+
+def _summary_file(out: str | None) -> Any:
+    """Where the summary lines go: stderr when the table goes to stdout."""
+    return sys.stderr if out == "-" else sys.stdout
 
 
 def _parse_contrasts(items: list[str]) -> dict[str, str] | None:
@@ -234,7 +273,9 @@ def _check_de_paths(args: argparse.Namespace) -> Path:
         msg = f"input file {str(path)!r} does not exist."
         raise UserError(msg)
     outputs = [("--out", args.out), ("--write-h5ad", args.write_h5ad)]
-    _check_outputs([(o, v) for o, v in outputs if v], inputs=[("the input file", path)])
+    _check_outputs(
+        [(o, v) for o, v in outputs if v and v != "-"], inputs=[("the input file", path)]
+    )
     return path
 
 
@@ -269,7 +310,13 @@ def _check_outputs(
 
 
 def _write_csv(table: Any, path: str) -> None:
-    """Write a table to CSV atomically (never a truncated file, even on a full disk)."""
+    """Write a table to CSV atomically (never a truncated file, even on a full disk).
+
+    ``"-"`` writes it to stdout.
+    """
+    if path == "-":
+        table.to_csv(sys.stdout, index=False)
+        return
     # the temporary file keeps the suffix, from which pandas infers compression (.gz ...)
     with atomic_path(path, suffix=Path(path).suffix) as tmp:
         table.to_csv(tmp, index=False)
@@ -311,24 +358,19 @@ def _write_de(
     adata: Any, args: argparse.Namespace, contrasts: dict[str, str] | None, seconds: float
 ) -> None:
     """Write the tidy table (and the AnnData when asked) and say what was done."""
-    from . import get
-
-    table = get.flashmm_df(
-        adata,
-        key=args.key,
-        term=None if contrasts is None else list(adata.uns[args.key]["x_columns"]),
-        contrast=None if contrasts is None else list(contrasts),
-    )
+    table = _table(adata, args, list(contrasts or ()))
     _write_csv(table, args.out)
     info = adata.uns[args.key]
+    say = _summary_file(args.out)
     print(
         f"Fitted {adata.n_vars} genes x {adata.n_obs} cells in {seconds:.1f} s "
         f"({info['n_nonconverged']} not converged, {info['n_degenerate']} not fittable); "
-        f"wrote {len(table)} rows to {args.out}"
+        f"wrote {len(table)} rows to {'stdout' if args.out == '-' else args.out}",
+        file=say,
     )
     if args.write_h5ad:
         _write_h5ad(adata, args.write_h5ad, key=args.key)
-        print(f"Wrote the AnnData with results to {args.write_h5ad}")
+        print(f"Wrote the AnnData with results to {args.write_h5ad}", file=say)
 
 
 def _write_h5ad(adata: Any, path: str, *, key: str) -> None:
@@ -423,20 +465,20 @@ def _add_refit_parser(sub: Any) -> None:
     )
     _add_model_options(refit, defaults=False)
     refit.add_argument("--key", default=DEFAULT_KEY, help="key of the stored fit")
-    refit.add_argument("--out", required=True, metavar="RESULTS.csv", help="tidy table (CSV)")
+    _add_table_options(refit)
     refit.add_argument("--write-h5ad", metavar="OUT.h5ad", help="also write the refit AnnData")
     refit.set_defaults(run=_run_refit)
 
 
 def _run_refit(args: argparse.Namespace) -> None:
-    from . import get, tl
+    from . import tl
 
     path = Path(args.input)
     if not path.is_file():
         msg = f"input file {str(path)!r} does not exist."
         raise UserError(msg)
     for option, value in (("--out", args.out), ("--write-h5ad", args.write_h5ad)):
-        if value and not Path(value).resolve().parent.is_dir():
+        if value and value != "-" and not Path(value).resolve().parent.is_dir():
             msg = f"{option}: the directory of {value!r} does not exist."
             raise UserError(msg)
     if args.write_h5ad and Path(args.write_h5ad).resolve() == path.resolve():
@@ -449,39 +491,50 @@ def _run_refit(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     info = adata.uns[args.key]
     names = [str(c) for c in info["contrast_names"]]
-    table = get.flashmm_df(
-        adata,
-        key=args.key,
-        term=list(info["x_columns"]),
-        contrast=names or None,
-    )
-    table.to_csv(args.out, index=False)
+    table = _table(adata, args, names)
+    _write_csv(table, args.out)
+    say = _summary_file(args.out)
     print(
         f"Refit {adata.n_vars} genes from their summary statistics in {seconds:.1f} s "
-        f"({info['n_nonconverged']} not converged); wrote {len(table)} rows to {args.out}"
+        f"({info['n_nonconverged']} not converged); wrote {len(table)} rows to "
+        f"{'stdout' if args.out == '-' else args.out}",
+        file=say,
     )
     if args.write_h5ad:
         adata.write_h5ad(args.write_h5ad)
-        print(f"Wrote the AnnData with results to {args.write_h5ad}")
+        print(f"Wrote the AnnData with results to {args.write_h5ad}", file=say)
 
 
 # ------------------------------------------------------------------------------------ demo
 
 
+#: rows of the tidy table that ``scflashmm demo`` prints without ``--out``
+DEMO_HEAD = 5
+
+
 def _run_demo(args: argparse.Namespace) -> None:
     _check_demo_args(args)
-    adata = _simulate(args)
-    treated = str(adata.uns["simulate_rnaseq"]["treatment"])
-    _fit_demo(adata)
-    table = _treatment_effects(adata, treated)
-    _print_top(table, treated, args.top)
-    _print_recovery(table, adata, args.fdr)
-    _write_csv(table.drop(columns=["cell_type", "true_de"]), args.out)
-    print(f"Wrote the tidy table ({len(table)} rows) to {args.out}")
+    # with '--out -' the table alone goes to stdout, the report to stderr
+    with redirect_stdout(sys.stderr) if args.out == "-" else nullcontext():
+        adata = _simulate(args)
+        treated = str(adata.uns["simulate_rnaseq"]["treatment"])
+        _fit_demo(adata)
+        table = _treatment_effects(adata, treated)
+        _print_top(table, treated, args.top)
+        _print_recovery(table, adata, args.fdr)
+    tidy = table.drop(columns=["cell_type", "true_de"])
+    if args.out is None:
+        print(f"\nThe tidy table ({len(tidy)} rows; --out FILE writes it to a CSV file):")
+        print(tidy.head(DEMO_HEAD).to_string(index=False))
+        return
+    _write_csv(tidy, args.out)
+    if args.out != "-":
+        print(f"Wrote the tidy table ({len(tidy)} rows) to {args.out}")
 
 
 def _check_demo_args(args: argparse.Namespace) -> None:
-    _check_outputs([("--out", args.out)])
+    if args.out is not None and args.out != "-":
+        _check_outputs([("--out", args.out)])
     for name in ("n_genes", "n_cells", "n_samples", "n_clusters", "top"):
         check_positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
     if not check_positive_float(args.fdr, "--fdr") < 1:
@@ -551,9 +604,14 @@ def _true_de(adata: Any) -> set[tuple[str, str]]:
 
 def _print_top(table: Any, treated: str, top: int) -> None:
     import numpy as np
+    import pandas as pd
+    from natsort import natsorted
 
     print(f"\nTop {top} genes per cell type (effect of {treated} in that cell type):")
     rows = table.groupby("cell_type", sort=False).head(top)
+    # cell types in natural order (1, 2, ..., 10), each type's genes kept in table order
+    order = pd.Categorical(rows["cell_type"], categories=natsorted(rows["cell_type"].unique()))
+    rows = rows.iloc[np.argsort(order.codes, kind="stable")]
     shown = rows.assign(
         log2FC=rows["log_fc"].map("{:+.2f}".format),
         p=rows["p_value"].map("{:.1e}".format),

@@ -64,6 +64,8 @@ from ._matrix import (
 from ._moderate import Moderated, moderate_fit, resolve_moderate
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from anndata import AnnData
 
     from .._core.reml import LMMFit
@@ -327,6 +329,10 @@ def flashmm_de(
     >>> sfm.tl.flashmm_de(adata, "~0+log(libsize)+cls+cls:trt", "sam", is_counts=True)
     >>> sfm.get.flashmm_df(adata, term=":trt").head()  # doctest: +SKIP
     """
+    from scanpy import logging as logg  # scanpy's log (lazily: importing scanpy is slow)
+
+    start = logg.info(f"fitting the mixed model {fixed} to every gene")
+    note_duplicate_var_names(adata)
     if groupby is not None:
         from ._groupby import flashmm_de_groupby
 
@@ -403,7 +409,31 @@ def flashmm_de(
         n_jobs=jobs,
         extra_tables=effect_sizes,
     )
-    return write_results(adata, key_added, varm, uns, copy=copy)
+    return write_results(adata, key_added, varm, uns, copy=copy, start=start)
+
+
+def note_duplicate_var_names(adata: Any) -> None:
+    """Warn when ``adata.var_names`` repeat: results are indexed by gene name."""
+    names = getattr(adata, "var_names", None)
+    if names is None or names.is_unique:
+        return
+    repeated = names[names.duplicated()].unique()
+    shown = ", ".join(map(repr, repeated[:5])) + (", ..." if len(repeated) > 5 else "")
+    msg = (
+        f"adata.var_names are not unique ({len(repeated)} repeated: {shown}); the result "
+        "tables are indexed by gene name, so repeated genes cannot be told apart. Call "
+        "adata.var_names_make_unique() first."
+    )
+    warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+def view_to_actual(adata: AnnData) -> None:
+    """Turn a view into an actual AnnData (a copy) before writing results, as scanpy does."""
+    if adata.is_view:
+        from scanpy import logging as logg
+
+        logg.warning("Received a view of an AnnData. Making a copy.")
+        adata._init_as_actual(adata.copy())
 
 
 def check_fit_options(
@@ -804,12 +834,20 @@ def _uns_record(
 
 
 def write_results(
-    adata: AnnData, key: str, varm: Mapping[str, Any], uns: dict[str, Any], *, copy: bool
+    adata: AnnData,
+    key: str,
+    varm: Mapping[str, Any],
+    uns: dict[str, Any],
+    *,
+    copy: bool,
+    start: datetime | None = None,
 ) -> AnnData | None:
-    """Write the results (nothing here can fail on user input), replacing an earlier fit."""
+    """Write the results (nothing here can fail on user input), replacing an earlier fit.
+
+    ``start`` is the time logged when the fit started (the log then gives the time taken).
+    """
     target = adata.copy() if copy else adata
-    if target.is_view:
-        target._init_as_actual(target.copy())
+    view_to_actual(target)
     previous = target.uns.get(key)
     if isinstance(previous, Mapping) and "varm_keys" in previous:
         for old in previous["varm_keys"]:
@@ -817,4 +855,8 @@ def write_results(
     for name, value in varm.items():
         target.varm[name] = value
     target.uns[key] = uns
+    from scanpy import logging as logg
+
+    added = ", ".join(f"{name!r}" for name in varm)
+    logg.info("    finished", time=start, deep=f"added\n    {added} (varm)\n    {key!r} (uns)")
     return target if copy else None

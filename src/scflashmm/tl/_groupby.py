@@ -52,6 +52,7 @@ from ._flashmm_de import (
     _contrasts,
     check_fit_options,
     fit_and_record,
+    view_to_actual,
 )
 from ._matrix import ProgressBar, is_csc, looks_like_counts, nonfinite_error
 
@@ -632,8 +633,7 @@ def _write_groups(
 ) -> AnnData | None:
     """Write every group's fit and the grouped record, replacing an earlier fit under ``key``."""
     target = adata.copy() if copy else adata
-    if target.is_view:
-        target._init_as_actual(target.copy())
+    view_to_actual(target)
     previous = target.uns.get(key)
     if isinstance(previous, Mapping):
         for old in previous.get("varm_keys", []):

@@ -132,17 +132,20 @@ class ProgressBar:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            from tqdm.auto import tqdm
-
             show = self.show
             if show is None:
                 show = done < total and sys.stderr.isatty()
-            self.bar = tqdm(
-                total=total, unit=self.unit, disable=not show, desc="flashmm pass", leave=False
-            )
+            if not show:  # tqdm is imported only for a bar shown (no TqdmWarning otherwise)
+                self.bar = False
+                return
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit=self.unit, desc="flashmm pass", leave=False)
+        if self.bar is False:
+            return
         self.bar.update(done - self.done)
         self.done = done
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self.bar is not None and self.bar is not False:
             self.bar.close()
