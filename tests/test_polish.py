@@ -133,3 +133,15 @@ def test_no_tqdm_without_a_bar():
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_progress_while_fitting(capsys):
+    adata = case_adata("b")
+    calls = []
+    design = sfm._design.make_design(adata.obs, FIXED_B, "sam")
+    stats = sfm.summary_stats(design.X, adata.X, design.Z, is_counts=True)
+    sfm.lmm(stats, n_jobs=1, progress=lambda done, total: calls.append((done, total)))
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and calls[-1] == (stats.shape[3], stats.shape[3])
+    sfm.tl.flashmm_de(adata, FIXED_B, "sam", is_counts=True, progress=True)
+    assert "flashmm fit" in capsys.readouterr().err  # the bar of the fit, after the pass's

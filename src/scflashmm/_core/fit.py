@@ -18,6 +18,7 @@ docs/model.md: Convergence, Nonnegative variance components, Kenward-Roger.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -315,6 +316,7 @@ def lmm(
     component_names: Any = None,
     kernel: KernelChoice = "auto",
     n_jobs: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LMMFit:
     """Fit a linear mixed model to every gene from summary statistics (FLASHMM's ``lmm``).
 
@@ -372,6 +374,9 @@ def lmm(
         forced ``"eigen"`` or ``"dense"`` (to compare them; the numbers agree to rounding).
     n_jobs
         Threads over blocks of genes (default: the cores available). Results do not depend on it.
+    progress
+        Called as ``progress(done, total)`` with the number of genes fit so far, after each
+        block of genes (in the calling thread), e.g. to update a progress bar.
 
     Returns
     -------
@@ -413,7 +418,7 @@ def lmm(
     genes = _select_fittable(stats.Ynorm, reduced.yry, names.features, reduced.yry_error)
     solver = select_kernel(stats, d, reduced.zrz, opts.method, kernel=kernel)
     out = _empty_results(stats.shape, len(d), opts)
-    _fit_blocks(solver, stats, reduced, opts, out, genes, jobs, d, scale)
+    _fit_blocks(solver, stats, reduced, opts, out, genes, jobs, d, scale, progress)
     return _assemble(out, stats, d, opts, names, genes)
 
 
@@ -572,6 +577,7 @@ def _fit_blocks(
     n_jobs: int,
     d: tuple[int, ...],
     scale: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Fit the genes in blocks, in threads, and write each block's rows of ``out``.
 
@@ -589,11 +595,15 @@ def _fit_blocks(
     with single_threaded_blas():
         # every block submitted at once (the blocks are small: only results wait in the queue)
         results = ordered_map(fit, blocks, jobs, window=len(blocks))
+        done = 0
         for rows, result in zip(blocks, results, strict=True):
             for name, value in result.items():
                 target = out[name]
                 if target is not None and value is not None:
                     target[rows] = value
+            done += rows.size
+            if progress is not None:
+                progress(done, genes.size)
 
 
 def _fit_block(

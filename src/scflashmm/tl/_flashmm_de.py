@@ -408,6 +408,7 @@ def flashmm_de(
         store_stats=store_stats,
         n_jobs=jobs,
         extra_tables=effect_sizes,
+        progress=progress,
     )
     return write_results(adata, key_added, varm, uns, copy=copy, start=start)
 
@@ -480,26 +481,32 @@ def fit_and_record(
     store_stats: bool,
     n_jobs: int | None = None,
     extra_tables: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit every gene from ``stats``; return the ``varm`` entries and ``uns[key]``."""
     structured = info.structure is not None
-    fit = lmm(
-        stats,
-        None if structured else info.d,
-        structure=info.structure,
-        method=opts.method,
-        theta0=opts.theta0,
-        max_iter=opts.max_iter,
-        epsilon=opts.epsilon,
-        output_cov=True,
-        df=opts.df,
-        feature_names=list(map(str, adata.var_names)),
-        covariate_names=info.x_columns,
-        component_names=None if structured else info.random_terms,
-        n_jobs=n_jobs,
-        nonnegative=opts.nonnegative,
-        criterion=opts.criterion,
-    )
+    bar = ProgressBar(progress, unit="genes", desc="flashmm fit")
+    try:
+        fit = lmm(
+            stats,
+            None if structured else info.d,
+            structure=info.structure,
+            method=opts.method,
+            theta0=opts.theta0,
+            max_iter=opts.max_iter,
+            epsilon=opts.epsilon,
+            output_cov=True,
+            df=opts.df,
+            feature_names=list(map(str, adata.var_names)),
+            covariate_names=info.x_columns,
+            component_names=None if structured else info.random_terms,
+            n_jobs=n_jobs,
+            nonnegative=opts.nonnegative,
+            criterion=opts.criterion,
+            progress=bar,
+        )
+    finally:
+        bar.close()
     moderated = None
     if opts.moderate:
         cm = None if cmat is None else cmat.to_numpy(dtype=np.float64)

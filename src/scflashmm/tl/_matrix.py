@@ -119,14 +119,14 @@ def nonfinite_error(
 
 
 class ProgressBar:
-    """``progress(done, total)`` for :func:`summary_stats`, updating a tqdm bar.
+    """``progress(done, total)`` for :func:`summary_stats` and :func:`lmm`, updating a tqdm bar.
 
     The bar is made at the first report, when the total is known; by default it is shown only
     on a terminal and when that report is not already the last (more than one chunk).
     """
 
-    def __init__(self, show: bool | None, unit: str) -> None:
-        self.show, self.unit = show, unit
+    def __init__(self, show: bool | None, unit: str, desc: str = "flashmm pass") -> None:
+        self.show, self.unit, self.desc = show, unit, desc
         self.bar: Any = None
         self.done = 0
 
@@ -140,7 +140,7 @@ class ProgressBar:
                 return
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit=self.unit, desc="flashmm pass", leave=False)
+            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc, leave=False)
         if self.bar is False:
             return
         self.bar.update(done - self.done)
