@@ -7,9 +7,10 @@ Oracles:
 - pbkrtest's vcovAdj / Lb_ddf transcribed with n x n matrices (below), on a small random design.
 
 Tolerances. Evaluated at lme4's variance estimates the reduced formulas reproduce lmerTest's
-adjusted se and df to ~1e-10 relative (the issue asks 1e-3 for se and 1 % for df): we assert 1e-7,
+adjusted se and df to ~1e-10 relative (the accuracy asked of Kenward-Roger here is 1e-3 for se and
+1 % for df): we assert 1e-7,
 room for BLAS differences. After our own nonnegative fit the variances differ from lme4's by its
-optimiser tolerance (see test_nonnegative.py), so there we assert the issue's 1e-3 and 1 % (we
+optimiser tolerance (see test_nonnegative.py), so there we assert those 1e-3 and 1 % (we
 see ~6e-5 for se, ~1e-5 for df).
 """
 
