@@ -190,6 +190,21 @@ def _available(attrs: dict[str, Any]) -> str:
     return f"Available columns: {shown or 'none'}."
 
 
+def check_no_missing(col: pd.Series, label: str, *, advice: str) -> None:
+    """Raise naming the first cell where the obs column ``col`` is missing.
+
+    ``label`` completes ``adata.obs[...``, e.g. ``"'sam'] (used in the random terms)"``.
+    """
+    na = col.isna().to_numpy()
+    if na.any():
+        first = col.index[np.flatnonzero(na)[0]]
+        msg = (
+            f"adata.obs[{label} has {int(na.sum())} missing value(s), e.g. in cell {first!r}. "
+            f"{advice} those cells before fitting."
+        )
+        raise ValueError(msg)
+
+
 def _prepare_obs(
     obs: pd.DataFrame, variables: set[str], *, factors: set[str], what: dict[str, str]
 ) -> pd.DataFrame:
@@ -204,14 +219,7 @@ def _prepare_obs(
     data = {}
     for v in sorted(variables):
         col = obs[v]
-        na = col.isna().to_numpy()
-        if na.any():
-            first = obs.index[np.flatnonzero(na)[0]]
-            msg = (
-                f"adata.obs[{v!r}] (used in the {what[v]}) has {int(na.sum())} missing value(s), "
-                f"e.g. in cell {first!r}. Drop or fill those cells before fitting."
-            )
-            raise ValueError(msg)
+        check_no_missing(col, f"{v!r}] (used in the {what[v]})", advice="Drop or fill")
         if v in factors or isinstance(col.dtype, pd.CategoricalDtype):
             data[v] = _as_factor(col)
         elif pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype):

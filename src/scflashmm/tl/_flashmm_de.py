@@ -384,18 +384,17 @@ def flashmm_de(
         adata, Y, design.X, design.x_columns, key_added, effect_size=effect_size,
         is_counts=is_counts, library_size=library_size, chunk_size=chunk_size,
     )  # fmt: skip
-    params = {
-        "fixed": fixed,
-        "random": [random] if isinstance(random, str) else list(random),
-        "layer": layer,
-        "is_counts": bool(is_counts),
-        "chunk_size": chunk_size,
-        "store_stats": store_stats,
-        "transform": "log2(1 + y)" if is_counts else "identity",
-        "effect_size": bool(effect_sizes),
-        "library_size": library_size,
-        "store_cov": bool(store_cov),
-    }
+    params = data_params(
+        fixed=fixed,
+        random=random,
+        layer=layer,
+        is_counts=is_counts,
+        chunk_size=chunk_size,
+        store_stats=store_stats,
+        effect_size=bool(effect_sizes),
+        library_size=library_size,
+        store_cov=store_cov,
+    )
     varm, uns = fit_and_record(
         adata,
         stats,
@@ -435,6 +434,44 @@ def view_to_actual(adata: AnnData) -> None:
 
         logg.warning("Received a view of an AnnData. Making a copy.")
         adata._init_as_actual(adata.copy())
+
+
+def data_params(
+    *,
+    fixed: str,
+    random: str | Sequence[str],
+    layer: str | None,
+    is_counts: bool,
+    chunk_size: int | None,
+    store_stats: bool,
+    effect_size: bool,
+    library_size: str | None,
+    store_cov: bool,
+) -> dict[str, Any]:
+    """``uns[key]["params"]`` entries about the data and storage (the model's come with the fit)."""
+    return {
+        "fixed": fixed,
+        "random": [random] if isinstance(random, str) else list(random),
+        "layer": layer,
+        "is_counts": bool(is_counts),
+        "chunk_size": chunk_size,
+        "store_stats": store_stats,
+        "transform": "log2(1 + y)" if is_counts else "identity",
+        "effect_size": bool(effect_size),
+        "library_size": library_size,
+        "store_cov": bool(store_cov),
+    }
+
+
+def warn_if_raw_counts(Y: Any, source: str, *, is_counts: bool) -> None:
+    """Warn when data fitted untransformed look like raw counts (non-negative integers)."""
+    if not is_counts and looks_like_counts(Y):
+        msg = (
+            f"{source} looks like raw counts (non-negative integers), but "
+            "is_counts=False fits them untransformed. Pass is_counts=True to fit log2(1 + y) "
+            "as FLASHMM does, or normalise and log-transform first."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=4)
 
 
 def check_fit_options(
@@ -645,13 +682,7 @@ def _summary_statistics(
         raise ValueError(msg) from exc
     finally:
         bar.close()
-    if not is_counts and looks_like_counts(Y):
-        msg = (
-            f"{source} looks like raw counts (non-negative integers), but "
-            "is_counts=False fits them untransformed. Pass is_counts=True to fit log2(1 + y) "
-            "as FLASHMM does, or normalise and log-transform first."
-        )
-        warnings.warn(msg, UserWarning, stacklevel=3)
+    warn_if_raw_counts(Y, source, is_counts=is_counts)
     if is_counts and has_non_integers(Y):
         msg = (
             f"{source} has non-integer values, but is_counts=True treats them as counts and "

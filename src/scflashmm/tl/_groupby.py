@@ -44,17 +44,19 @@ from .._core.passes import reduce_dask_blocks
 from .._core.sources import CompressedBlock, is_dask_array, open_source, shape2
 from .._core.stats import SummaryStats
 from .._core.sumstats import NonFiniteError
-from .._design import _as_factor, _normalize_random, _parse_formula, make_design
+from .._design import _as_factor, _normalize_random, _parse_formula, check_no_missing, make_design
 from ._flashmm_de import (
     DesignInfo,
     FitOptions,
     _check_input,
     _contrasts,
     check_fit_options,
+    data_params,
     fit_and_record,
     view_to_actual,
+    warn_if_raw_counts,
 )
-from ._matrix import ProgressBar, is_csc, looks_like_counts, nonfinite_error
+from ._matrix import ProgressBar, is_csc, nonfinite_error
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -161,27 +163,19 @@ def flashmm_de_groupby(
     stats = _grouped_statistics(
         adata, Y, source, groups, chunk_size=chunk_size, is_counts=is_counts, progress=progress
     )
-    if not is_counts and looks_like_counts(Y):
-        msg = (
-            f"{source} looks like raw counts (non-negative integers), but "
-            "is_counts=False fits them untransformed. Pass is_counts=True to fit log2(1 + y) "
-            "as FLASHMM does, or normalise and log-transform first."
-        )
-        warnings.warn(msg, UserWarning, stacklevel=3)
+    warn_if_raw_counts(Y, source, is_counts=is_counts)
 
-    params = {
-        "fixed": fixed,
-        "random": [random] if isinstance(random, str) else list(random),
-        "layer": layer,
-        "is_counts": bool(is_counts),
-        "chunk_size": chunk_size,
-        "store_stats": store_stats,
-        "transform": "log2(1 + y)" if is_counts else "identity",
-        "effect_size": False,
-        "library_size": None,
-        "store_cov": bool(store_cov),
-        "groupby": groupby,
-    }
+    params = data_params(
+        fixed=fixed,
+        random=random,
+        layer=layer,
+        is_counts=is_counts,
+        chunk_size=chunk_size,
+        store_stats=store_stats,
+        effect_size=False,
+        library_size=None,
+        store_cov=store_cov,
+    ) | {"groupby": groupby}
     varm: dict[str, Any] = {}
     records: dict[str, dict[str, Any]] = {}
     fitted = []
@@ -241,14 +235,7 @@ def _group_codes(
         msg = f"groupby={groupby!r} is not a column of adata.obs. Available columns: {avail}."
         raise ValueError(msg)
     col = obs[groupby]
-    na = col.isna().to_numpy()
-    if na.any():
-        first = obs.index[np.flatnonzero(na)[0]]
-        msg = (
-            f"adata.obs[{groupby!r}] (groupby) has {int(na.sum())} missing value(s), e.g. in "
-            f"cell {first!r}. Drop or label those cells before fitting."
-        )
-        raise ValueError(msg)
+    check_no_missing(col, f"{groupby!r}] (groupby)", advice="Drop or label")
     if groupby in _formula_variables(fixed, random, obs):
         msg = (
             f"groupby={groupby!r} is also used in the model formulas; within a group it is "
