@@ -191,7 +191,7 @@ def test_sparse_prototype_equals_dense_solver():
     "formula", ["(1 + x | donor)", "(1 | donor) + (1 | donor:ct)", "(1 + x || donor)"]
 )
 def test_block_problem_equals_dense_problem(formula, method):
-    from scflashmm._core.structured import _BlockProblem, zz_blocks
+    from scflashmm._core.structured.block import _BlockProblem, zz_blocks
 
     data, _ = _case("simulated_sc")
     data["ct"] = np.array(["a", "b", "c"])[np.arange(len(data)) % 3]

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 import scflashmm as sfm
-from scflashmm._core import structured
 from scflashmm._core.fit import lmm
 from scflashmm._core.structured import StructuredLMMFit
+from scflashmm._core.structured import driver as structured_driver
 from scflashmm._core.sumstats import summary_stats
 from scflashmm._random_terms import random_design
 
@@ -183,7 +183,7 @@ def test_structured_options_and_memory_guard(monkeypatch):
         lmm(stats, structure=rd.structure, theta0=[1, 1, 1, 1])
     with pytest.raises(ValueError, match="eigen"):
         lmm(stats, structure=rd.structure, kernel="eigen")
-    monkeypatch.setattr(structured, "MEMORY_BUDGET", 1000)
+    monkeypatch.setattr(structured_driver, "MEMORY_BUDGET", 1000)
     with pytest.raises(MemoryError, match="q = 36"):
         lmm(stats, structure=rd.structure)
     adata = _adata(data, ["Reaction"])
