@@ -123,7 +123,7 @@ def test_satterthwaite_random_slopes_equals_lmertest():
 
     At the singular fits (g4 to g6) lmerTest differentiates on lme4's Cholesky scale, where a
     zero diagonal makes the map to the variances singular: the df differ there (docs/model.md,
-    Satterthwaite degrees of freedom), so only the regular genes are compared.
+    Random-effects structures), so only the regular genes are compared.
     """
     stats, structure, names, refs = _case("simulated_sc")
     fit = scflashmm.lmm(stats, structure=structure, df="satterthwaite", covariate_names=names)

@@ -36,6 +36,16 @@ and the blocks ``[I_i, I_j]`` of these give ``P``, ``Q`` and ``K`` of the compon
 -X'V^-2X``, ``Q_{i,k+1} = (Z'V^-1X)_i' (Z'V^-2X)_i``, ``Q_{k+1,k+1} = X'V^-3X``, ``K_{i,k+1} =
 tr (Z'V^-2Z)_ii``). Cost per gene: O(q^3 + q^2 p + q p^2 + k^2 p^3).
 
+Structured (lme4-style) terms: ``V = s0 I + sum_j gamma_j Z E_j Z'`` with ``gamma`` the
+variances and covariances of the terms and ``E_j`` the symmetric pattern of entry ``j``
+repeated over its term's levels (:class:`_Patterns`); FLASHMM's component ``i`` is ``E_i`` = the
+identity on ``I_i``. With ``H = Z'V^-1X``, ``H_2 = Z'V^-2X`` and ``S = Z'V^-1Z`` as above, the
+blocks become patterns: ``P_j = -H'E_jH``, ``Q_ij = H'E_i S E_j H``, ``Q_{j,k+1} = H'E_j H_2``,
+``K_ij = tr(E_i S E_j S)``, ``K_{j,k+1} = tr(E_j Z'V^-2Z)``, and ``D = sum_j r_j E_j`` (no
+longer diagonal with correlated slopes). This is the only dense kernel (``_parts_dense``): with
+``labels`` (blocks of columns that neither ``Z'Z`` nor any ``E_j`` couples, e.g. the donors of
+``(1 + x | donor)``) every q x q factor is block-diagonal and is held block by block.
+
 One component (``k = 1``, the eigen path): with ``Z'Z = V diag(mu) V'``, ``B = V'Z'X`` and ``h =
 1 / (1 + r mu)`` every ``q x q`` factor is diagonal: ``E`` has eigenvalue ``h`` along ``Z v_j``, so
 ``X'V^-aX = (X'X - B' diag(r h (1 + .. + h^(a-1))) B) / s0^a``, ``P_1 = -B' diag(h^2) B / s0^2``,
@@ -367,6 +377,11 @@ class _Patterns:
                 self.diagonal &= a == c
         eye = np.broadcast_to(np.eye(b), (1, nb, b, b))
         self.E = np.stack([self.apply(j, eye)[0] for j in range(len(self.entries))])
+        # variances: E_j = diag(mask_j), a 0/1 vector (genes-free, (k, blocks, b))
+        self.is_diag = np.array(
+            [pa is pb or np.array_equal(pa, pb) for _, pa, pb, _ in self.entries]
+        )
+        self.mask = np.diagonal(self.E, axis1=-2, axis2=-1) * self.is_diag[:, None, None]
 
     def apply(self, j: int, M: np.ndarray) -> np.ndarray:
         """Return ``E_j M`` for ``M`` (genes, blocks, b, m): a scatter of rows, O(levels m)."""
@@ -398,13 +413,15 @@ def _parts_dense(XX, n, patterns, theta):
     b = ZZb.shape[-1]
     s0 = theta[:, k]
     r = theta[:, :k] / s0[:, None]
-    D = (r @ E.reshape(k, -1)).reshape(-1, *ZZb.shape)  # (genes, blocks, b, b)
-    N = np.linalg.inv(D @ ZZb + np.eye(b))  # (D ZZ + I)^-1
-    Nt = np.swapaxes(N, -1, -2)
     if patterns.diagonal:  # D diagonal (FLASHMM's components, uncorrelated terms)
-        WD = _sym(N * np.diagonal(D, axis1=-2, axis2=-1)[..., None, :])
+        dvec = (r @ patterns.mask.reshape(k, -1)).reshape(-1, *ZZb.shape[:2])
+        N = np.linalg.inv(dvec[..., :, None] * ZZb + np.eye(b))  # (D ZZ + I)^-1
+        WD = _sym(N * dvec[..., None, :])
     else:
+        D = (r @ E.reshape(k, -1)).reshape(-1, *ZZb.shape)  # (genes, blocks, b, b)
+        N = np.linalg.inv(D @ ZZb + np.eye(b))
         WD = _sym(N @ D)  # N D = D N', symmetric
+    Nt = np.swapaxes(N, -1, -2)
     NtZX = Nt @ ZXb  # s0 Z'V^-1X
     ZN = ZZb @ N
     S = _sym(ZN)  # s0 Z'V^-1Z
@@ -424,15 +441,24 @@ def _parts_dense(XX, n, patterns, theta):
     G, G2 = NtZX / f1, ZEEX / f2  # Z'V^-1X, Z'V^-2X
     S, ZEEZ = S / f1, ZEEZ / f2  # Z'V^-1Z, Z'V^-2Z
     EG = [patterns.apply(j, G) for j in range(k)]
-    ES = [patterns.apply(j, S) for j in range(k)]
+    SEG = [S @ M for M in EG]  # S E_j G
     P = [-patterns.quad(j, G, G) for j in range(k)] + [-xeex / e2]
     Q: dict[tuple[int, int], np.ndarray] = {}
     K = np.empty((theta.shape[0], k + 1, k + 1))
+    # K_ij = tr(E_i S E_j S): for two variances mask_i' (S o S) mask_j, else with E_i S
+    diag = np.flatnonzero(patterns.is_diag)
+    mask = np.moveaxis(patterns.mask[diag], 0, -1)  # (blocks, b, variances)
+    Kd = np.einsum("nbi,gnbj->gij", mask, (S * S) @ mask)
+    ES = {j: patterns.apply(j, S) for j in np.flatnonzero(~patterns.is_diag)}
+    ES |= {j: mask[None, ..., i, None] * S for i, j in enumerate(diag) if ES}
     for i in range(k):
-        ESEG = [ES[i] @ EG[j] for j in range(i, k)]  # E_i S E_j G
-        for j, M in zip(range(i, k), ESEG, strict=True):
-            Q[i, j] = _tsum(G, M)
-            K[:, i, j] = K[:, j, i] = np.einsum("gnab,gnba->g", ES[i], ES[j])
+        for j in range(i, k):
+            Q[i, j] = _tsum(EG[i], SEG[j])
+            if patterns.is_diag[i] and patterns.is_diag[j]:
+                K[:, i, j] = Kd[:, np.searchsorted(diag, i), np.searchsorted(diag, j)]
+            else:
+                K[:, i, j] = np.einsum("gnab,gnba->g", ES[i], ES[j])
+            K[:, j, i] = K[:, i, j]
         Q[i, k] = patterns.quad(i, G, G2)
         lab, pa, pb, f = patterns.entries[i]
         K[:, i, k] = K[:, k, i] = 2 * f * ZEEZ[:, lab, pa, pb].sum(axis=1)
