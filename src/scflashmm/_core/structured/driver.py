@@ -342,9 +342,10 @@ def _theta_inference(
     """Score, standard errors of ``(gamma, s0)`` and, optionally, Satterthwaite's or KR's df.
 
     Standard errors come from the expected information. Satterthwaite's df (as lmerTest) use
-    the observed information (central differences of the analytic score) and the derivatives
-    of ``cov(beta)`` (central differences of the GLS fit); both are invariant to the
-    parameterisation of the covariance, so ``(gamma, s0)`` gives lmerTest's numbers.
+    the observed information (central differences of the analytic score, in lme4's Cholesky
+    coordinates) and the derivatives of ``cov(beta)`` (central differences of the GLS fit in
+    ``(gamma, s0)``); at a stationary point ``g'Ag`` does not depend on the parameterisation,
+    and the Cholesky coordinates keep singular fits stationary, so these are lmerTest's df.
     Kenward-Roger (as pbkrtest) is linear in ``(gamma, s0)``: ``V = s0 I + sum_j gamma_j Z E_j
     Z'`` (:func:`~scflashmm._core.kenward_roger.kenward_roger`, block by block with ``labels``,
     the blocks of ``Z'Z``), with the fit's covariance of beta and expected information.
@@ -361,22 +362,38 @@ def _theta_inference(
     par = np.column_stack([fit.gamma, fit.sigma2])
     k1 = par.shape[1]
     g, p = fit.coef.shape
+    # The observed information in lme4's coordinates (absolute Cholesky entries L and s0),
+    # where a singular fit (a zero Cholesky diagonal) is still a stationary point, as lmerTest
+    # takes it; mapped to (gamma, s0) by the delta method. Inside the boundary this equals the
+    # inverse Hessian in (gamma, s0); at a singular fit the directions that gamma = L L' cannot
+    # move to first order drop out, as in lmerTest.
+    chol = np.column_stack([fit.theta * np.sqrt(fit.sigma2)[:, None], fit.sigma2])
+
+    def score_chol(x: np.ndarray) -> np.ndarray:
+        gamma, jac = prob.gamma_and_jacobian(x[:, :-1])
+        dl, _ = prob.score_information(rows, gamma, x[:, -1])
+        return np.column_stack([np.einsum("gi,gij->gj", dl[:, :-1], jac), dl[:, -1]])
+
     hess = np.empty((g, k1, k1))
     dcov = np.empty((g, k1, p, p))
     scale = np.sqrt(fit.sigma2)[:, None] * np.ones(k1)
     scale[:, -1] = fit.sigma2
     h = 1e-4 * scale
     for j in range(k1):
+        up, dn = chol.copy(), chol.copy()
+        up[:, j] += h[:, j]
+        dn[:, j] -= h[:, j]
+        hess[:, :, j] = (score_chol(up) - score_chol(dn)) / (2 * h[:, j, None])
         up, dn = par.copy(), par.copy()
         up[:, j] += h[:, j]
         dn[:, j] -= h[:, j]
-        dl_up, _ = prob.score_information(rows, up[:, :-1], up[:, -1])
-        dl_dn, _ = prob.score_information(rows, dn[:, :-1], dn[:, -1])
-        hess[:, :, j] = (dl_up - dl_dn) / (2 * h[:, j, None])
         c_up = prob.fixed_effects(stats, up[:, :-1], up[:, -1])[1]
         c_dn = prob.fixed_effects(stats, dn[:, :-1], dn[:, -1])[1]
         dcov[:, j] = (c_up - c_dn) / (2 * h[:, j, None, None])
-    vcov = inverse_information(-hess)
+    jac = np.zeros((g, k1, k1))
+    jac[:, :-1, :-1] = prob.gamma_and_jacobian(chol[:, :-1])[1]
+    jac[:, -1, -1] = 1.0
+    vcov = jac @ inverse_information(-hess) @ np.swapaxes(jac, 1, 2)
     var_b = np.diagonal(fit.cov, axis1=1, axis2=2)  # (g, p)
     grad = np.diagonal(dcov, axis1=2, axis2=3)  # (g, k1, p)
     den = np.einsum("gip,gij,gjp->gp", grad, vcov, grad)
