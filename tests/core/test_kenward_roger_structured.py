@@ -1,9 +1,10 @@
-"""Kenward-Roger for lme4-style terms (random slopes, ``||``, nested) against pbkrtest.
+"""Kenward-Roger for lme4-style terms (random slopes, ``||``, crossed) against pbkrtest.
 
 Oracle: tests/data/lme4/kenward_roger (``make.R`` there; lme4 1.1-31, pbkrtest 0.5.2,
 lmerTest 3.1-3): pbkrtest's ``vcovAdj`` and ``Lb_ddf`` on sleepstudy ``(Days | Subject)`` and
-``(Days || Subject)`` and on six simulated single-cell genes ``(1 + x | donor)`` (three of them
-singular fits), and lmerTest's Satterthwaite df of the same.
+``(Days || Subject)``, on six simulated single-cell genes ``(1 + x | donor)`` (three of them
+singular fits) and on three of them with a crossed factor, ``(1 + x | donor) + (1 | ct)`` (the
+dense path), and lmerTest's Satterthwaite df of the same.
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ def _case(name: str):
     else:
         data = pd.read_csv(DATA / "simulated_sc" / "data.csv")
         data["groupB"] = (data["group"] == "B").astype(float)
+        data["ct"] = np.array(["a", "b", "c"])[np.arange(len(data)) % 3]  # as make.R
         formula, fixed = "(1 + x | donor)", ["x", "groupB"]
-        responses = list(RESULTS["simulated_sc"])
-        refs = [RESULTS["simulated_sc"][g] for g in responses]
+        if name == "crossed":
+            formula += " + (1 | ct)"
+        responses = list(RESULTS[name])
+        refs = [RESULTS[name][g] for g in responses]
     rd = random_design(formula, data)
     X = np.column_stack([np.ones(len(data)), *(data[c].to_numpy(float) for c in fixed)])
     stats = summary_stats(X, data[responses].to_numpy(float), rd.Z)
@@ -70,17 +74,21 @@ def _expected(refs: list[dict]) -> dict[str, np.ndarray]:
     }
 
 
-CASES = ["sleepstudy/correlated", "sleepstudy/uncorrelated", "simulated_sc"]
+CASES = ["sleepstudy/correlated", "sleepstudy/uncorrelated", "simulated_sc", "crossed"]
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("blocks", [False, True], ids=["dense", "block"])
+@pytest.mark.parametrize(
+    ("case", "blocks"),
+    [(c, False) for c in CASES] + [(c, True) for c in CASES[:3]],
+    ids=[f"{c}-dense" for c in CASES] + [f"{c}-block" for c in CASES[:3]],
+)
 def test_at_lme4_variances_equals_pbkrtest(case, blocks):
     """The formulas at lme4's (co)variances reproduce pbkrtest to rounding (singular fits too)."""
     stats, structure, _, refs = _case(case)
     theta = np.array([_lme4_theta(r, structure) for r in refs])
     labels = zz_blocks(stats, structure) if blocks else None
-    assert (labels is not None) == blocks  # every case has one block per subject / donor
+    # one block per subject / donor, except with the crossed factor (one block: dense)
+    assert (labels is not None) == blocks
     kr = kenward_roger(stats.XX, stats.ZX, stats.ZZ, stats.n, structure, theta, labels=labels)
     ref = _expected(refs)
     # pbkrtest sqrt(diag(vcovAdj)) and Lb_ddf, at the same variances: 1e-10 relative
@@ -118,16 +126,18 @@ def test_fit_with_kenward_roger_df_equals_pbkrtest(case):
     np.testing.assert_allclose(alone.df(), fit.df_kenward_roger, rtol=1e-10)
 
 
-def test_satterthwaite_random_slopes_equals_lmertest():
-    """lmerTest's Satterthwaite df on the simulated random-slope design, singular fits included.
+@pytest.mark.parametrize("case", ["simulated_sc", "crossed"])
+def test_satterthwaite_random_slopes_equals_lmertest(case):
+    """lmerTest's Satterthwaite df on the simulated random-slope designs, singular fits included.
 
     lmerTest differentiates on lme4's Cholesky scale, where a singular fit (g4 to g6: a
-    correlation of +-1, no donor variance) is still a stationary point; so does our observed
-    information (docs/model.md, Random-effects structures).
+    correlation of +-1, no donor variance; crossed g2, g3: no ct variance) is still a
+    stationary point; so does our observed information (docs/model.md, Random-effects
+    structures).
     """
-    stats, structure, names, refs = _case("simulated_sc")
+    stats, structure, names, refs = _case(case)
     fit = scflashmm.lmm(stats, structure=structure, df="satterthwaite", covariate_names=names)
-    assert [r["singular"] for r in refs] == [False] * 3 + [True] * 3
+    assert sum(r["singular"] for r in refs) >= 2
     expected = np.array([list(r["df_satterthwaite"].values()) for r in refs])
     # numerical derivatives on both sides (lmerTest: numDeriv's Richardson extrapolation)
     np.testing.assert_allclose(fit.df_satterthwaite, expected, rtol=1e-5)
@@ -180,3 +190,19 @@ def test_bad_input_and_sparse_path():
         scflashmm.lmm(stats, structure=structure, method="ML", df="kenward-roger")
     with pytest.raises(ValueError, match="df='kenward-roger' is not available on the sparse"):
         scflashmm.lmm(stats, structure=structure, df="kenward-roger", kernel="sparse")
+
+
+def test_dense_problem_uses_its_information_consistently():
+    """Crossed terms (one block of Z'Z, the dense problem): the fit's KR == the formulas alone."""
+    data = pd.read_csv(DATA / "simulated_sc" / "data.csv")
+    data["ct"] = np.array(["a", "b", "c"])[np.arange(len(data)) % 3]  # crosses the donors
+    rd = random_design("(1 + x | donor) + (1 | ct)", data)
+    X = np.column_stack([np.ones(len(data)), data["x"].to_numpy(float)])
+    stats = summary_stats(X, data[["g1", "g2", "g3"]].to_numpy(float), rd.Z)
+    assert zz_blocks(stats, rd.structure) is None
+    fit = scflashmm.lmm(stats, structure=rd.structure, df="kenward-roger")
+    assert fit.kernel == "dense"
+    alone = kenward_roger(stats.XX, stats.ZX, stats.ZZ, stats.n, rd.structure, fit.theta)
+    np.testing.assert_allclose(fit.se, alone.se(), rtol=1e-10)
+    np.testing.assert_allclose(fit.df_kenward_roger, alone.df(), rtol=1e-10)
+    np.testing.assert_allclose(fit.cov_adjusted, alone.cov_adjusted, rtol=1e-10)

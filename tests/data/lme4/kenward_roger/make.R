@@ -1,7 +1,7 @@
 # Kenward-Roger (pbkrtest) and Satterthwaite (lmerTest) df for random-slope models, the oracle of
 # Kenward-Roger for lme4-style terms. Run from this folder: Rscript make.R
 # Data: ../sleepstudy/data.csv (lme4's sleepstudy) and ../simulated_sc/data.csv (12 donors,
-# 6 simulated genes, see ../simulated_sc/make.R).
+# 6 simulated genes, see ../simulated_sc/make.R; with a crossed factor for three of them).
 # Per fit (REML, tight optimiser tolerances as in ../common.R): lme4's fixef, vcov and VarCorr
 # (vcov entries in the structure's order), pbkrtest's adjusted covariance (vcovAdj) and the
 # Kenward-Roger df of every coefficient and of one contrast (Lb_ddf), and lmerTest's
@@ -69,6 +69,14 @@ sleep$Subject <- factor(sleep$Subject)
 cells <- read.csv("../simulated_sc/data.csv")
 cells$donor <- factor(cells$donor)
 cells$group <- factor(cells$group)
+# crossed: a cell-level factor `ct` (every third cell) crossing the donors, so that Z'Z is one
+# block (the dense path): (1 + x | donor) + (1 | ct) for g1 to g3
+cells$ct <- factor(c("a", "b", "c")[(seq_len(nrow(cells)) - 1) %% 3 + 1])
+crossed <- list()
+for (g in sprintf("g%d", 1:3)) {
+  f <- as.formula(sprintf("%s ~ x + group + (1 + x | donor) + (1 | ct)", g))
+  crossed[[g]] <- kr_summary(f, cells, c(0, 1, -1))
+}
 genes <- list()
 for (g in sprintf("g%d", 1:6)) {
   f <- as.formula(sprintf("%s ~ x + group + (1 + x | donor)", g))
@@ -80,5 +88,6 @@ write_results(list(
     correlated = kr_summary(Reaction ~ Days + (Days | Subject), sleep, c(1, 1)),
     uncorrelated = kr_summary(Reaction ~ Days + (Days || Subject), sleep, c(1, 1))
   ),
-  simulated_sc = genes
+  simulated_sc = genes,
+  crossed = crossed
 ), "results.json")
