@@ -365,7 +365,7 @@ class _Patterns:
         self.ZZ = zz[idx[:, :, None], idx[:, None, :]]  # (blocks, b, b)
         self.ZX = np.vstack([ZX, np.zeros((1, p))])[idx]  # (blocks, b, p)
         self.entries: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]] = []
-        self.diagonal = True
+        variance: list[bool] = []
         for t, lo in zip(structure.terms, structure.offsets[:-1], strict=True):
             base = lo + np.arange(t.n_levels) * t.n_effects
             for a, c in t.entries:
@@ -374,13 +374,12 @@ class _Patterns:
                     msg = f"A covariance of term {t.group!r} couples different blocks (labels)."
                     raise ValueError(msg)
                 self.entries.append((labels[A], pos[A], pos[B], 0.5 if a == c else 1.0))
-                self.diagonal &= a == c
+                variance.append(a == c)
         eye = np.broadcast_to(np.eye(b), (1, nb, b, b))
         self.E = np.stack([self.apply(j, eye)[0] for j in range(len(self.entries))])
-        # variances: E_j = diag(mask_j), a 0/1 vector (genes-free, (k, blocks, b))
-        self.is_diag = np.array(
-            [pa is pb or np.array_equal(pa, pb) for _, pa, pb, _ in self.entries]
-        )
+        # variances: E_j = diag(mask_j), a 0/1 vector (k, blocks, b); D is diagonal when all are
+        self.is_diag = np.array(variance)
+        self.diagonal = bool(self.is_diag.all())
         self.mask = np.diagonal(self.E, axis1=-2, axis2=-1) * self.is_diag[:, None, None]
 
     def apply(self, j: int, M: np.ndarray) -> np.ndarray:
