@@ -36,6 +36,16 @@ and the blocks ``[I_i, I_j]`` of these give ``P``, ``Q`` and ``K`` of the compon
 -X'V^-2X``, ``Q_{i,k+1} = (Z'V^-1X)_i' (Z'V^-2X)_i``, ``Q_{k+1,k+1} = X'V^-3X``, ``K_{i,k+1} =
 tr (Z'V^-2Z)_ii``). Cost per gene: O(q^3 + q^2 p + q p^2 + k^2 p^3).
 
+Structured (lme4-style) terms: ``V = s0 I + sum_j gamma_j Z E_j Z'`` with ``gamma`` the
+variances and covariances of the terms and ``E_j`` the symmetric pattern of entry ``j``
+repeated over its term's levels (:class:`_Patterns`); FLASHMM's component ``i`` is ``E_i`` = the
+identity on ``I_i``. With ``H = Z'V^-1X``, ``H_2 = Z'V^-2X`` and ``S = Z'V^-1Z`` as above, the
+blocks become patterns: ``P_j = -H'E_jH``, ``Q_ij = H'E_i S E_j H``, ``Q_{j,k+1} = H'E_j H_2``,
+``K_ij = tr(E_i S E_j S)``, ``K_{j,k+1} = tr(E_j Z'V^-2Z)``, and ``D = sum_j r_j E_j`` (no
+longer diagonal with correlated slopes). This is the only dense kernel (``_parts_dense``): with
+``labels`` (blocks of columns that neither ``Z'Z`` nor any ``E_j`` couples, e.g. the donors of
+``(1 + x | donor)``) every q x q factor is block-diagonal and is held block by block.
+
 One component (``k = 1``, the eigen path): with ``Z'Z = V diag(mu) V'``, ``B = V'Z'X`` and ``h =
 1 / (1 + r mu)`` every ``q x q`` factor is diagonal: ``E`` has eigenvalue ``h`` along ``Z v_j``, so
 ``X'V^-aX = (X'X - B' diag(r h (1 + .. + h^(a-1))) B) / s0^a``, ``P_1 = -B' diag(h^2) B / s0^2``,
@@ -51,11 +61,12 @@ as pbkrtest's (lmerTest's Satterthwaite instead falls back to ``n - p`` there).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .structure import CovarianceStructure
 
 #: pbkrtest inverts ``IE`` when its smallest absolute eigenvalue exceeds this, else takes the
 #: pseudo-inverse (MASS::ginv, relative tolerance sqrt(machine epsilon)).
@@ -112,6 +123,7 @@ def kenward_roger(
     cov: np.ndarray | None = None,
     information: np.ndarray | None = None,
     basis: tuple[np.ndarray, np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
 ) -> KenwardRoger:
     """Kenward-Roger adjusted covariance of beta and the parts of its df, for every gene.
 
@@ -122,12 +134,16 @@ def kenward_roger(
     n
         Number of cells.
     d
-        Sizes ``(q_1 .. q_k)`` of the random components (column blocks of ``Z``).
+        Sizes ``(q_1 .. q_k)`` of FLASHMM's random components (column blocks of ``Z``), or a
+        :class:`~scflashmm._core.structure.CovarianceStructure` (lme4-style terms: ``k`` linear
+        parameters, the variances and covariances of its terms).
     theta
-        Variance components at the REML estimate (genes, k + 1), components first, residual last;
-        components may be exactly 0 (boundary fits).
+        The linear parameters at the REML estimate (genes, k + 1), residual variance last:
+        FLASHMM's variance components, or a structure's variances and covariances (in the
+        order of ``structure.varcorr_names(correlation=False)``); variances may be exactly 0
+        (boundary fits).
     eigen
-        Use the eigen path (one component only); default: when ``k == 1``.
+        Use the eigen path (one scalar component only); default: when ``k == 1``.
     cov, information
         Optional, from the fit at ``theta``: the unadjusted covariance ``Phi`` (genes, p, p)
         and the REML Fisher information of theta ``IE / 2`` (genes, k + 1, k + 1). Given, they
@@ -137,6 +153,10 @@ def kenward_roger(
         Optional, for the eigen path: ``(mu, BB)``, the eigenvalues of ``Z'Z`` and the
         flattened outer products of the rows of ``V'Z'X`` (q, p * p), as the fit's eigen
         kernel holds them (saves a ``q x q`` eigendecomposition per call).
+    labels
+        Optional block of each column of ``Z`` (q,), when neither ``Z'Z`` nor the covariance
+        couples different blocks (random effects nested in one factor): the ``q x q`` algebra
+        is then done block by block. Default one block.
 
     Returns
     -------
@@ -144,18 +164,30 @@ def kenward_roger(
     standard errors and df of coefficients or contrasts.
     """
     theta = np.atleast_2d(np.asarray(theta, dtype=np.float64))
-    d = tuple(int(x) for x in np.atleast_1d(d))
-    k = len(d)
+    if isinstance(d, CovarianceStructure):
+        structure = d
+        scalar = structure.d is not None and structure.n_theta == 1
+    else:
+        structure = CovarianceStructure.from_d(tuple(int(x) for x in np.atleast_1d(d)))
+        scalar = structure.n_theta == 1
+    k = structure.n_theta
     if theta.shape[1] != k + 1:
         msg = f"theta must have k + 1 = {k + 1} columns, got {theta.shape[1]}."
         raise ValueError(msg)
+    if structure.q != np.shape(ZZ)[0]:
+        msg = f"The random effects have q = {structure.q} columns; Z'Z has {np.shape(ZZ)[0]}."
+        raise ValueError(msg)
     if eigen is None:
-        eigen = k == 1
-    if eigen and k != 1:
+        eigen = scalar and labels is None
+    if eigen and not scalar:
         msg = "The eigen path needs a single random component (k = 1)."
         raise ValueError(msg)
-    args = (np.asarray(XX), np.asarray(ZX), np.asarray(ZZ), int(n), d, theta)
-    xv1x, P, Q, K = _parts_eigen(*args, basis=basis) if eigen else _parts_dense(*args)
+    XX, ZX, ZZ = np.asarray(XX), np.asarray(ZX), np.asarray(ZZ)
+    if eigen:
+        xv1x, P, Q, K = _parts_eigen(XX, ZX, ZZ, int(n), theta, basis=basis)
+    else:
+        patterns = _Patterns(structure, ZZ, ZX, labels)
+        xv1x, P, Q, K = _parts_dense(XX, int(n), patterns, theta)
     return _assemble(xv1x, P, Q, K, Phi=cov, IE=None if information is None else 2 * information)
 
 
@@ -258,7 +290,7 @@ def _inverse_ie(IE: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- kernels
 
 
-def _parts_eigen(XX, ZX, ZZ, n, d, theta, basis=None):
+def _parts_eigen(XX, ZX, ZZ, n, theta, basis=None):
     """``X'V^-1X``, ``P``, ``Q`` and ``K`` for one component, in the eigenbasis of ``Z'Z``.
 
     ``basis`` may give ``(mu, BB)``: the eigenvalues of ``Z'Z`` and the flattened outer
@@ -294,41 +326,146 @@ def _parts_eigen(XX, ZX, ZZ, n, d, theta, basis=None):
     return xv1x, P, Q, K / (s0**2)[:, None, None]
 
 
-def _parts_dense(XX, ZX, ZZ, n, d, theta):
-    """``X'V^-1X``, ``P``, ``Q`` and ``K`` for any number of components (batched q x q)."""
-    k, q = len(d), ZZ.shape[0]
-    bounds = np.cumsum((0, *d))
-    slices = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+class _Patterns:
+    """The ``E_j`` of ``V = s0 I + sum_j gamma_j Z E_j Z'`` in the coordinates of blocks of ``Z'Z``.
+
+    ``E_j = f_j sum_l (e_{a_l} e_{b_l}' + e_{b_l} e_{a_l}')`` over the levels ``l`` of its term:
+    ``f = 1/2`` and ``a = b`` for a variance, ``f = 1`` for a covariance (the pattern of
+    :class:`~scflashmm._core.structure.CovarianceStructure`'s linear parameters, and a block
+    identity for FLASHMM's component ``i``: ``a = b`` over its columns ``I_i``). The columns of
+    ``Z`` are grouped by ``labels`` into blocks that neither ``Z'Z`` nor any ``E_j`` couples
+    (one block when ``labels`` is None): every ``q x q`` matrix below is block-diagonal, held as
+    (genes, blocks, b, b) with padding columns (0 in ``Z'Z`` and ``Z'X``).
+    """
+
+    def __init__(
+        self,
+        structure: CovarianceStructure,
+        ZZ: np.ndarray,
+        ZX: np.ndarray,
+        labels: np.ndarray | None = None,
+    ):
+        q, p = ZX.shape
+        labels = np.zeros(q, dtype=np.int64) if labels is None else np.asarray(labels)
+        if labels.shape != (q,):
+            msg = f"labels must have one entry per column of Z ({q}), got {labels.shape}."
+            raise ValueError(msg)
+        if np.any(ZZ[labels[:, None] != labels[None, :]] != 0):
+            msg = "Z'Z couples columns of different blocks (labels)."
+            raise ValueError(msg)
+        sizes = np.bincount(labels)
+        nb, b = sizes.size, int(sizes.max())
+        order = np.argsort(labels, kind="stable")
+        pos = np.empty(q, dtype=np.int64)
+        pos[order] = np.arange(q) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        idx = np.full((nb, b), q)  # padding points at a zero row / column
+        idx[labels, pos] = np.arange(q)
+        zz = np.zeros((q + 1, q + 1))
+        zz[:q, :q] = ZZ
+        self.ZZ = zz[idx[:, :, None], idx[:, None, :]]  # (blocks, b, b)
+        self.ZX = np.vstack([ZX, np.zeros((1, p))])[idx]  # (blocks, b, p)
+        self.entries: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]] = []
+        variance: list[bool] = []
+        for t, lo in zip(structure.terms, structure.offsets[:-1], strict=True):
+            base = lo + np.arange(t.n_levels) * t.n_effects
+            for a, c in t.entries:
+                A, B = base + a, base + c
+                if np.any(labels[A] != labels[B]):
+                    msg = f"A covariance of term {t.group!r} couples different blocks (labels)."
+                    raise ValueError(msg)
+                self.entries.append((labels[A], pos[A], pos[B], 0.5 if a == c else 1.0))
+                variance.append(a == c)
+        eye = np.broadcast_to(np.eye(b), (1, nb, b, b))
+        self.E = np.stack([self.apply(j, eye)[0] for j in range(len(self.entries))])
+        # variances: E_j = diag(mask_j), a 0/1 vector (k, blocks, b); D is diagonal when all are
+        self.is_diag = np.array(variance)
+        self.diagonal = bool(self.is_diag.all())
+        self.mask = np.diagonal(self.E, axis1=-2, axis2=-1) * self.is_diag[:, None, None]
+
+    def apply(self, j: int, M: np.ndarray) -> np.ndarray:
+        """Return ``E_j M`` for ``M`` (genes, blocks, b, m): a scatter of rows, O(levels m)."""
+        lab, pa, pb, f = self.entries[j]
+        res = np.zeros(M.shape)
+        res[:, lab, pa] += f * M[:, lab, pb]  # no repeated index within one statement
+        res[:, lab, pb] += f * M[:, lab, pa]
+        return res
+
+    def quad(self, j: int, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """Return ``A' E_j B`` for ``A`` (genes, blocks, b, p) and ``B`` (genes, blocks, b, r)."""
+        lab, pa, pb, f = self.entries[j]
+        Aa, Ab = A[:, lab, pa], A[:, lab, pb]  # (genes, levels, p)
+        Ba, Bb = B[:, lab, pa], B[:, lab, pb]
+        return f * (np.swapaxes(Aa, 1, 2) @ Bb + np.swapaxes(Ab, 1, 2) @ Ba)
+
+
+def _parts_dense(XX, n, patterns, theta):
+    """``X'V^-1X``, ``P``, ``Q`` and ``K`` for any patterns ``E_j`` (batched, block-diagonal).
+
+    See the module docstring: with ``D = sum_j r_j E_j`` (``r_j = gamma_j / s0``) every ``q x q``
+    factor is block-diagonal over the blocks of :class:`_Patterns`; the blocks of ``I_i`` in
+    FLASHMM's formulas become ``E_j``: ``P_j = -G'E_jG``, ``Q_ij = G'E_i S E_j G``,
+    ``Q_{j,k+1} = G'E_j G_2``, ``K_ij = tr(E_i S E_j S)``, ``K_{j,k+1} = tr(E_j Z'V^-2Z)``
+    (``G = Z'V^-1X``, ``G_2 = Z'V^-2X``, ``S = Z'V^-1Z``).
+    """
+    k = len(patterns.entries)
+    ZZb, ZXb, E = patterns.ZZ, patterns.ZX, patterns.E
+    b = ZZb.shape[-1]
     s0 = theta[:, k]
-    rrep = (theta[:, :k] / s0[:, None])[:, np.repeat(np.arange(k), d)]
-    N = np.linalg.inv(rrep[:, :, None] * ZZ + np.eye(q))  # (D ZZ + I)^-1
-    Nt = np.swapaxes(N, 1, 2)
-    WD = _sym(N * rrep[:, None, :])  # N D, symmetric
-    NtZX = Nt @ ZX  # s0 Z'V^-1X
-    S = _sym(ZZ @ N)  # s0 Z'V^-1Z
+    r = theta[:, :k] / s0[:, None]
+    if patterns.diagonal:  # D diagonal (FLASHMM's components, uncorrelated terms)
+        dvec = (r @ patterns.mask.reshape(k, -1)).reshape(-1, *ZZb.shape[:2])
+        N = np.linalg.inv(dvec[..., :, None] * ZZb + np.eye(b))  # (D ZZ + I)^-1
+        WD = _sym(N * dvec[..., None, :])
+    else:
+        D = (r @ E.reshape(k, -1)).reshape(-1, *ZZb.shape)  # (genes, blocks, b, b)
+        N = np.linalg.inv(D @ ZZb + np.eye(b))
+        WD = _sym(N @ D)  # N D = D N', symmetric
+    Nt = np.swapaxes(N, -1, -2)
+    NtZX = Nt @ ZXb  # s0 Z'V^-1X
+    ZN = ZZb @ N
+    S = _sym(ZN)  # s0 Z'V^-1Z
     ZEEX = Nt @ NtZX  # s0^2 Z'V^-2X
-    ZEEZ = _sym(Nt @ ZZ @ N)  # s0^2 Z'V^-2Z
-    WZX = WD @ ZX
-    xex = XX - _sym(ZX.T @ WZX)
-    xeex = xex - _sym(np.swapaxes(NtZX, 1, 2) @ WZX)
-    xeeex = xeex - _sym(np.swapaxes(NtZX, 1, 2) @ WD @ NtZX)
-    WZZ = WD @ ZZ
-    tr_e2 = n - 2 * np.trace(WZZ, axis1=1, axis2=2) + np.einsum("gab,gba->g", WZZ, WZZ)
+    ZEEZ = _sym(Nt @ ZN)  # s0^2 Z'V^-2Z
+    WZX = WD @ ZXb
+    xex = XX - _sym(_tsum(ZXb, WZX))
+    xeex = xex - _sym(_tsum(NtZX, WZX))
+    xeeex = xeex - _sym(_tsum(NtZX, WD @ NtZX))
+    WZZ = WD @ ZZb
+    tr_e2 = (
+        n - 2 * np.trace(WZZ, axis1=-2, axis2=-1).sum(axis=1) + np.einsum("gnab,gnba->g", WZZ, WZZ)
+    )
 
     e1, e2, e3 = (s0[:, None, None] ** a for a in (1, 2, 3))
-    G = [NtZX[:, Ii] / e1 for Ii in slices]  # (Z'V^-1X)_i
-    G2 = [ZEEX[:, Ii] / e2 for Ii in slices]  # (Z'V^-2X)_i
-    P = [-np.swapaxes(Gi, 1, 2) @ Gi for Gi in G] + [-xeex / e2]
+    f1, f2 = (s0[:, None, None, None] ** a for a in (1, 2))
+    G, G2 = NtZX / f1, ZEEX / f2  # Z'V^-1X, Z'V^-2X
+    S, ZEEZ = S / f1, ZEEZ / f2  # Z'V^-1Z, Z'V^-2Z
+    EG = [patterns.apply(j, G) for j in range(k)]
+    SEG = [S @ M for M in EG]  # S E_j G
+    P = [-patterns.quad(j, G, G) for j in range(k)] + [-xeex / e2]
     Q: dict[tuple[int, int], np.ndarray] = {}
     K = np.empty((theta.shape[0], k + 1, k + 1))
-    for i, Ii in enumerate(slices):
-        GiT = np.swapaxes(G[i], 1, 2)
+    # K_ij = tr(E_i S E_j S): for two variances mask_i' (S o S) mask_j, else with E_i S
+    diag = np.flatnonzero(patterns.is_diag)
+    mask = np.moveaxis(patterns.mask[diag], 0, -1)  # (blocks, b, variances)
+    Kd = np.einsum("nbi,gnbj->gij", mask, (S * S) @ mask)
+    ES = {j: patterns.apply(j, S) for j in np.flatnonzero(~patterns.is_diag)}
+    ES |= {j: mask[None, ..., i, None] * S for i, j in enumerate(diag) if ES}
+    for i in range(k):
         for j in range(i, k):
-            block = S[:, Ii, slices[j]] / e1
-            Q[i, j] = GiT @ block @ G[j]
-            K[:, i, j] = K[:, j, i] = np.sum(block**2, axis=(1, 2))
-        Q[i, k] = GiT @ G2[i]
-        K[:, i, k] = K[:, k, i] = np.trace(ZEEZ[:, Ii, Ii], axis1=1, axis2=2) / s0**2
+            Q[i, j] = _tsum(EG[i], SEG[j])
+            if patterns.is_diag[i] and patterns.is_diag[j]:
+                K[:, i, j] = Kd[:, np.searchsorted(diag, i), np.searchsorted(diag, j)]
+            else:
+                K[:, i, j] = np.einsum("gnab,gnba->g", ES[i], ES[j])
+            K[:, j, i] = K[:, i, j]
+        Q[i, k] = patterns.quad(i, G, G2)
+        lab, pa, pb, f = patterns.entries[i]
+        K[:, i, k] = K[:, k, i] = 2 * f * ZEEZ[:, lab, pa, pb].sum(axis=1)
     Q[k, k] = xeeex / e3
     K[:, k, k] = tr_e2 / s0**2
     return xex / e1, P, Q, K
+
+
+def _tsum(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``sum_blocks A_n' B_n`` for (genes or 1, blocks, b, p) and (genes, blocks, b, r)."""
+    return (np.swapaxes(A, -1, -2) @ B).sum(axis=1)

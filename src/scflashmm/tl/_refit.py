@@ -3,8 +3,9 @@
 :func:`scflashmm.tl.flashmm_de` (with ``store_stats=True``, the default) keeps the gene-wise
 summary statistics ``X'y``, ``Z'y``, ``y'y`` in ``varm`` and the shared ``X'X``, ``Z'X``,
 ``Z'Z``, ``n`` in ``uns``: everything the fit reads from the cells. A refit rebuilds the
-:class:`~scflashmm.SummaryStats` from them and fits again; its numbers equal those of a fresh
-:func:`~scflashmm.tl.flashmm_de` with the same options.
+:class:`~scflashmm.SummaryStats` from them (and, for lme4-style random terms, the covariance
+structure from ``uns[key]["random_structure"]``) and fits again; its numbers equal those of a
+fresh :func:`~scflashmm.tl.flashmm_de` with the same options.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._core._options import DfMethod, Method
+from .._core.structure import CovarianceStructure, RandomTermStructure
 from .._core.sumstats import SummaryStats
 from .._results import LOG2FC, STATS_XY, STATS_YY, STATS_ZY, results_uns, varm_key
 from ._flashmm_de import (
@@ -47,7 +49,10 @@ def flashmm_refit(
 
     No pass over the cells: new contrasts can be tested with any df method, and the model
     refit with another ``method``, ``df``, ``nonnegative`` or ``moderate``, on the genes
-    present (subsetting genes after the fit is fine).
+    present (subsetting genes after the fit is fine). Fits with lme4-style random terms
+    (``"(1 + x | donor)"``, ``"(1 | donor/sample)"``) are refit with the same covariance
+    structure; the options they cannot take in :func:`~scflashmm.tl.flashmm_de` (e.g.
+    ``moderate=True``) are refused here in the same words.
 
     Parameters
     ----------
@@ -119,16 +124,17 @@ def _stored_stats(adata: AnnData, key: str, info: Mapping[str, Any]) -> tuple[An
             f"scflashmm.tl.flashmm_de(..., store_stats=True, key_added={key!r})."
         )
         raise KeyError(msg)
-    if "random_structure" in info:
-        # the covariance structure of lme4-style terms is not rebuilt from uns (yet): refitting
-        # with independent components instead would silently change the model
-        msg = (
-            f"The fit under key {key!r} has lme4-style random terms; flashmm_refit supports "
-            "only the component forms (a column name, a list, '~0+sam'). Run "
-            "scflashmm.tl.flashmm_de again with the new options."
-        )
-        raise NotImplementedError(msg)
     shared = info["stats"]
+    structure = None
+    if "random_structure" in info:
+        structure = _structure_from_record(info["random_structure"])
+        q = np.shape(shared["ZZ"])[0]
+        if structure.q != q:
+            msg = (
+                f"The random structure stored under key {key!r} has q = {structure.q} random "
+                f"effects; the stored Z'Z has {q}."
+            )
+            raise ValueError(msg)
     x_columns = [str(c) for c in info["x_columns"]]
     xy = adata.varm[keys[0]][x_columns].to_numpy(dtype=np.float64)
     stats = SummaryStats(
@@ -147,5 +153,22 @@ def _stored_stats(adata: AnnData, key: str, info: Mapping[str, Any]) -> tuple[An
         d=[int(x) for x in info["d"]],
         z_columns=[str(c) for c in info["z_columns"]],
         x_sum=np.asarray(shared["x_sum"], dtype=np.float64),
+        structure=structure,
     )
     return stats, design
+
+
+def _structure_from_record(record: Mapping[str, Any]) -> CovarianceStructure:
+    """Rebuild the covariance structure ``flashmm_de`` recorded (terms ``"0"``, ``"1"``, ...)."""
+    terms = [record[str(i)] for i in range(len(record))]
+    return CovarianceStructure(
+        tuple(
+            RandomTermStructure(
+                group=str(t["group"]),
+                n_levels=int(t["n_levels"]),
+                effects=tuple(str(e) for e in np.atleast_1d(t["effects"])),
+                correlated=bool(t["correlated"]),
+            )
+            for t in terms
+        )
+    )

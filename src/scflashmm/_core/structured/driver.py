@@ -11,7 +11,8 @@ import numpy as np
 from .._options import check_choice, check_df, check_method
 from ..fit import LMMFit
 from ..inference import t_pvalue
-from ..satterthwaite import inverse_information
+from ..kenward_roger import kenward_roger
+from ..satterthwaite import coefficient_df, inverse_information
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
 from .block import zz_blocks
@@ -170,7 +171,9 @@ def lmm_structured(
     output_cov
         Keep the covariance of the fixed effects.
     df
-        ``"residual"`` or ``"satterthwaite"`` (dense path).
+        ``"residual"``, ``"satterthwaite"`` or ``"kenward-roger"`` (REML; Kenward-Roger's
+        adjusted covariance and df as pbkrtest computes them, docs/model.md, Kenward-Roger);
+        the per-test df need the dense or block path.
     feature_names, covariate_names
         Names of genes and fixed-effect columns.
     kernel
@@ -192,11 +195,15 @@ def lmm_structured(
     )
 
     method = check_method(method)
-    df = check_df(df)
     structure = check_structure(structure, stats.shape[2])
     kind = choose_structured_kernel(structure, kernel)
-    if kind == "sparse" and df == "satterthwaite":
-        msg = "Satterthwaite df are not available on the sparse (large q) path yet."
+    df = check_df(df, method)
+    if kind == "sparse" and df != "residual":
+        msg = (
+            f"df={df!r} is not available on the sparse (large q) path: it has q = "
+            f"{structure.q} random effects (sparse from q = {SPARSE_MIN_Q}). Use "
+            "df='residual', or kernel='dense' if q x q work per gene fits in memory."
+        )
         raise ValueError(msg)
     jobs = check_n_jobs(n_jobs)
     n, p, _, m = stats.shape
@@ -214,6 +221,11 @@ def lmm_structured(
     genes = _select_fittable(stats.Ynorm, reduced.yry, features)
     k = structure.n_theta
     size = dense_genes_per_block(structure, p) if kind == "dense" else 64
+    labels = zz_blocks(stats, structure) if kind == "dense" else None
+    if df == "kenward-roger":  # k more (genes, q, q) arrays, and (k + 1)^2 (genes, p, p)
+        q = structure.q
+        per_gene = 8 * ((_DENSE_ARRAYS + k) * q * q + (k + 1) ** 2 * (p * p + 2 * q * p))
+        size = max(1, min(size, MEMORY_BUDGET // (8 * per_gene)))
     size = max(1, min(size, -(-genes.size // jobs)))  # at least one block per thread
     blocks = [genes[lo : lo + size] for lo in range(0, genes.size, size)]
     tol = min(float(epsilon), 1e-9)
@@ -228,7 +240,7 @@ def lmm_structured(
             }
         else:
             f = fit_structured(sub, structure, method=method, max_iter=max_iter, tol=tol)
-            extra = _theta_inference(sub, structure, method, f, satterthwaite=df != "residual")
+            extra = _theta_inference(sub, structure, method, f, df=df, labels=labels)
         return {
             "coef": f.coef,
             "se": f.se,
@@ -256,6 +268,9 @@ def lmm_structured(
         "df_satterthwaite": (p,),
         "dfim_beta": (k, p, p),
         "vcov_theta": (k + 1, k + 1),
+        "df_kenward_roger": (p,),
+        "vcov_theta_kr": (k + 1, k + 1),
+        "cov_adjusted": (p, p),
     }
     out: dict[str, np.ndarray] = {name: np.full((m, *s), np.nan) for name, s in shapes.items()}
     out |= {
@@ -270,8 +285,9 @@ def lmm_structured(
             for name, value in res.items():
                 out[name][rows] = value
     t = out["coef"] / out["se"]
-    satt = df == "satterthwaite"
-    pval = t_pvalue(t, out["df_satterthwaite"] if satt else n - p)
+    satt, kr = df == "satterthwaite", df == "kenward-roger"
+    per_test = {"satterthwaite": "df_satterthwaite", "kenward-roger": "df_kenward_roger"}
+    pval = t_pvalue(t, out[per_test[df]] if df in per_test else n - p)
     n_failed = int((~out["converged"][genes]).sum())
     if n_failed:
         msg = (
@@ -302,12 +318,15 @@ def lmm_structured(
         df_method=df,
         df_satterthwaite=out["df_satterthwaite"] if satt else None,
         vcov_theta=out["vcov_theta"] if satt else None,
-        dfim_beta=out["dfim_beta"] if satt and output_cov else None,
+        dfim_beta=out["dfim_beta"] if (satt or kr) and output_cov else None,
+        df_kenward_roger=out["df_kenward_roger"] if kr else None,
+        vcov_theta_kr=out["vcov_theta_kr"] if kr else None,
+        cov_adjusted=out["cov_adjusted"] if kr and output_cov else None,
         structure=structure,
         varcorr=out["varcorr"],
         theta_lme4=out["theta_lme4"],
         singular=out["singular"],
-        kernel="block" if kind == "dense" and zz_blocks(stats, structure) is not None else kind,
+        kernel="block" if labels is not None else kind,
     )
 
 
@@ -317,41 +336,64 @@ def _theta_inference(
     method: str,
     fit: StructuredFit,
     *,
-    satterthwaite: bool,
+    df: str = "residual",
+    labels: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Score, standard errors of ``(gamma, s0)`` and, optionally, Satterthwaite's df.
+    """Score, standard errors of ``(gamma, s0)`` and, optionally, Satterthwaite's or KR's df.
 
     Standard errors come from the expected information. Satterthwaite's df (as lmerTest) use
-    the observed information (central differences of the analytic score) and the derivatives
-    of ``cov(beta)`` (central differences of the GLS fit); both are invariant to the
-    parameterisation of the covariance, so ``(gamma, s0)`` gives lmerTest's numbers.
+    the observed information (central differences of the analytic score, in lme4's Cholesky
+    coordinates) and the derivatives of ``cov(beta)`` (central differences of the GLS fit in
+    ``(gamma, s0)``); at a stationary point ``g'Ag`` does not depend on the parameterisation,
+    and the Cholesky coordinates keep singular fits stationary, so these are lmerTest's df.
+    Kenward-Roger (as pbkrtest) is linear in ``(gamma, s0)``: ``V = s0 I + sum_j gamma_j Z E_j
+    Z'`` (:func:`~scflashmm._core.kenward_roger.kenward_roger`, block by block with ``labels``,
+    the blocks of ``Z'Z``), with the fit's covariance of beta and expected information.
     """
     prob = make_problem(stats, structure, method)
     rows = np.arange(fit.coef.shape[0])
     dl, fim = prob.score_information(rows, fit.gamma, fit.sigma2)
     cov_t = np.linalg.pinv(fim, hermitian=True)
     out = {"dlogL": dl, "se_theta": np.sqrt(np.maximum(np.diagonal(cov_t, axis1=1, axis2=2), 0))}
-    if not satterthwaite:
+    if df == "kenward-roger":
+        return out | _kenward_roger(stats, structure, fit, fim, labels)
+    if df != "satterthwaite":
         return out
     par = np.column_stack([fit.gamma, fit.sigma2])
     k1 = par.shape[1]
     g, p = fit.coef.shape
+    # The observed information in lme4's coordinates (absolute Cholesky entries L and s0),
+    # where a singular fit (a zero Cholesky diagonal) is still a stationary point, as lmerTest
+    # takes it; mapped to (gamma, s0) by the delta method. Inside the boundary this equals the
+    # inverse Hessian in (gamma, s0); at a singular fit the directions that gamma = L L' cannot
+    # move to first order drop out, as in lmerTest.
+    chol = np.column_stack([fit.theta * np.sqrt(fit.sigma2)[:, None], fit.sigma2])
+
+    def score_chol(x: np.ndarray) -> np.ndarray:
+        gamma, jac = prob.gamma_and_jacobian(x[:, :-1])
+        dl, _ = prob.score_information(rows, gamma, x[:, -1])
+        return np.column_stack([np.einsum("gi,gij->gj", dl[:, :-1], jac), dl[:, -1]])
+
     hess = np.empty((g, k1, k1))
     dcov = np.empty((g, k1, p, p))
     scale = np.sqrt(fit.sigma2)[:, None] * np.ones(k1)
     scale[:, -1] = fit.sigma2
     h = 1e-4 * scale
     for j in range(k1):
+        up, dn = chol.copy(), chol.copy()
+        up[:, j] += h[:, j]
+        dn[:, j] -= h[:, j]
+        hess[:, :, j] = (score_chol(up) - score_chol(dn)) / (2 * h[:, j, None])
         up, dn = par.copy(), par.copy()
         up[:, j] += h[:, j]
         dn[:, j] -= h[:, j]
-        dl_up, _ = prob.score_information(rows, up[:, :-1], up[:, -1])
-        dl_dn, _ = prob.score_information(rows, dn[:, :-1], dn[:, -1])
-        hess[:, :, j] = (dl_up - dl_dn) / (2 * h[:, j, None])
         c_up = prob.fixed_effects(stats, up[:, :-1], up[:, -1])[1]
         c_dn = prob.fixed_effects(stats, dn[:, :-1], dn[:, -1])[1]
         dcov[:, j] = (c_up - c_dn) / (2 * h[:, j, None, None])
-    vcov = inverse_information(-hess)
+    jac = np.zeros((g, k1, k1))
+    jac[:, :-1, :-1] = prob.gamma_and_jacobian(chol[:, :-1])[1]
+    jac[:, -1, -1] = 1.0
+    vcov = jac @ inverse_information(-hess) @ np.swapaxes(jac, 1, 2)
     var_b = np.diagonal(fit.cov, axis1=1, axis2=2)  # (g, p)
     grad = np.diagonal(dcov, axis1=2, axis2=3)  # (g, k1, p)
     den = np.einsum("gip,gij,gjp->gp", grad, vcov, grad)
@@ -361,6 +403,38 @@ def _theta_inference(
     prec = np.linalg.inv(fit.cov)
     out["dfim_beta"] = -np.einsum("gab,gjbc,gcd->gjad", prec, dcov[:, :-1], prec)
     return out
+
+
+def _kenward_roger(
+    stats: SummaryStats,
+    structure: CovarianceStructure,
+    fit: StructuredFit,
+    fim: np.ndarray,
+    labels: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+    """Kenward-Roger adjusted se, df and the parts for the df of contrasts, at the fit."""
+    theta = np.column_stack([fit.gamma, fit.sigma2])
+    kr = kenward_roger(
+        stats.XX,
+        stats.ZX,
+        stats.ZZ,
+        stats.n,
+        structure,
+        theta,
+        eigen=False,
+        cov=fit.cov,
+        information=fim,
+        labels=labels,
+    )
+    dfim = kr.dprec[:, :-1]
+    return {
+        "se": kr.se(),
+        # Satterthwaite's formula with W (docs/model.md, Kenward-Roger), as for the components
+        "df_kenward_roger": coefficient_df(kr.cov, dfim, theta, kr.W),
+        "vcov_theta_kr": kr.W,
+        "cov_adjusted": kr.cov_adjusted,
+        "dfim_beta": dfim,
+    }
 
 
 def dispatch_structure(
