@@ -133,15 +133,28 @@ class _BlockProblem(_Problem):
 
     def loglik(self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray) -> np.ndarray:
         """Log-likelihood (without constants) of the genes ``rows``."""
-        c = self._core(rows, gamma, s0)
-        out = -0.5 * (self.n_eff * np.log(s0) + c["logdet"] + c["quad"] / s0)
-        return np.where(c["ok"] & (s0 > 0), out, -np.inf)
+        return self._loglik(self._core(rows, gamma, s0), s0)
 
     def score_information(
         self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Score and expected information in ``(gamma, s0)`` for the genes ``rows``."""
+        return self._score(rows, gamma, s0, self._core(rows, gamma, s0))
+
+    def loglik_score(
+        self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log-likelihood, score and expected information from one factorisation."""
         c = self._core(rows, gamma, s0)
+        return self._loglik(c, s0), *self._score(rows, gamma, s0, c)
+
+    def _loglik(self, c: dict[str, np.ndarray], s0: np.ndarray) -> np.ndarray:
+        out = -0.5 * (self.n_eff * np.log(s0) + c["logdet"] + c["quad"] / s0)
+        return np.where(c["ok"] & (s0 > 0), out, -np.inf)
+
+    def _score(
+        self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray, c: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
         S, B, K, E = c["S"], self.B, self.K, self.E
         s = s0[:, None, None, None]
         r = self.zy[rows] - (K @ c["beta"][:, None, :, None])[..., 0]

@@ -114,7 +114,10 @@ def fit_structured(
     stall = np.zeros(m, dtype=np.int64)
     gamma, _ = prob.gamma_and_jacobian(L)
     rows_all = np.arange(m)
-    ll = prob.loglik(rows_all, gamma, s0)
+    # The score and information at the current point are kept from the line search's first
+    # (full) step, which is usually accepted: one factorisation per pass.
+    ll, dl_at, fim_at = prob.loglik_score(rows_all, gamma, s0)
+    fresh = np.ones(m, dtype=bool)
     active = rows_all.copy()
     for _ in range(max_iter):
         if active.size == 0:
@@ -122,7 +125,11 @@ def fit_structured(
         niter[active] += 1
         La, sa = L[active], s0[active]
         gam, J = prob.gamma_and_jacobian(La)
-        dl, fim = prob.score_information(active, gam, sa)
+        st_ix = np.flatnonzero(~fresh[active])
+        if st_ix.size:
+            stale = active[st_ix]
+            _, dl_at[stale], fim_at[stale] = prob.loglik_score(stale, gam[st_ix], sa[st_ix])
+        dl, fim = dl_at[active], fim_at[active]
         Jf = np.zeros((len(active), k + 1, k + 1))
         Jf[:, :k, :k] = J
         Jf[:, k, k] = 1.0
@@ -164,15 +171,23 @@ def fit_structured(
         alpha = np.ones(len(active))
         newL, news0, newll = La.copy(), sa.copy(), base.copy()
         todo = np.arange(len(active))
-        for _ in range(40):
+        fresh[active] = False
+        for halving in range(40):
             if todo.size == 0:
                 break
             trial = La[todo] + alpha[todo, None] * delta[todo, :k]
             ts0 = sa[todo] + alpha[todo] * delta[todo, k]
             ok_s = ts0 > 0
             ts0 = np.where(ok_s, ts0, sa[todo] / 2)
-            tll = prob.loglik(active[todo], prob.gamma_and_jacobian(trial)[0], ts0)
+            tgam = prob.gamma_and_jacobian(trial)[0]
+            if halving == 0:
+                tll, tdl, tfim = prob.loglik_score(active[todo], tgam, ts0)
+            else:
+                tll = prob.loglik(active[todo], tgam, ts0)
             good = ok_s & (tll >= base[todo] - 1e-15 * np.abs(base[todo]))
+            if halving == 0:
+                kept = active[todo[good]]
+                dl_at[kept], fim_at[kept], fresh[kept] = tdl[good], tfim[good], True
             newL[todo[good]], news0[todo[good]], newll[todo[good]] = (
                 trial[good],
                 ts0[good],
@@ -197,6 +212,7 @@ def fit_structured(
             newL[rows, j] = 0.0
             newll[rows] = tll[keep]
             fa[rows, j] = True
+            fresh[active[rows]] = False
         fixed[active] = fa
         change = np.max(np.abs(newL - La), axis=1) / np.sqrt(news0)
         change = np.maximum(change, np.abs(news0 - sa) / news0)
