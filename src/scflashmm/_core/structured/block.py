@@ -162,7 +162,6 @@ class _BlockProblem(_Problem):
         Qb = (B - B @ S @ B) / s
         Qb = (Qb + np.swapaxes(Qb, -1, -2)) / 2
         J = (K - B @ c["SK"]) / s  # Z'V^-1X (g, L, b, p)
-        phi = c["XHi"] * s0[:, None, None]  # (X'V^-1X)^-1
         k = E.shape[0]
         g = len(rows)
         EQ = E[None] @ Qb[:, None]  # (g, k, L, b, b)
@@ -170,26 +169,50 @@ class _BlockProblem(_Problem):
         Eu = (E[None] @ u[:, None, :, :, None])[..., 0]
         uu = np.sum((Eu * u[:, None]).reshape(g, k, -1), axis=2)
         tq = np.trace(EQ, axis1=-2, axis2=-1).sum(axis=-1)
-        fim = np.empty((g, k + 1, k + 1))
         EQt = np.swapaxes(EQ, -1, -2).reshape(g, k, -1)
         fq = EQ.reshape(g, k, -1) @ np.swapaxes(EQt, 1, 2)
+        JEJ = mid = None
         if self.reml:
             p = self.p
             EJf = EJ.reshape(g, k, -1, p)
             JEJ = np.swapaxes(J.reshape(g, -1, p), 1, 2)[:, None] @ EJf  # J' E_j J
-            tq = tq - np.einsum("gpr,gjrp->gj", phi, JEJ)
             QEJ = (Qb[:, None] @ EJ).reshape(g, k, -1, p)
             mid = np.swapaxes(EJf, -1, -2)[:, :, None] @ QEJ[:, None]  # J' E_j Qb E_k J
+        return self._assemble(gamma, s0, c, uu, tq, fq, JEJ, mid)
+
+    def _assemble(
+        self,
+        gamma: np.ndarray,
+        s0: np.ndarray,
+        c: dict[str, np.ndarray],
+        uu: np.ndarray,
+        tq: np.ndarray,
+        fq: np.ndarray,
+        JEJ: np.ndarray | None,
+        mid: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Score and information from the block parts of ``Q = Z'PZ`` (``Qb``, ``J = Z'V^-1X``).
+
+        ``uu``: ``u'E_j u``; ``tq``, ``fq``: ``tr(E_j Qb)``, ``tr(E_j Qb E_k Qb)``; ``JEJ``,
+        ``mid``: ``J'E_j J`` (g, k, p, p), ``J'E_j Qb E_k J`` (g, k, k, p, p) for REML's rank-p
+        corrections. The residual variance's entries follow from homogeneity
+        (``sum_i theta_i P V_i P = P``).
+        """
+        if self.reml:
+            phi = c["XHi"] * s0[:, None, None]  # (X'V^-1X)^-1
+            tq = tq - np.einsum("gpr,gjrp->gj", phi, JEJ)
             PJ = np.einsum("gpr,gjrs->gjps", phi, JEJ)
             fq = (
                 fq - 2 * np.einsum("gpr,gjkrp->gjk", phi, mid) + np.einsum("gjps,gksp->gjk", PJ, PJ)
             )
+        quad = c["quad"]
+        g, k = gamma.shape
+        fim = np.empty((g, k + 1, k + 1))
         fjk = fq / 2
         fim[:, :k, :k] = (fjk + np.swapaxes(fjk, 1, 2)) / 2
         dl = np.empty((g, k + 1))
         dl[:, :k] = (uu - tq) / 2
-        # homogeneity: sum_i theta_i P V_i P = P gives the residual variance's entries
-        yvvy = (c["quad"] / s0 - np.sum(gamma * uu, axis=1)) / s0
+        yvvy = (quad / s0 - np.sum(gamma * uu, axis=1)) / s0
         trp = (self.n_eff - np.sum(gamma * tq, axis=1)) / s0
         dl[:, k] = (yvvy - trp) / 2
         fs = (tq / 2 - np.einsum("gk,gjk->gj", gamma, fim[:, :k, :k])) / s0[:, None]

@@ -13,6 +13,7 @@ from .._options import check_method
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
 from .block import _BlockProblem, zz_blocks
+from .nested import _NestedProblem, nested_levels
 from .problem import _Problem
 
 #: A relative Cholesky diagonal below this is set to zero when that does not lower the
@@ -63,10 +64,17 @@ class StructuredFit:
 
 
 def make_problem(stats: SummaryStats, structure: CovarianceStructure, method: str) -> _Problem:
-    """Return the block problem when ``Z'Z`` splits into small blocks, else the dense one."""
+    """Return the algebra for ``stats``: nested closed forms, block-diagonal or dense ``q x q``.
+
+    ``(1 | a) + (1 | a:b)`` goes to :class:`.nested._NestedProblem`; another ``Z'Z`` that splits
+    into small blocks to :class:`.block._BlockProblem`; anything else to :class:`_Problem`.
+    """
     labels = zz_blocks(stats, structure)
     if labels is None:
         return _Problem(stats, structure, method)
+    nested = nested_levels(stats, structure, labels)
+    if nested is not None:
+        return _NestedProblem(stats, structure, method, *nested)
     return _BlockProblem(stats, structure, method, labels)
 
 
