@@ -15,6 +15,10 @@ from .problem import _Problem
 #: block solver is used instead of dense q x q algebra.
 BLOCK_MAX = 48
 
+#: Largest block with one pattern for every block (one level of one term) for which the score
+#: sums over blocks first (``O(L b^4)`` per gene, no (g, k, L, b, b) products).
+UNIFORM_MAX = 6
+
 
 def zz_blocks(stats: SummaryStats, structure: CovarianceStructure) -> np.ndarray | None:
     """Label of the block of each column of ``Z``, or None when ``Z'Z`` is one big block.
@@ -102,6 +106,15 @@ class _BlockProblem(_Problem):
                 E.append(Ej)
         self.E = np.stack(E)  # (k, L, b, b)
         self.eye_b = np.eye(b)
+        # Every block with the same pattern (one level of one term, e.g. (1 + x | donor)):
+        # sums over blocks first, then the patterns (see _score).
+        self.uniform = b <= UNIFORM_MAX and bool(np.all(self.E == self.E[:, :1]))
+        if self.uniform:
+            e = self.E[:, 0]
+            k = e.shape[0]
+            self.e_flat = e.reshape(k, -1)
+            # T[j, k, (b, c), (d, a)] = e_j[a, b] e_k[c, d]
+            self.T = np.einsum("jab,kcd->jkbcda", e, e).reshape(k * k, -1)
 
     def _core(self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray) -> dict[str, np.ndarray]:
         D = ((gamma / s0[:, None]) @ self.E.reshape(self.E.shape[0], -1)).reshape(-1, *self.B.shape)
@@ -162,8 +175,9 @@ class _BlockProblem(_Problem):
         Qb = (B - B @ S @ B) / s
         Qb = (Qb + np.swapaxes(Qb, -1, -2)) / 2
         J = (K - B @ c["SK"]) / s  # Z'V^-1X (g, L, b, p)
-        k = E.shape[0]
-        g = len(rows)
+        g, k = gamma.shape
+        if self.uniform:
+            return self._score_uniform(gamma, s0, c, u, Qb, J)
         EQ = E[None] @ Qb[:, None]  # (g, k, L, b, b)
         EJ = E[None] @ J[:, None]  # (g, k, L, b, p)
         Eu = (E[None] @ u[:, None, :, :, None])[..., 0]
@@ -171,14 +185,49 @@ class _BlockProblem(_Problem):
         tq = np.trace(EQ, axis1=-2, axis2=-1).sum(axis=-1)
         EQt = np.swapaxes(EQ, -1, -2).reshape(g, k, -1)
         fq = EQ.reshape(g, k, -1) @ np.swapaxes(EQt, 1, 2)
-        JEJ = mid = None
+        JEJ = tmid = None
         if self.reml:
             p = self.p
             EJf = EJ.reshape(g, k, -1, p)
             JEJ = np.swapaxes(J.reshape(g, -1, p), 1, 2)[:, None] @ EJf  # J' E_j J
             QEJ = (Qb[:, None] @ EJ).reshape(g, k, -1, p)
             mid = np.swapaxes(EJf, -1, -2)[:, :, None] @ QEJ[:, None]  # J' E_j Qb E_k J
-        return self._assemble(gamma, s0, c, uu, tq, fq, JEJ, mid)
+            tmid = np.einsum("gpr,gjkrp->gjk", c["XHi"] * s0[:, None, None], mid)
+        return self._assemble(gamma, s0, c, uu, tq, fq, JEJ, tmid)
+
+    def _score_uniform(
+        self,
+        gamma: np.ndarray,
+        s0: np.ndarray,
+        c: dict[str, np.ndarray],
+        u: np.ndarray,
+        Qb: np.ndarray,
+        J: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_score` when every block has the same patterns ``e_j`` (b x b).
+
+        ``u'E_j u = <e_j, sum_l u_l u_l'>``, ``tr(E_j Qb) = <e_j, sum_l Q_l>`` and
+        ``tr(E_j Qb E_k Qb) = sum e_j[a, b] e_k[c, d] R[(b, c), (d, a)]`` with
+        ``R = sum_l vec(Q_l) vec(Q_l)'``; REML's ``tr(phi J'E_j Qb E_k J)`` is the same with
+        ``P_l = J_l phi J_l'`` in place of the second ``Q_l``.
+        """
+        g, L, b = u.shape
+        k = self.e_flat.shape[0]
+        ef = self.e_flat
+        uu = (np.swapaxes(u, 1, 2) @ u).reshape(g, -1) @ ef.T
+        Qf = Qb.reshape(g, L, b * b)
+        tq = Qf.sum(axis=1) @ ef.T
+        fq = ((np.swapaxes(Qf, 1, 2) @ Qf).reshape(g, -1) @ self.T.T).reshape(g, k, k)
+        JEJ = tmid = None
+        if self.reml:
+            p = self.p
+            phi = c["XHi"] * s0[:, None, None]
+            Pf = ((J @ phi[:, None]) @ np.swapaxes(J, -1, -2)).reshape(g, L, b * b)
+            tmid = ((np.swapaxes(Qf, 1, 2) @ Pf).reshape(g, -1) @ self.T.T).reshape(g, k, k)
+            Jf = J.reshape(g, L, b * p)
+            JJ = (np.swapaxes(Jf, 1, 2) @ Jf).reshape(g, b, p, b, p)
+            JEJ = np.einsum("jab,gapbr->gjpr", ef.reshape(k, b, b), JJ)  # J' E_j J
+        return self._assemble(gamma, s0, c, uu, tq, fq, JEJ, tmid)
 
     def _assemble(
         self,
@@ -189,22 +238,20 @@ class _BlockProblem(_Problem):
         tq: np.ndarray,
         fq: np.ndarray,
         JEJ: np.ndarray | None,
-        mid: np.ndarray | None,
+        tmid: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Score and information from the block parts of ``Q = Z'PZ`` (``Qb``, ``J = Z'V^-1X``).
 
         ``uu``: ``u'E_j u``; ``tq``, ``fq``: ``tr(E_j Qb)``, ``tr(E_j Qb E_k Qb)``; ``JEJ``,
-        ``mid``: ``J'E_j J`` (g, k, p, p), ``J'E_j Qb E_k J`` (g, k, k, p, p) for REML's rank-p
-        corrections. The residual variance's entries follow from homogeneity
-        (``sum_i theta_i P V_i P = P``).
+        ``tmid``: ``J'E_j J`` (g, k, p, p) and ``tr(phi J'E_j Qb E_k J)`` (g, k, k) for REML's
+        rank-p corrections (``phi = (X'V^-1X)^-1``). The residual variance's entries follow from
+        homogeneity (``sum_i theta_i P V_i P = P``).
         """
         if self.reml:
-            phi = c["XHi"] * s0[:, None, None]  # (X'V^-1X)^-1
+            phi = c["XHi"] * s0[:, None, None]
             tq = tq - np.einsum("gpr,gjrp->gj", phi, JEJ)
             PJ = np.einsum("gpr,gjrs->gjps", phi, JEJ)
-            fq = (
-                fq - 2 * np.einsum("gpr,gjkrp->gjk", phi, mid) + np.einsum("gjps,gksp->gjk", PJ, PJ)
-            )
+            fq = fq - 2 * tmid + np.einsum("gjps,gksp->gjk", PJ, PJ)
         quad = c["quad"]
         g, k = gamma.shape
         fim = np.empty((g, k + 1, k + 1))

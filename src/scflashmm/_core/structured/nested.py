@@ -182,7 +182,7 @@ class _NestedProblem(_BlockProblem):
         fq[:, i, i] = np.sum(w2 - 2 * cc * w3 + cc**2 * w2**2, axis=1) / s2
         fq[:, o, o] = np.sum(q11**2, axis=1) / s2
         fq[:, i, o] = fq[:, o, i] = np.sum((1 - cc * sw) ** 2 * w2, axis=1) / s2
-        JEJ = mid = None
+        JEJ = tmid = None
         if self.reml:
             # Z_f'V^-1X = (delta K - c w kd) / s0 per block; its outer rows m, w-weighted sums Jw.
             p = self.p
@@ -207,7 +207,8 @@ class _NestedProblem(_BlockProblem):
             mid[:, i, o] = _osum(1 - cc * sw, Jw, m) / s
             mid[:, o, i] = np.swapaxes(mid[:, i, o], -1, -2)
             mid[:, o, o] = _osum(q11, m, m) / s
-        return self._assemble(gamma, s0, c, uu, tq, fq, JEJ, mid)
+            tmid = np.einsum("gpr,gjkrp->gjk", c["XHi"] * s0[:, None, None], mid)
+        return self._assemble(gamma, s0, c, uu, tq, fq, JEJ, tmid)
 
 
 def _osum(wts: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
