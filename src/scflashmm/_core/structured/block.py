@@ -128,7 +128,7 @@ class _BlockProblem(_Problem):
         XH = self.XX - H
         XH = (XH + np.swapaxes(XH, 1, 2)) / 2
         zy = self.zy[rows]
-        Szy = (S @ zy[..., None])[..., 0]
+        Szy = np.einsum("glab,glb->gla", S, zy)
         xvy = self.xy[rows] - Szy.reshape(len(rows), -1) @ Kf
         yvy = self.yy[rows] - np.sum((zy * Szy).reshape(len(rows), -1), axis=1)
         XHi = np.linalg.inv(XH)
@@ -141,7 +141,7 @@ class _BlockProblem(_Problem):
             logdet = logdet + lx - self.logdet_xx
             ok &= sx > 0
         return {
-            "S": S, "SK": SK, "XHi": XHi, "beta": beta, "quad": quad, "logdet": logdet, "ok": ok
+            "Ainv": Ainv, "XHi": XHi, "beta": beta, "quad": quad, "logdet": logdet, "ok": ok
         }  # fmt: skip
 
     def loglik(self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray) -> np.ndarray:
@@ -168,13 +168,15 @@ class _BlockProblem(_Problem):
     def _score(
         self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray, c: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray]:
-        S, B, K, E = c["S"], self.B, self.K, self.E
+        # With A = I + D B: I - S B = A^-1, so B - B S B = B A^-1 and I - B S = A^-T.
+        B, K, E, Ainv = self.B, self.K, self.E, c["Ainv"]
         s = s0[:, None, None, None]
-        r = self.zy[rows] - (K @ c["beta"][:, None, :, None])[..., 0]
-        u = (r - (B @ (S @ r[..., None]))[..., 0]) / s0[:, None, None]
-        Qb = (B - B @ S @ B) / s
+        zy = self.zy[rows]
+        r = zy - (c["beta"] @ K.reshape(-1, self.p).T).reshape(zy.shape)
+        u = np.einsum("glba,glb->gla", Ainv, r) / s0[:, None, None]
+        Qb = (B @ Ainv) / s
         Qb = (Qb + np.swapaxes(Qb, -1, -2)) / 2
-        J = (K - B @ c["SK"]) / s  # Z'V^-1X (g, L, b, p)
+        J = (np.swapaxes(Ainv, -1, -2) @ K) / s  # Z'V^-1X (g, L, b, p)
         g, k = gamma.shape
         if self.uniform:
             return self._score_uniform(gamma, s0, c, u, Qb, J)
@@ -222,7 +224,8 @@ class _BlockProblem(_Problem):
         if self.reml:
             p = self.p
             phi = c["XHi"] * s0[:, None, None]
-            Pf = ((J @ phi[:, None]) @ np.swapaxes(J, -1, -2)).reshape(g, L, b * b)
+            Jphi = (J.reshape(g, L * b, p) @ phi).reshape(J.shape)
+            Pf = (Jphi @ np.swapaxes(J, -1, -2)).reshape(g, L, b * b)  # J_l phi J_l
             tmid = ((np.swapaxes(Qf, 1, 2) @ Pf).reshape(g, -1) @ self.T.T).reshape(g, k, k)
             Jf = J.reshape(g, L, b * p)
             JJ = (np.swapaxes(Jf, 1, 2) @ Jf).reshape(g, b, p, b, p)
