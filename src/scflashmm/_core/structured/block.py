@@ -20,6 +20,17 @@ BLOCK_MAX = 48
 UNIFORM_MAX = 6
 
 
+def genes_per_block(structure: CovarianceStructure, labels: np.ndarray) -> int:
+    """Genes fit together by the block solver (the driver's blocks of genes).
+
+    At most 512 (its working arrays then stay in cache), fewer when the largest,
+    (genes, k, L, b, b), would pass 32 MiB.
+    """
+    sizes = np.bincount(labels)
+    per_gene = structure.n_theta * sizes.size * int(sizes.max()) ** 2
+    return int(np.clip(2**22 // per_gene, 16, 512))
+
+
 def zz_blocks(stats: SummaryStats, structure: CovarianceStructure) -> np.ndarray | None:
     """Label of the block of each column of ``Z``, or None when ``Z'Z`` is one big block.
 

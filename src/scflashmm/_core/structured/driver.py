@@ -14,7 +14,7 @@ from ..inference import t_pvalue
 from ..satterthwaite import inverse_information
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
-from .block import zz_blocks
+from .block import genes_per_block, zz_blocks
 from .scoring import StructuredFit, fit_structured, make_problem
 from .sparse import fit_structured_sparse
 
@@ -214,6 +214,9 @@ def lmm_structured(
     genes = _select_fittable(stats.Ynorm, reduced.yry, features)
     k = structure.n_theta
     size = dense_genes_per_block(structure, p) if kind == "dense" else 64
+    labels = zz_blocks(stats, structure) if kind == "dense" else None
+    if labels is not None:
+        size = genes_per_block(structure, labels)
     size = max(1, min(size, -(-genes.size // jobs)))  # at least one block per thread
     blocks = [genes[lo : lo + size] for lo in range(0, genes.size, size)]
     tol = min(float(epsilon), 1e-9)
@@ -307,7 +310,7 @@ def lmm_structured(
         varcorr=out["varcorr"],
         theta_lme4=out["theta_lme4"],
         singular=out["singular"],
-        kernel="block" if kind == "dense" and zz_blocks(stats, structure) is not None else kind,
+        kernel="block" if labels is not None else kind,
     )
 
 
