@@ -240,7 +240,8 @@ class _BlockProblem(_Problem):
             tmid = ((np.swapaxes(Qf, 1, 2) @ Pf).reshape(g, -1) @ self.T.T).reshape(g, k, k)
             Jf = J.reshape(g, L, b * p)
             JJ = (np.swapaxes(Jf, 1, 2) @ Jf).reshape(g, b, p, b, p)
-            JEJ = np.einsum("jab,gapbr->gjpr", ef.reshape(k, b, b), JJ)  # J' E_j J
+            JJ = np.swapaxes(JJ, 2, 3).reshape(g, b * b, p * p)
+            JEJ = (ef @ JJ).reshape(g, k, p, p)  # J' E_j J
         return self._assemble(gamma, s0, c, uu, tq, fq, JEJ, tmid)
 
     def _assemble(
@@ -263,9 +264,10 @@ class _BlockProblem(_Problem):
         """
         if self.reml:
             phi = c["XHi"] * s0[:, None, None]
-            tq = tq - np.einsum("gpr,gjrp->gj", phi, JEJ)
-            PJ = np.einsum("gpr,gjrs->gjps", phi, JEJ)
-            fq = fq - 2 * tmid + np.einsum("gjps,gksp->gjk", PJ, PJ)
+            PJ = phi[:, None] @ JEJ  # (g, k, p, p)
+            tq = tq - np.trace(PJ, axis1=-2, axis2=-1)
+            PJt = np.swapaxes(PJ, -1, -2).reshape(*PJ.shape[:2], -1)
+            fq = fq - 2 * tmid + PJ.reshape(PJt.shape) @ np.swapaxes(PJt, 1, 2)
         quad = c["quad"]
         g, k = gamma.shape
         fim = np.empty((g, k + 1, k + 1))

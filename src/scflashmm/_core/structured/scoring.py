@@ -142,7 +142,7 @@ def fit_structured(
         Jf[:, :k, :k] = J
         Jf[:, k, k] = 1.0
         score = np.einsum("gji,gj->gi", Jf, dl)
-        info = np.einsum("gji,gjl,glm->gim", Jf, fim, Jf)
+        info = np.swapaxes(Jf, 1, 2) @ fim @ Jf
         # Release a fixed (zero) Cholesky diagonal when the likelihood grows along it: start
         # it from one scoring step of its variance (1/100 of it if that overshoots). A gene
         # with a released diagonal takes no other step in this pass.
@@ -257,8 +257,15 @@ def fit_structured(
 
 
 def _solve(info: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """``pinv(info) score`` per gene (information may be singular at the boundary)."""
-    return np.einsum("gij,gj->gi", np.linalg.pinv(info, hermitian=True), score)
+    """``info^-1 score`` per gene; ``pinv`` where the information is singular (boundary)."""
+    try:
+        out = np.linalg.solve(info, score[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        out = np.full_like(score, np.nan)
+    bad = ~np.all(np.isfinite(out), axis=1)
+    if bad.any():
+        out[bad] = np.einsum("gij,gj->gi", np.linalg.pinv(info[bad], hermitian=True), score[bad])
+    return out
 
 
 def _canonical(st: CovarianceStructure, L: np.ndarray) -> np.ndarray:
