@@ -65,7 +65,9 @@ class _BlockProblem(_Problem):
     those of :class:`_Problem` (``tr(E_j Q)``, ``tr(E_j Q E_k Q)`` with ``Q = Z'PZ``, or
     ``Z'V^-1Z`` for ML, written as block-diagonal minus rank ``p``); the residual variance's
     entries follow from ``V`` being homogeneous of degree one in the parameters
-    (``sum_i theta_i P V_i P = P``).
+    (``sum_i theta_i P V_i P = P``). With ``A = I + D B`` per block, ``B - B S B = B A^-1`` and
+    ``Z'V^-1 = A^-T (.) / s0``. When every block has the same patterns (one level of one term,
+    e.g. ``(1 + x | donor)``), sums over blocks come first (:meth:`_score_uniform`).
     """
 
     def __init__(
