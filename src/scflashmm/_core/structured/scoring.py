@@ -181,6 +181,11 @@ def fit_structured(
         newL, news0, newll = La.copy(), sa.copy(), base.copy()
         todo = np.arange(len(active))
         fresh[active] = False
+        # A full step below the tolerance ends the fit: no score is needed after it.
+        s_end = sa + delta[:, k]
+        last = (np.max(np.abs(delta[:, :k]), axis=1, initial=0) < tol * np.sqrt(np.abs(s_end))) & (
+            np.abs(delta[:, k]) < tol * s_end
+        )
         for halving in range(40):
             if todo.size == 0:
                 break
@@ -189,14 +194,20 @@ def fit_structured(
             ok_s = ts0 > 0
             ts0 = np.where(ok_s, ts0, sa[todo] / 2)
             tgam = prob.gamma_and_jacobian(trial)[0]
-            if halving == 0:
-                tll, tdl, tfim = prob.loglik_score(active[todo], tgam, ts0)
+            if halving == 0:  # todo is every active gene
+                tll = np.empty(todo.size)
+                fin, sc = np.flatnonzero(last), np.flatnonzero(~last)
+                if fin.size:
+                    tll[fin] = prob.loglik(active[fin], tgam[fin], ts0[fin])
+                if sc.size:
+                    tll[sc], tdl, tfim = prob.loglik_score(active[sc], tgam[sc], ts0[sc])
             else:
                 tll = prob.loglik(active[todo], tgam, ts0)
             good = ok_s & (tll >= base[todo] - 1e-15 * np.abs(base[todo]))
-            if halving == 0:
-                kept = active[todo[good]]
-                dl_at[kept], fim_at[kept], fresh[kept] = tdl[good], tfim[good], True
+            if halving == 0 and sc.size:
+                kept = good[sc]
+                rows = active[sc[kept]]
+                dl_at[rows], fim_at[rows], fresh[rows] = tdl[kept], tfim[kept], True
             newL[todo[good]], news0[todo[good]], newll[todo[good]] = (
                 trial[good],
                 ts0[good],
