@@ -218,3 +218,40 @@ def test_block_problem_equals_dense_problem(formula, method):
     fixed = block.fixed_effects(stats, gamma, s0), dense.fixed_effects(stats, gamma, s0)
     for a, b in zip(*fixed, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize(
+    "formula", ["(1 | donor) + (1 | donor:ct)", "(1 | donor:ct) + (1 | donor)", "(1 | donor/ct)"]
+)
+def test_nested_closed_forms_equal_dense_problem(formula, method):
+    """(1 | a) + (1 | a:b): the closed forms, the general block path and dense q x q agree.
+
+    Blocks are ragged (one donor has one cell type), so the block path takes its general
+    (per-block pattern) branch.
+    """
+    from scflashmm._core.structured.block import _BlockProblem, zz_blocks
+    from scflashmm._core.structured.nested import _NestedProblem
+    from scflashmm._core.structured.scoring import make_problem
+
+    data, _ = _case("simulated_sc")
+    rng = np.random.default_rng(0)
+    data["ct"] = np.array(["a", "b", "c", "d"])[rng.integers(0, 4, len(data))]
+    data.loc[data["donor"] == data["donor"].iloc[0], "ct"] = "a"
+    data["groupB"] = (data["group"] == "B").astype(float)
+    stats, structure = _stats(data, formula, ["x", "groupB"], ["g1", "g2", "g3"])
+    nested = make_problem(stats, structure, method)
+    assert isinstance(nested, _NestedProblem)
+    block = _BlockProblem(stats, structure, method, zz_blocks(stats, structure))
+    assert not block.uniform
+    dense = _Problem(stats, structure, method)
+    gamma = np.array([[0.05, 0.03], [0.02, 0.08], [0.0, 0.04]])  # the last on the boundary
+    s0, rows = np.array([0.2, 0.19, 0.21]), np.arange(3)
+    want_ll = dense.loglik(rows, gamma, s0)
+    want = (*dense.score_information(rows, gamma, s0), *dense.fixed_effects(stats, gamma, s0))
+    for prob in (nested, block):
+        ll, dl, fim = prob.loglik_score(rows, gamma, s0)
+        np.testing.assert_allclose(ll, want_ll, rtol=1e-12)
+        got = (dl, fim, *prob.fixed_effects(stats, gamma, s0))
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max())

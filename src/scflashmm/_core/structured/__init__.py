@@ -20,8 +20,13 @@ every iterate is positive semi-definite, with a step-halving line search on the 
 and an active set for Cholesky diagonals that reach zero (a singular fit, lme4's boundary),
 released again when the likelihood increases along them.
 
+Scoring starts from one Fisher step in ``(gamma, s0)`` from lme4's start (made positive
+definite), and takes the score and information of the next pass from the line search's first
+(full) step, so that a pass costs one factorisation.
+
 Modules: :mod:`.problem` (dense algebra), :mod:`.block` (block-diagonal ``Z'Z``),
-:mod:`.scoring` (the Fisher-scoring driver), :mod:`.sparse` (large ``q``) and :mod:`.driver`
+:mod:`.nested` (closed forms for ``(1 | a) + (1 | a:b)``), :mod:`.scoring` (the
+Fisher-scoring driver), :mod:`.sparse` (large ``q``) and :mod:`.driver`
 (:func:`scflashmm.lmm`'s entry, blocks of genes, inference on the variances).
 """
 

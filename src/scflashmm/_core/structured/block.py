@@ -15,6 +15,21 @@ from .problem import _Problem
 #: block solver is used instead of dense q x q algebra.
 BLOCK_MAX = 48
 
+#: Largest block with one pattern for every block (one level of one term) for which the score
+#: sums over blocks first (``O(L b^4)`` per gene, no (g, k, L, b, b) products).
+UNIFORM_MAX = 6
+
+
+def genes_per_block(structure: CovarianceStructure, labels: np.ndarray) -> int:
+    """Genes fit together by the block solver (the driver's blocks of genes).
+
+    At most 512 (its working arrays then stay in cache), fewer when the largest,
+    (genes, k, L, b, b), would pass 32 MiB.
+    """
+    sizes = np.bincount(labels)
+    per_gene = structure.n_theta * sizes.size * int(sizes.max()) ** 2
+    return int(np.clip(2**22 // per_gene, 16, 512))
+
 
 def zz_blocks(stats: SummaryStats, structure: CovarianceStructure) -> np.ndarray | None:
     """Label of the block of each column of ``Z``, or None when ``Z'Z`` is one big block.
@@ -50,7 +65,9 @@ class _BlockProblem(_Problem):
     those of :class:`_Problem` (``tr(E_j Q)``, ``tr(E_j Q E_k Q)`` with ``Q = Z'PZ``, or
     ``Z'V^-1Z`` for ML, written as block-diagonal minus rank ``p``); the residual variance's
     entries follow from ``V`` being homogeneous of degree one in the parameters
-    (``sum_i theta_i P V_i P = P``).
+    (``sum_i theta_i P V_i P = P``). With ``A = I + D B`` per block, ``B - B S B = B A^-1`` and
+    ``Z'V^-1 = A^-T (.) / s0``. When every block has the same patterns (one level of one term,
+    e.g. ``(1 + x | donor)``), sums over blocks come first (:meth:`_score_uniform`).
     """
 
     def __init__(
@@ -102,6 +119,15 @@ class _BlockProblem(_Problem):
                 E.append(Ej)
         self.E = np.stack(E)  # (k, L, b, b)
         self.eye_b = np.eye(b)
+        # Every block with the same pattern (one level of one term, e.g. (1 + x | donor)):
+        # sums over blocks first, then the patterns (see _score).
+        self.uniform = b <= UNIFORM_MAX and bool(np.all(self.E == self.E[:, :1]))
+        if self.uniform:
+            e = self.E[:, 0]
+            k = e.shape[0]
+            self.e_flat = e.reshape(k, -1)
+            # T[j, k, (b, c), (d, a)] = e_j[a, b] e_k[c, d]
+            self.T = np.einsum("jab,kcd->jkbcda", e, e).reshape(k * k, -1)
 
     def _core(self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray) -> dict[str, np.ndarray]:
         D = ((gamma / s0[:, None]) @ self.E.reshape(self.E.shape[0], -1)).reshape(-1, *self.B.shape)
@@ -115,7 +141,7 @@ class _BlockProblem(_Problem):
         XH = self.XX - H
         XH = (XH + np.swapaxes(XH, 1, 2)) / 2
         zy = self.zy[rows]
-        Szy = (S @ zy[..., None])[..., 0]
+        Szy = np.einsum("glab,glb->gla", S, zy)
         xvy = self.xy[rows] - Szy.reshape(len(rows), -1) @ Kf
         yvy = self.yy[rows] - np.sum((zy * Szy).reshape(len(rows), -1), axis=1)
         XHi = np.linalg.inv(XH)
@@ -128,55 +154,130 @@ class _BlockProblem(_Problem):
             logdet = logdet + lx - self.logdet_xx
             ok &= sx > 0
         return {
-            "S": S, "SK": SK, "XHi": XHi, "beta": beta, "quad": quad, "logdet": logdet, "ok": ok
+            "Ainv": Ainv, "XHi": XHi, "beta": beta, "quad": quad, "logdet": logdet, "ok": ok
         }  # fmt: skip
 
     def loglik(self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray) -> np.ndarray:
         """Log-likelihood (without constants) of the genes ``rows``."""
-        c = self._core(rows, gamma, s0)
-        out = -0.5 * (self.n_eff * np.log(s0) + c["logdet"] + c["quad"] / s0)
-        return np.where(c["ok"] & (s0 > 0), out, -np.inf)
+        return self._loglik(self._core(rows, gamma, s0), s0)
 
     def score_information(
         self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Score and expected information in ``(gamma, s0)`` for the genes ``rows``."""
+        return self._score(rows, gamma, s0, self._core(rows, gamma, s0))
+
+    def loglik_score(
+        self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log-likelihood, score and expected information from one factorisation."""
         c = self._core(rows, gamma, s0)
-        S, B, K, E = c["S"], self.B, self.K, self.E
+        return self._loglik(c, s0), *self._score(rows, gamma, s0, c)
+
+    def _loglik(self, c: dict[str, np.ndarray], s0: np.ndarray) -> np.ndarray:
+        out = -0.5 * (self.n_eff * np.log(s0) + c["logdet"] + c["quad"] / s0)
+        return np.where(c["ok"] & (s0 > 0), out, -np.inf)
+
+    def _score(
+        self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray, c: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # With A = I + D B: I - S B = A^-1, so B - B S B = B A^-1 and I - B S = A^-T.
+        B, K, E, Ainv = self.B, self.K, self.E, c["Ainv"]
         s = s0[:, None, None, None]
-        r = self.zy[rows] - (K @ c["beta"][:, None, :, None])[..., 0]
-        u = (r - (B @ (S @ r[..., None]))[..., 0]) / s0[:, None, None]
-        Qb = (B - B @ S @ B) / s
+        zy = self.zy[rows]
+        r = zy - (c["beta"] @ K.reshape(-1, self.p).T).reshape(zy.shape)
+        u = np.einsum("glba,glb->gla", Ainv, r) / s0[:, None, None]
+        Qb = (B @ Ainv) / s
         Qb = (Qb + np.swapaxes(Qb, -1, -2)) / 2
-        J = (K - B @ c["SK"]) / s  # Z'V^-1X (g, L, b, p)
-        phi = c["XHi"] * s0[:, None, None]  # (X'V^-1X)^-1
-        k = E.shape[0]
-        g = len(rows)
+        J = (np.swapaxes(Ainv, -1, -2) @ K) / s  # Z'V^-1X (g, L, b, p)
+        g, k = gamma.shape
+        if self.uniform:
+            return self._score_uniform(gamma, s0, c, u, Qb, J)
         EQ = E[None] @ Qb[:, None]  # (g, k, L, b, b)
         EJ = E[None] @ J[:, None]  # (g, k, L, b, p)
         Eu = (E[None] @ u[:, None, :, :, None])[..., 0]
         uu = np.sum((Eu * u[:, None]).reshape(g, k, -1), axis=2)
         tq = np.trace(EQ, axis1=-2, axis2=-1).sum(axis=-1)
-        fim = np.empty((g, k + 1, k + 1))
         EQt = np.swapaxes(EQ, -1, -2).reshape(g, k, -1)
         fq = EQ.reshape(g, k, -1) @ np.swapaxes(EQt, 1, 2)
+        JEJ = tmid = None
         if self.reml:
             p = self.p
             EJf = EJ.reshape(g, k, -1, p)
             JEJ = np.swapaxes(J.reshape(g, -1, p), 1, 2)[:, None] @ EJf  # J' E_j J
-            tq = tq - np.einsum("gpr,gjrp->gj", phi, JEJ)
             QEJ = (Qb[:, None] @ EJ).reshape(g, k, -1, p)
             mid = np.swapaxes(EJf, -1, -2)[:, :, None] @ QEJ[:, None]  # J' E_j Qb E_k J
-            PJ = np.einsum("gpr,gjrs->gjps", phi, JEJ)
-            fq = (
-                fq - 2 * np.einsum("gpr,gjkrp->gjk", phi, mid) + np.einsum("gjps,gksp->gjk", PJ, PJ)
-            )
+            tmid = np.einsum("gpr,gjkrp->gjk", c["XHi"] * s0[:, None, None], mid)
+        return self._assemble(gamma, s0, c, uu, tq, fq, JEJ, tmid)
+
+    def _score_uniform(
+        self,
+        gamma: np.ndarray,
+        s0: np.ndarray,
+        c: dict[str, np.ndarray],
+        u: np.ndarray,
+        Qb: np.ndarray,
+        J: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_score` when every block has the same patterns ``e_j`` (b x b).
+
+        ``u'E_j u = <e_j, sum_l u_l u_l'>``, ``tr(E_j Qb) = <e_j, sum_l Q_l>`` and
+        ``tr(E_j Qb E_k Qb) = sum e_j[a, b] e_k[c, d] R[(b, c), (d, a)]`` with
+        ``R = sum_l vec(Q_l) vec(Q_l)'``; REML's ``tr(phi J'E_j Qb E_k J)`` is the same with
+        ``P_l = J_l phi J_l'`` in place of the second ``Q_l``.
+        """
+        g, L, b = u.shape
+        k = self.e_flat.shape[0]
+        ef = self.e_flat
+        uu = (np.swapaxes(u, 1, 2) @ u).reshape(g, -1) @ ef.T
+        Qf = Qb.reshape(g, L, b * b)
+        tq = Qf.sum(axis=1) @ ef.T
+        fq = ((np.swapaxes(Qf, 1, 2) @ Qf).reshape(g, -1) @ self.T.T).reshape(g, k, k)
+        JEJ = tmid = None
+        if self.reml:
+            p = self.p
+            phi = c["XHi"] * s0[:, None, None]
+            Jphi = (J.reshape(g, L * b, p) @ phi).reshape(J.shape)
+            Pf = (Jphi @ np.swapaxes(J, -1, -2)).reshape(g, L, b * b)  # J_l phi J_l
+            tmid = ((np.swapaxes(Qf, 1, 2) @ Pf).reshape(g, -1) @ self.T.T).reshape(g, k, k)
+            Jf = J.reshape(g, L, b * p)
+            JJ = (np.swapaxes(Jf, 1, 2) @ Jf).reshape(g, b, p, b, p)
+            JJ = np.swapaxes(JJ, 2, 3).reshape(g, b * b, p * p)
+            JEJ = (ef @ JJ).reshape(g, k, p, p)  # J' E_j J
+        return self._assemble(gamma, s0, c, uu, tq, fq, JEJ, tmid)
+
+    def _assemble(
+        self,
+        gamma: np.ndarray,
+        s0: np.ndarray,
+        c: dict[str, np.ndarray],
+        uu: np.ndarray,
+        tq: np.ndarray,
+        fq: np.ndarray,
+        JEJ: np.ndarray | None,
+        tmid: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Score and information from the block parts of ``Q = Z'PZ`` (``Qb``, ``J = Z'V^-1X``).
+
+        ``uu``: ``u'E_j u``; ``tq``, ``fq``: ``tr(E_j Qb)``, ``tr(E_j Qb E_k Qb)``; ``JEJ``,
+        ``tmid``: ``J'E_j J`` (g, k, p, p) and ``tr(phi J'E_j Qb E_k J)`` (g, k, k) for REML's
+        rank-p corrections (``phi = (X'V^-1X)^-1``). The residual variance's entries follow from
+        homogeneity (``sum_i theta_i P V_i P = P``).
+        """
+        if self.reml:
+            phi = c["XHi"] * s0[:, None, None]
+            PJ = phi[:, None] @ JEJ  # (g, k, p, p)
+            tq = tq - np.trace(PJ, axis1=-2, axis2=-1)
+            PJt = np.swapaxes(PJ, -1, -2).reshape(*PJ.shape[:2], -1)
+            fq = fq - 2 * tmid + PJ.reshape(PJt.shape) @ np.swapaxes(PJt, 1, 2)
+        quad = c["quad"]
+        g, k = gamma.shape
+        fim = np.empty((g, k + 1, k + 1))
         fjk = fq / 2
         fim[:, :k, :k] = (fjk + np.swapaxes(fjk, 1, 2)) / 2
         dl = np.empty((g, k + 1))
         dl[:, :k] = (uu - tq) / 2
-        # homogeneity: sum_i theta_i P V_i P = P gives the residual variance's entries
-        yvvy = (c["quad"] / s0 - np.sum(gamma * uu, axis=1)) / s0
+        yvvy = (quad / s0 - np.sum(gamma * uu, axis=1)) / s0
         trp = (self.n_eff - np.sum(gamma * tq, axis=1)) / s0
         dl[:, k] = (yvvy - trp) / 2
         fs = (tq / 2 - np.einsum("gk,gjk->gj", gamma, fim[:, :k, :k])) / s0[:, None]

@@ -15,7 +15,7 @@ from ..kenward_roger import kenward_roger
 from ..satterthwaite import coefficient_df, inverse_information
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
-from .block import zz_blocks
+from .block import genes_per_block, zz_blocks
 from .scoring import StructuredFit, fit_structured, make_problem
 from .sparse import fit_structured_sparse
 
@@ -222,6 +222,8 @@ def lmm_structured(
     k = structure.n_theta
     size = dense_genes_per_block(structure, p) if kind == "dense" else 64
     labels = zz_blocks(stats, structure) if kind == "dense" else None
+    if labels is not None:
+        size = genes_per_block(structure, labels)
     if df == "kenward-roger":  # k more (genes, q, q) arrays, and (k + 1)^2 (genes, p, p)
         q = structure.q
         per_gene = 8 * ((_DENSE_ARRAYS + k) * q * q + (k + 1) ** 2 * (p * p + 2 * q * p))

@@ -122,6 +122,12 @@ class _Problem:
         fim[:, k, k] = (self.n_eff - self.q + np.einsum("gij,gji->g", MT, MT)) / (2 * s0**2)
         return dl, fim
 
+    def loglik_score(
+        self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log-likelihood, score and expected information of the genes ``rows`` at one point."""
+        return self.loglik(rows, gamma, s0), *self.score_information(rows, gamma, s0)
+
     def fixed_effects(
         self, stats: SummaryStats, gamma: np.ndarray, s0: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ from .._options import check_method
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
 from .block import _BlockProblem, zz_blocks
+from .nested import _NestedProblem, nested_levels
 from .problem import _Problem
 
 #: A relative Cholesky diagonal below this is set to zero when that does not lower the
@@ -63,10 +64,17 @@ class StructuredFit:
 
 
 def make_problem(stats: SummaryStats, structure: CovarianceStructure, method: str) -> _Problem:
-    """Return the block problem when ``Z'Z`` splits into small blocks, else the dense one."""
+    """Return the algebra for ``stats``: nested closed forms, block-diagonal or dense ``q x q``.
+
+    ``(1 | a) + (1 | a:b)`` goes to :class:`.nested._NestedProblem`; another ``Z'Z`` that splits
+    into small blocks to :class:`.block._BlockProblem`; anything else to :class:`_Problem`.
+    """
     labels = zz_blocks(stats, structure)
     if labels is None:
         return _Problem(stats, structure, method)
+    nested = nested_levels(stats, structure, labels)
+    if nested is not None:
+        return _NestedProblem(stats, structure, method, *nested)
     return _BlockProblem(stats, structure, method, labels)
 
 
@@ -114,7 +122,11 @@ def fit_structured(
     stall = np.zeros(m, dtype=np.int64)
     gamma, _ = prob.gamma_and_jacobian(L)
     rows_all = np.arange(m)
-    ll = prob.loglik(rows_all, gamma, s0)
+    # The score and information at the current point are kept from the line search's first
+    # (full) step, which is usually accepted: one factorisation per pass.
+    ll, dl_at, fim_at = prob.loglik_score(rows_all, gamma, s0)
+    L, s0, ll = _linear_start(prob, L, s0, ll, gamma, dl_at, fim_at)
+    fresh = np.ones(m, dtype=bool)
     active = rows_all.copy()
     for _ in range(max_iter):
         if active.size == 0:
@@ -122,12 +134,16 @@ def fit_structured(
         niter[active] += 1
         La, sa = L[active], s0[active]
         gam, J = prob.gamma_and_jacobian(La)
-        dl, fim = prob.score_information(active, gam, sa)
+        st_ix = np.flatnonzero(~fresh[active])
+        if st_ix.size:
+            stale = active[st_ix]
+            _, dl_at[stale], fim_at[stale] = prob.loglik_score(stale, gam[st_ix], sa[st_ix])
+        dl, fim = dl_at[active], fim_at[active]
         Jf = np.zeros((len(active), k + 1, k + 1))
         Jf[:, :k, :k] = J
         Jf[:, k, k] = 1.0
         score = np.einsum("gji,gj->gi", Jf, dl)
-        info = np.einsum("gji,gjl,glm->gim", Jf, fim, Jf)
+        info = np.swapaxes(Jf, 1, 2) @ fim @ Jf
         # Release a fixed (zero) Cholesky diagonal when the likelihood grows along it: start
         # it from one scoring step of its variance (1/100 of it if that overshoots). A gene
         # with a released diagonal takes no other step in this pass.
@@ -164,15 +180,34 @@ def fit_structured(
         alpha = np.ones(len(active))
         newL, news0, newll = La.copy(), sa.copy(), base.copy()
         todo = np.arange(len(active))
-        for _ in range(40):
+        fresh[active] = False
+        # A full step below the tolerance ends the fit: no score is needed after it.
+        s_end = sa + delta[:, k]
+        last = (np.max(np.abs(delta[:, :k]), axis=1, initial=0) < tol * np.sqrt(np.abs(s_end))) & (
+            np.abs(delta[:, k]) < tol * s_end
+        )
+        for halving in range(40):
             if todo.size == 0:
                 break
             trial = La[todo] + alpha[todo, None] * delta[todo, :k]
             ts0 = sa[todo] + alpha[todo] * delta[todo, k]
             ok_s = ts0 > 0
             ts0 = np.where(ok_s, ts0, sa[todo] / 2)
-            tll = prob.loglik(active[todo], prob.gamma_and_jacobian(trial)[0], ts0)
+            tgam = prob.gamma_and_jacobian(trial)[0]
+            if halving == 0:  # todo is every active gene
+                tll = np.empty(todo.size)
+                fin, sc = np.flatnonzero(last), np.flatnonzero(~last)
+                if fin.size:
+                    tll[fin] = prob.loglik(active[fin], tgam[fin], ts0[fin])
+                if sc.size:
+                    tll[sc], tdl, tfim = prob.loglik_score(active[sc], tgam[sc], ts0[sc])
+            else:
+                tll = prob.loglik(active[todo], tgam, ts0)
             good = ok_s & (tll >= base[todo] - 1e-15 * np.abs(base[todo]))
+            if halving == 0 and sc.size:
+                kept = good[sc]
+                rows = active[sc[kept]]
+                dl_at[rows], fim_at[rows], fresh[rows] = tdl[kept], tfim[kept], True
             newL[todo[good]], news0[todo[good]], newll[todo[good]] = (
                 trial[good],
                 ts0[good],
@@ -197,6 +232,7 @@ def fit_structured(
             newL[rows, j] = 0.0
             newll[rows] = tll[keep]
             fa[rows, j] = True
+            fresh[active[rows]] = False
         fixed[active] = fa
         change = np.max(np.abs(newL - La), axis=1) / np.sqrt(news0)
         change = np.maximum(change, np.abs(news0 - sa) / news0)
@@ -232,9 +268,57 @@ def fit_structured(
     )
 
 
+def _linear_start(
+    prob: _Problem,
+    L: np.ndarray,
+    s0: np.ndarray,
+    ll: np.ndarray,
+    gamma: np.ndarray,
+    dl: np.ndarray,
+    fim: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One Fisher step in the linear parameters ``(gamma, s0)`` from lme4's start.
+
+    The Cholesky parameterisation is far from linear at lme4's start; the step in ``gamma``
+    (iterated MINQUE's first step) lands much closer. Each ``Sigma_t`` is made positive
+    definite (eigenvalues at least ``1e-4 s0``); the step is kept where it raises the
+    likelihood. ``dl`` and ``fim`` (the score and information at the start) are updated in
+    place for the genes that move.
+    """
+    st = prob.structure
+    k = st.n_theta
+    par = np.column_stack([gamma, s0]) + _solve(fim, dl)
+    s0c = par[:, k]
+    ok = np.flatnonzero(np.isfinite(s0c) & (s0c > 0) & np.all(np.isfinite(par), axis=1))
+    if ok.size == 0:
+        return L, s0, ll
+    s0c = s0c[ok]
+    blocks = []
+    for B in st.blocks_from_gamma(par[ok, :k]):
+        w, v = np.linalg.eigh(B)
+        w = np.maximum(w, 1e-4 * s0c[:, None])
+        blocks.append((v * w[:, None, :]) @ np.swapaxes(v, -1, -2))
+    Lc = st.theta_from_gamma(st.gamma_from_blocks(blocks), s0c) * np.sqrt(s0c)[:, None]
+    gc = prob.gamma_and_jacobian(Lc)[0]
+    llc, dlc, fimc = prob.loglik_score(ok, gc, s0c)
+    up = llc > ll[ok]
+    rows = ok[up]
+    L, s0, ll = L.copy(), s0.copy(), ll.copy()
+    L[rows], s0[rows], ll[rows] = Lc[up], s0c[up], llc[up]
+    dl[rows], fim[rows] = dlc[up], fimc[up]
+    return L, s0, ll
+
+
 def _solve(info: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """``pinv(info) score`` per gene (information may be singular at the boundary)."""
-    return np.einsum("gij,gj->gi", np.linalg.pinv(info, hermitian=True), score)
+    """``info^-1 score`` per gene; ``pinv`` where the information is singular (boundary)."""
+    try:
+        out = np.linalg.solve(info, score[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        out = np.full_like(score, np.nan)
+    bad = ~np.all(np.isfinite(out), axis=1)
+    if bad.any():
+        out[bad] = np.einsum("gij,gj->gi", np.linalg.pinv(info[bad], hermitian=True), score[bad])
+    return out
 
 
 def _canonical(st: CovarianceStructure, L: np.ndarray) -> np.ndarray:
