@@ -424,9 +424,9 @@ def _add_model_options(parser: argparse.ArgumentParser, *, defaults: bool) -> No
     parser.add_argument(
         "--nonnegative",
         action=argparse.BooleanOptionalAction,
-        default=False if defaults else None,
+        default=None,
         help="variance components >= 0 as lme4 (singular fits flagged); "
-        + ("default off" if defaults else keep),
+        + ("default: on for lme4-style terms such as '(1 | sam)', else off" if defaults else keep),
     )
     parser.add_argument(
         "--moderate",

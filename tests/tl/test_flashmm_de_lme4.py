@@ -160,9 +160,10 @@ def test_lmm_structure_scalar_equals_d():
     data, _ = _case("penicillin")
     rd = random_design("(1 | plate) + (1 | sample)", data)
     stats = summary_stats(np.ones((len(data), 1)), data[["diameter"]].to_numpy(float), rd.Z)
-    a = lmm(stats, structure=rd.structure)
-    b = lmm(stats, rd.structure.d)
+    a = lmm(stats, structure=rd.structure)  # lme4's boundary by default for lme4-style terms
+    b = lmm(stats, rd.structure.d, nonnegative=True)
     np.testing.assert_array_equal(a.coef, b.coef)
+    assert a.nonnegative and not lmm(stats, rd.structure.d).nonnegative
     assert a.component_names == ["plate: (Intercept)", "sample: (Intercept)"]
     # forced structured solver (lme4's parameterisation) agrees at the optimum
     c = lmm(stats, structure=rd.structure, kernel="sparse")

@@ -309,7 +309,7 @@ def lmm(
     output_fim: bool = False,
     output_re: bool = False,
     df: DfMethod = "residual",
-    nonnegative: bool = False,
+    nonnegative: bool | None = None,
     criterion: Criterion = "flashmm",
     feature_names: Any = None,
     covariate_names: Any = None,
@@ -360,8 +360,9 @@ def lmm(
         Kenward-Roger).
     nonnegative
         Maximise over variance components ``>= 0``, as lme4: a component whose optimum lies
-        at the boundary is exactly 0 and the gene is flagged in ``singular``. The default
-        ``False`` is FLASHMM's unconstrained Fisher scoring.
+        at the boundary is exactly 0 and the gene is flagged in ``singular``. Default: True
+        with a ``structure`` (lme4's boundary for lme4-style terms), False with ``d``
+        (FLASHMM's unconstrained Fisher scoring).
     criterion
         Convergence test: ``"flashmm"`` (FLASHMM's: ``|dlogL| <= epsilon`` in the units of the
         data) or ``"relative"`` (the same test on the standardised response ``y / c`` with
@@ -387,6 +388,8 @@ def lmm(
     if not isinstance(stats, SummaryStats):
         msg = f"stats must be a SummaryStats (from summary_stats), got {type(stats).__name__}."
         raise TypeError(msg)
+    if nonnegative is None:
+        nonnegative = structure is not None
     if structure is not None:
         from .structured import dispatch_structure
 

@@ -125,7 +125,7 @@ def flashmm_de(
     is_counts: bool = False,
     method: Method = "REML",
     df: DfMethod = "satterthwaite",
-    nonnegative: bool = False,
+    nonnegative: bool | None = None,
     moderate: bool | None = None,
     contrasts: Mapping[str, str] | Sequence[str] | None = None,
     theta0: Sequence[float] | None = None,
@@ -154,7 +154,7 @@ def flashmm_de(
     The defaults are the setting that docs/calibration.md measured to keep false positives and
     false discoveries in check with 3 to 25 samples: with one random component the tests are
     moderated (``moderate=None``), otherwise Satterthwaite df. FLASHMM's exact numbers are
-    ``moderate=False, df="residual"`` (``nonnegative=False`` as by default).
+    ``moderate=False, df="residual"`` (``nonnegative=False``, the default for these forms).
 
     Parameters
     ----------
@@ -190,9 +190,10 @@ def flashmm_de(
         varies between few samples (samples nested in the condition) it is liberal.
     nonnegative
         Maximise the likelihood over variance components ``>= 0``, as lme4 (a gene whose
-        optimum is on the boundary gets exactly 0 and is flagged ``singular``). Default False:
-        FLASHMM's unconstrained Fisher scoring, and the estimates the moderation was measured
-        with.
+        optimum is on the boundary gets exactly 0 and is flagged ``singular``). Default: True
+        for lme4-style terms (``"(1 | sam)"``, lme4's boundary), False for the other forms of
+        ``random`` (FLASHMM's unconstrained Fisher scoring, and the estimates the moderation
+        was measured with).
     moderate
         Empirical-Bayes moderation of the between-sample variance ``tau = s_1 + s_0 / n_s``
         (``n_s`` about the cells per sample): the genes' estimates, each on ``d`` df (about the
@@ -489,15 +490,15 @@ def check_fit_options(
     """Check the model options against the design; ``moderate=None`` is resolved here."""
     method = check_method(method)
     df = check_df(df, method)
-    nonnegative = _check_bool(nonnegative, "nonnegative")
+    # lme4-style terms get lme4's boundary; FLASHMM's forms keep its unconstrained scoring
+    structured = info.structure is not None
+    nonnegative = structured if nonnegative is None else _check_bool(nonnegative, "nonnegative")
     start = check_theta0(theta0, len(info.d))
     return FitOptions(
         method=method,
         df=df,
         nonnegative=nonnegative,
-        moderate=resolve_moderate(
-            moderate, info.d, info.random_terms, structured=info.structure is not None
-        ),
+        moderate=resolve_moderate(moderate, info.d, info.random_terms, structured=structured),
         theta0=start,
         max_iter=max_iter,
         epsilon=epsilon,

@@ -100,7 +100,7 @@ def flashmm_de_groupby(
     chunk_size: int | None,
     copy: bool,
     progress: bool | None,
-    nonnegative: bool,
+    nonnegative: bool | None,
     moderate: bool | None,
     n_jobs: int | None,
     store_stats: bool,
