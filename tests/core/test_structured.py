@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from scflashmm._core.structure import CovarianceStructure, RandomTermStructure
-from scflashmm._core.structured import _Problem, fit_structured, fit_structured_sparse
+from scflashmm._core.structured import _Problem, fit_structured
 from scflashmm._core.sumstats import SummaryStats, summary_stats
 from scflashmm._random_terms import random_design
 
@@ -162,12 +162,12 @@ def test_from_d_is_flashmm_components():
     )
 
 
-def test_sparse_prototype_chem97_large_q():
+def test_schur_chem97_large_q():
     data = pd.read_csv(DATA / "chem97" / "data.csv.gz")
     ref = json.loads((DATA / "chem97" / "results.json").read_text())["crossed"]
     stats, structure = _stats(data, "(1 | school) + (1 | lea)", ["gcsecnt"], ["score"])
     assert structure.q == 2541
-    fit = fit_structured_sparse(stats, structure)
+    fit = fit_structured(stats, structure)  # the Schur path, chosen automatically
     np.testing.assert_allclose(fit.coef[0], list(ref["coef"].values()), rtol=1e-5)
     np.testing.assert_allclose(fit.se[0], list(ref["se"].values()), rtol=1e-4)
     gamma, sigma2 = _lme4_vcov(ref, structure)
@@ -177,13 +177,61 @@ def test_sparse_prototype_chem97_large_q():
     assert fit.logLik[0] == pytest.approx(ref["logLik"], abs=1e-6)
 
 
-def test_sparse_prototype_equals_dense_solver():
-    data, _ = _case("sleepstudy")
-    stats, structure = _stats(data, "(Days | Subject)", ["Days"], ["Reaction"])
-    dense, sparse = fit_structured(stats, structure), fit_structured_sparse(stats, structure)
-    np.testing.assert_allclose(sparse.coef, dense.coef, rtol=1e-7)
-    np.testing.assert_allclose(sparse.se, dense.se, rtol=1e-5)
-    np.testing.assert_allclose(sparse.logLik, dense.logLik, rtol=1e-12)
+def _crossed_sc():
+    """simulated_sc with a crossed 60-level factor and a 7-level one (not nested in donor)."""
+    data, _ = _case("simulated_sc")
+    rng = np.random.default_rng(1)
+    data["ct"] = np.array(list("abcdefg"))[rng.integers(0, 7, len(data))]
+    data["cell"] = np.array([f"c{i}" for i in rng.integers(0, 60, len(data))])
+    data["groupB"] = (data["group"] == "B").astype(float)
+    return data
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "(1 | cell) + (1 | donor)",
+        "(1 + x | donor) + (1 | cell)",
+        "(1 | donor) + (1 | cell) + (1 | ct)",
+        "(1 + x || donor) + (0 + x | cell)",
+    ],
+)
+def test_schur_problem_equals_dense_problem(formula, method):
+    from scflashmm._core.structured.schur import _SchurProblem, schur_term
+
+    data = _crossed_sc()
+    stats, structure = _stats(data, formula, ["x", "groupB"], ["g1", "g2", "g3", "g4"])
+    term = schur_term(stats, structure, "schur")
+    assert structure.terms[term].group == "cell"
+    dense, schur = _Problem(stats, structure, method), _SchurProblem(stats, structure, method, term)
+    rng = np.random.default_rng(2)
+    diag = np.array([a == b for t in structure.terms for a, b in t.entries])
+    gamma = np.where(diag, rng.uniform(0.1, 0.5, (4, diag.size)), 0.01)
+    s0 = rng.uniform(0.8, 1.2, 4)
+    rows = np.arange(4)
+    for g in (gamma, np.where(np.arange(diag.size) == schur.j1, 0.0, gamma)):  # and d1 = 0
+        np.testing.assert_allclose(schur.loglik(rows, g, s0), dense.loglik(rows, g, s0), rtol=1e-12)
+        for a, b in zip(
+            schur.score_information(rows, g, s0), dense.score_information(rows, g, s0), strict=True
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10 * np.abs(b).max())
+        for a, b in zip(
+            schur.fixed_effects(stats, g, s0), dense.fixed_effects(stats, g, s0), strict=True
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_schur_term_choice():
+    from scflashmm._core.structured.schur import schur_term
+
+    data = _crossed_sc()
+    stats, structure = _stats(data, "(1 + x | donor)", ["x"], ["g1"])
+    with pytest.raises(ValueError, match="scalar random term"):
+        schur_term(stats, structure, "schur")
+    stats, structure = _stats(data, "(1 | cell) + (1 | donor)", ["x"], ["g1"])
+    assert schur_term(stats, structure, "auto") is None  # q = 72: dense algebra
+    assert schur_term(stats, structure, "dense") is None
 
 
 @pytest.mark.parametrize("method", ["REML", "ML"])

@@ -21,33 +21,32 @@ and an active set for Cholesky diagonals that reach zero (a singular fit, lme4's
 released again when the likelihood increases along them.
 
 Modules: :mod:`.problem` (dense algebra), :mod:`.block` (block-diagonal ``Z'Z``),
-:mod:`.scoring` (the Fisher-scoring driver), :mod:`.sparse` (large ``q``) and :mod:`.driver`
+:mod:`.schur` (large ``q``: a Schur complement on one large scalar term),
+:mod:`.scoring` (the Fisher-scoring driver) and :mod:`.driver`
 (:func:`scflashmm.lmm`'s entry, blocks of genes, inference on the variances).
 """
 
 from .block import zz_blocks
 from .driver import (
     BLOCK_MIN_Q,
-    SPARSE_MIN_Q,
     StructuredLMMFit,
     check_memory,
     dispatch_structure,
     lmm_structured,
 )
 from .problem import _Problem
+from .schur import SCHUR_MIN_Q
 from .scoring import StructuredFit, fit_structured
-from .sparse import fit_structured_sparse
 
 __all__ = [
     "BLOCK_MIN_Q",
-    "SPARSE_MIN_Q",
+    "SCHUR_MIN_Q",
     "StructuredFit",
     "StructuredLMMFit",
     "_Problem",
     "check_memory",
     "dispatch_structure",
     "fit_structured",
-    "fit_structured_sparse",
     "lmm_structured",
     "zz_blocks",
 ]

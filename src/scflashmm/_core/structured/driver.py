@@ -15,12 +15,8 @@ from ..satterthwaite import inverse_information
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
 from .block import zz_blocks
+from .schur import SCHUR_MIN_Q, schur_candidate, schur_term
 from .scoring import StructuredFit, fit_structured, make_problem
-from .sparse import fit_structured_sparse
-
-#: ``q`` above which the sparse path is chosen automatically (dense q x q work per gene is
-#: O(q^3); a sparse factorisation of ``Lambda' Z'Z Lambda + I`` pays off for large q).
-SPARSE_MIN_Q = 1000
 
 #: ``q`` from which independent scalar terms nested in one factor (``Z'Z`` block-diagonal,
 #: e.g. ``(1 | donor) + (1 | donor:celltype)``) go to the block solver rather than the dense
@@ -33,7 +29,7 @@ MEMORY_BUDGET = 2 * 2**30
 #: Dense (genes, q, q) working arrays held at once by the dense structured solver.
 _DENSE_ARRAYS = 12
 
-StructuredKernel = Literal["auto", "dense", "sparse"]
+StructuredKernel = Literal["auto", "dense", "schur"]
 
 
 @dataclass(eq=False)
@@ -45,7 +41,8 @@ class StructuredLMMFit(LMMFit):
     variance; ``varcorr`` the same with correlations instead of covariances (named by
     ``structure.varcorr_names()``); ``theta_lme4`` lme4's relative Cholesky entries;
     ``singular`` marks fits on the boundary (lme4's ``isSingular``); ``kernel`` is
-    ``"block"`` (block-diagonal ``Z'Z``), ``"dense"`` or ``"sparse"``.
+    ``"block"`` (block-diagonal ``Z'Z``), ``"schur"`` (a large scalar term eliminated by a Schur
+    complement) or ``"dense"``.
     """
 
     structure: CovarianceStructure | None = None
@@ -56,11 +53,42 @@ class StructuredLMMFit(LMMFit):
 
 
 def choose_structured_kernel(structure: CovarianceStructure, kernel: str = "auto") -> str:
-    """``"dense"`` for small ``q``, ``"sparse"`` from :data:`SPARSE_MIN_Q` on (or as forced)."""
+    """Return the kernel a structure is fit with (from the structure alone).
+
+    ``"schur"`` from :data:`SCHUR_MIN_Q` on when a scalar term has most of the columns
+    (:func:`.schur.schur_candidate`), else ``"dense"``; or as forced.
+    """
     check_choice(kernel, "kernel", StructuredKernel)
     if kernel != "auto":
         return kernel
-    return "sparse" if structure.q >= SPARSE_MIN_Q else "dense"
+    large = structure.q >= SCHUR_MIN_Q and schur_candidate(structure) is not None
+    return "schur" if large else "dense"
+
+
+def schur_genes_per_block(structure: CovarianceStructure, p: int) -> int:
+    """Genes per block of the Schur path within :data:`MEMORY_BUDGET`.
+
+    Its work per gene is (q2 x q2) and (q2 + p) x (q2 + p) arrays, ``q2`` the columns besides
+    the eliminated term, and vectors over that term's levels.
+
+    Raises
+    ------
+    MemoryError
+        When not even one gene's work fits.
+    """
+    term = schur_candidate(structure)
+    q1 = structure.terms[term].q if term is not None else 0
+    q2 = structure.q - q1
+    ra = q2 + p
+    per_gene = 8 * (8 * ra * ra + 12 * q2 * q2 + 12 * q1 + 4 * p * p)
+    if per_gene > MEMORY_BUDGET:
+        msg = (
+            f"The random design has q = {structure.q} random effects, {q2} of them besides its "
+            f"largest scalar term: the structured solver needs {per_gene / 2**30:.1f} GiB per "
+            f"gene, more than its budget of {MEMORY_BUDGET / 2**30:.0f} GiB. Use fewer levels."
+        )
+        raise MemoryError(msg)
+    return max(1, min(4096, MEMORY_BUDGET // (8 * per_gene)))
 
 
 def dense_genes_per_block(structure: CovarianceStructure, p: int) -> int:
@@ -69,8 +97,7 @@ def dense_genes_per_block(structure: CovarianceStructure, p: int) -> int:
     Raises
     ------
     MemoryError
-        When not even one gene's dense ``q x q`` work fits: the message says to use the sparse
-        path (``kernel="sparse"``) or fewer random effects.
+        When not even one gene's dense ``q x q`` work fits.
     """
     q = structure.q
     per_gene = 8 * (_DENSE_ARRAYS * q * q + 4 * p * p + 4 * q * (p + 1))
@@ -78,8 +105,8 @@ def dense_genes_per_block(structure: CovarianceStructure, p: int) -> int:
         msg = (
             f"The random design has q = {q} random effects: the dense structured solver needs "
             f"{per_gene / 2**30:.1f} GiB of q x q work per gene, more than its budget of "
-            f"{MEMORY_BUDGET / 2**30:.0f} GiB. Use kernel='sparse' (the default from "
-            f"q = {SPARSE_MIN_Q}) or fewer levels."
+            f"{MEMORY_BUDGET / 2**30:.0f} GiB. Use fewer levels (a large scalar term such as "
+            "(1 | school) is eliminated by a Schur complement when it has most of the columns)."
         )
         raise MemoryError(msg)
     return max(1, min(4096, MEMORY_BUDGET // (8 * per_gene)))
@@ -90,7 +117,8 @@ def check_memory(structure: CovarianceStructure, p: int, kernel: str = "auto") -
 
     The summary statistics hold ``Z'Z`` densely (q x q, reduced once more by the fixed
     effects); the dense path also holds :data:`_DENSE_ARRAYS` (q x q) arrays per gene of a
-    block. Returns the genes per block of the dense path (0 for the sparse path).
+    block, the Schur path (q2 x q2) ones (:func:`schur_genes_per_block`). Returns the genes
+    per block.
 
     Raises
     ------
@@ -107,8 +135,8 @@ def check_memory(structure: CovarianceStructure, p: int, kernel: str = "auto") -
             "merge rare levels) or fewer random terms."
         )
         raise MemoryError(msg)
-    if choose_structured_kernel(structure, kernel) == "sparse":
-        return 0
+    if choose_structured_kernel(structure, kernel) == "schur":
+        return schur_genes_per_block(structure, p)
     return dense_genes_per_block(structure, p)
 
 
@@ -170,12 +198,13 @@ def lmm_structured(
     output_cov
         Keep the covariance of the fixed effects.
     df
-        ``"residual"`` or ``"satterthwaite"`` (dense path).
+        ``"residual"`` or ``"satterthwaite"``.
     feature_names, covariate_names
         Names of genes and fixed-effect columns.
     kernel
-        ``"auto"`` (dense below :data:`SPARSE_MIN_Q` random effects, else sparse), ``"dense"``
-        or ``"sparse"``.
+        ``"auto"`` (the block algebra when ``Z'Z`` splits into small blocks, the Schur
+        complement on a large scalar term from :data:`SCHUR_MIN_Q` random effects, else
+        dense), ``"dense"`` or ``"schur"``.
     n_jobs
         Threads over blocks of genes.
 
@@ -194,13 +223,11 @@ def lmm_structured(
     method = check_method(method)
     df = check_df(df)
     structure = check_structure(structure, stats.shape[2])
-    kind = choose_structured_kernel(structure, kernel)
-    if kind == "sparse" and df == "satterthwaite":
-        msg = "Satterthwaite df are not available on the sparse (large q) path yet."
-        raise ValueError(msg)
+    choose_structured_kernel(structure, kernel)
+    label = _kernel_label(stats, structure, kernel)
     jobs = check_n_jobs(n_jobs)
     n, p, _, m = stats.shape
-    check_memory(structure, p, kind)
+    check_memory(structure, p, "schur" if label == "schur" else "dense")
     if n <= p:
         msg = f"Need more cells than fixed-effect columns: n = {n}, p = {p}."
         raise ValueError(msg)
@@ -213,22 +240,20 @@ def lmm_structured(
     reduced = reduce_fixed_effects(stats, covariates)
     genes = _select_fittable(stats.Ynorm, reduced.yry, features)
     k = structure.n_theta
-    size = dense_genes_per_block(structure, p) if kind == "dense" else 64
+    if label == "schur":
+        size = schur_genes_per_block(structure, p)
+    else:
+        size = dense_genes_per_block(structure, p)
     size = max(1, min(size, -(-genes.size // jobs)))  # at least one block per thread
     blocks = [genes[lo : lo + size] for lo in range(0, genes.size, size)]
     tol = min(float(epsilon), 1e-9)
 
     def fit_block(rows: np.ndarray) -> dict[str, np.ndarray]:
         sub = _subset(stats, rows)
-        if kind == "sparse":
-            f = fit_structured_sparse(sub, structure, method=method)
-            extra = {
-                "dlogL": np.full((rows.size, k + 1), np.nan),
-                "se_theta": np.full((rows.size, k + 1), np.nan),
-            }
-        else:
-            f = fit_structured(sub, structure, method=method, max_iter=max_iter, tol=tol)
-            extra = _theta_inference(sub, structure, method, f, satterthwaite=df != "residual")
+        f = fit_structured(sub, structure, method=method, max_iter=max_iter, tol=tol, kernel=kernel)
+        extra = _theta_inference(
+            sub, structure, method, f, satterthwaite=df != "residual", kernel=kernel
+        )
         return {
             "coef": f.coef,
             "se": f.se,
@@ -307,8 +332,15 @@ def lmm_structured(
         varcorr=out["varcorr"],
         theta_lme4=out["theta_lme4"],
         singular=out["singular"],
-        kernel="block" if kind == "dense" and zz_blocks(stats, structure) is not None else kind,
+        kernel=label,
     )
+
+
+def _kernel_label(stats: SummaryStats, structure: CovarianceStructure, kernel: str) -> str:
+    """``"block"``, ``"schur"`` or ``"dense"``: the algebra :func:`.scoring.make_problem` uses."""
+    if kernel != "schur" and zz_blocks(stats, structure) is not None:
+        return "block"
+    return "dense" if schur_term(stats, structure, kernel) is None else "schur"
 
 
 def _theta_inference(
@@ -318,6 +350,7 @@ def _theta_inference(
     fit: StructuredFit,
     *,
     satterthwaite: bool,
+    kernel: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Score, standard errors of ``(gamma, s0)`` and, optionally, Satterthwaite's df.
 
@@ -326,7 +359,7 @@ def _theta_inference(
     of ``cov(beta)`` (central differences of the GLS fit); both are invariant to the
     parameterisation of the covariance, so ``(gamma, s0)`` gives lmerTest's numbers.
     """
-    prob = make_problem(stats, structure, method)
+    prob = make_problem(stats, structure, method, kernel)
     rows = np.arange(fit.coef.shape[0])
     dl, fim = prob.score_information(rows, fit.gamma, fit.sigma2)
     cov_t = np.linalg.pinv(fim, hermitian=True)
@@ -370,7 +403,7 @@ def dispatch_structure(
 
     Independent scalar terms return ``(d, component_names)`` for the component kernels
     (FLASHMM's parameterisation) when ``q`` is below :data:`BLOCK_MIN_Q`, or below
-    :data:`SPARSE_MIN_Q` with a ``Z'Z`` that is not block-diagonal, or when ``kernel`` is
+    :data:`SCHUR_MIN_Q` with a ``Z'Z`` that is not block-diagonal, or when ``kernel`` is
     ``"eigen"`` or ``"dense"``; anything else is fit here with lme4's parameterisation.
     """
     if d is not None:
@@ -379,9 +412,9 @@ def dispatch_structure(
     structure = check_structure(structure, stats.shape[2])
     kernel = options.get("kernel", "auto")
     names = options.get("component_names")
-    if structure.d is not None and kernel != "sparse":
+    if structure.d is not None and kernel != "schur":
         small = structure.q < BLOCK_MIN_Q or (
-            structure.q < SPARSE_MIN_Q and zz_blocks(stats, structure) is None
+            structure.q < SCHUR_MIN_Q and zz_blocks(stats, structure) is None
         )
         if kernel in ("eigen", "dense") or small:
             return structure.d, structure.varcorr_names() if names is None else names

@@ -42,7 +42,7 @@ SCHUR_MIN_Q = 300
 
 
 def schur_candidate(structure: CovarianceStructure) -> int | None:
-    """The scalar term with the most levels, when the others are fewer columns; else None.
+    """Return the scalar term with the most levels if the others have fewer columns, else None.
 
     Decided from the structure alone (before the pass over the cells): every scalar term
     built from a grouping factor has a diagonal block of ``Z'Z``.
@@ -77,15 +77,17 @@ def schur_term(stats: SummaryStats, structure: CovarianceStructure, kernel: str)
             "(one level per cell, e.g. (1 | school)); this structure has none."
         )
         raise ValueError(msg)
-    if best is not None and kernel == "auto" and structure.q - structure.terms[best].q > (
-        structure.terms[best].q
+    if (
+        best is not None
+        and kernel == "auto"
+        and structure.q - structure.terms[best].q > (structure.terms[best].q)
     ):
         return None
     return best
 
 
 def _row_outer(A) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """COO entries of the row-wise outer products of CSR ``A`` (n x r): ``(row, a r + b, value)``."""
+    """COO entries ``(row, a r + b, value)`` of the row-wise outer products of ``A`` (n x r)."""
     A = A.tocsr()
     A.sum_duplicates()
     r = A.shape[1]
@@ -106,9 +108,7 @@ def _row_outer(A) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class _SchurProblem(_Problem):
     """:class:`_Problem` with the Schur complement on one large scalar term (see the module)."""
 
-    def __init__(
-        self, stats: SummaryStats, structure: CovarianceStructure, method: str, term: int
-    ):
+    def __init__(self, stats: SummaryStats, structure: CovarianceStructure, method: str, term: int):
         import scipy.sparse as sp
 
         self.structure = structure

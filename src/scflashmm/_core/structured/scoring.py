@@ -14,6 +14,7 @@ from ..stats import SummaryStats
 from ..structure import CovarianceStructure
 from .block import _BlockProblem, zz_blocks
 from .problem import _Problem
+from .schur import _SchurProblem, schur_term
 
 #: A relative Cholesky diagonal below this is set to zero when that does not lower the
 #: likelihood (lme4 calls a fit singular below 1e-4).
@@ -62,12 +63,22 @@ class StructuredFit:
     method: str
 
 
-def make_problem(stats: SummaryStats, structure: CovarianceStructure, method: str) -> _Problem:
-    """Return the block problem when ``Z'Z`` splits into small blocks, else the dense one."""
-    labels = zz_blocks(stats, structure)
-    if labels is None:
-        return _Problem(stats, structure, method)
-    return _BlockProblem(stats, structure, method, labels)
+def make_problem(
+    stats: SummaryStats, structure: CovarianceStructure, method: str, kernel: str = "auto"
+) -> _Problem:
+    """Return the likelihood algebra of a structure.
+
+    The block problem when ``Z'Z`` splits into small blocks, the Schur problem for a large
+    scalar term (:func:`.schur.schur_term`; ``kernel`` ``"auto"``, ``"dense"`` or ``"schur"``),
+    else the dense one.
+    """
+    labels = zz_blocks(stats, structure) if kernel != "schur" else None
+    if labels is not None:
+        return _BlockProblem(stats, structure, method, labels)
+    term = schur_term(stats, structure, kernel)
+    if term is not None:
+        return _SchurProblem(stats, structure, method, term)
+    return _Problem(stats, structure, method)
 
 
 def fit_structured(
@@ -77,6 +88,7 @@ def fit_structured(
     method: str = "REML",
     max_iter: int = 200,
     tol: float = 1e-9,
+    kernel: str = "auto",
 ) -> StructuredFit:
     """Fit ``y = X beta + Z b + e`` with structured ``G`` for every gene.
 
@@ -93,13 +105,15 @@ def fit_structured(
     tol
         Convergence tolerance on the relative change of the parameters and of the
         log-likelihood in one pass.
+    kernel
+        ``"auto"``, ``"dense"`` or ``"schur"`` (:func:`make_problem`).
 
     Returns
     -------
     The per-gene :class:`StructuredFit`.
     """
     method = check_method(method)
-    prob = make_problem(stats, structure, method)
+    prob = make_problem(stats, structure, method, kernel)
     st = structure
     m = prob.zry.shape[0]
     k = st.n_theta
