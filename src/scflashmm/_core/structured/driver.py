@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -225,6 +225,7 @@ def lmm_structured(
     structure = check_structure(structure, stats.shape[2])
     choose_structured_kernel(structure, kernel)
     label = _kernel_label(stats, structure, kernel)
+    algebra = "schur" if label == "schur" else kernel  # decided once, not per block of genes
     jobs = check_n_jobs(n_jobs)
     n, p, _, m = stats.shape
     check_memory(structure, p, "schur" if label == "schur" else "dense")
@@ -237,7 +238,10 @@ def lmm_structured(
     covariates = _check_names(
         stats.covariate_names if covariate_names is None else covariate_names, p, "covariate_names"
     )
-    reduced = reduce_fixed_effects(stats, covariates)
+    # y'Ry (and the rank check of X) only: Z'RZ (q x q) is not needed here
+    reduced = reduce_fixed_effects(
+        replace(stats, ZX=stats.ZX[:0], ZY=stats.ZY[:0], ZZ=np.zeros((0, 0))), covariates
+    )
     genes = _select_fittable(stats.Ynorm, reduced.yry, features)
     k = structure.n_theta
     if label == "schur":
@@ -250,9 +254,11 @@ def lmm_structured(
 
     def fit_block(rows: np.ndarray) -> dict[str, np.ndarray]:
         sub = _subset(stats, rows)
-        f = fit_structured(sub, structure, method=method, max_iter=max_iter, tol=tol, kernel=kernel)
+        f = fit_structured(
+            sub, structure, method=method, max_iter=max_iter, tol=tol, kernel=algebra
+        )
         extra = _theta_inference(
-            sub, structure, method, f, satterthwaite=df != "residual", kernel=kernel
+            sub, structure, method, f, satterthwaite=df != "residual", kernel=algebra
         )
         return {
             "coef": f.coef,

@@ -157,6 +157,7 @@ class _SchurProblem(_Problem):
             for e, (a, b) in enumerate(t.entries):
                 self.pat2.append((pos[base + a], pos[base + b], 0.5 if a == b else 1.0, toff + e))
         self.eye2 = np.eye(self.q2)
+        self.d2_diag = all(t.n_effects == 1 for i, t in enumerate(structure.terms) if i != term)
 
     # ------------------------------------------------------------------ algebra
 
@@ -167,14 +168,26 @@ class _SchurProblem(_Problem):
         return out.reshape(*lead, self.ra, self.ra)
 
     def _d2(self, gamma: np.ndarray, s0: np.ndarray) -> np.ndarray:
-        D2 = np.zeros((gamma.shape[0], self.q2, self.q2))
+        """``D2`` (genes, q2, q2), or its diagonal (genes, q2) when every other term is scalar."""
+        g = gamma.shape[0]
+        D2 = np.zeros((g, self.q2) if self.d2_diag else (g, self.q2, self.q2))
         for A, B, _, j in self.pat2:
             val = (gamma[:, j] / s0)[:, None]
-            D2[:, A, B] = val
-            D2[:, B, A] = val
+            if self.d2_diag:
+                D2[:, A] = val
+            else:
+                D2[:, A, B] = val
+                D2[:, B, A] = val
         return D2
 
-    def _core(self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray) -> dict[str, np.ndarray]:
+    def _core(
+        self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray, *, full: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Shared algebra of the genes ``rows``.
+
+        ``full`` adds ``S2`` and ``(I + D2 C~)^-1`` (for the score) in place of the
+        log-determinant.
+        """
         q2 = self.q2
         d1 = gamma[:, self.j1] / s0
         a = 1 + d1[:, None] * self.c
@@ -184,32 +197,40 @@ class _SchurProblem(_Problem):
         Ct = self.C - P[:, :q2, :q2]
         Kt2 = self.K2 - P[:, :q2, q2:]
         D2 = self._d2(gamma, s0)
-        A2 = self.eye2 + D2 @ Ct
-        sign, lda = np.linalg.slogdet(A2)
-        S2 = np.linalg.solve(A2, D2)
-        S2 = (S2 + np.swapaxes(S2, 1, 2)) / 2
-        S2K = S2 @ Kt2
-        XH = self.XX - P[:, q2:, q2:] - np.swapaxes(Kt2, 1, 2) @ S2K
-        XH = (XH + np.swapaxes(XH, 1, 2)) / 2
+        A2 = self.eye2 + (D2[:, :, None] * Ct if self.d2_diag else D2 @ Ct)
         zy1, zy2 = self.zy1[rows], self.zy2[rows]
         wz1 = w * zy1
         zt2 = zy2 - (self.NT @ wz1.T).T
-        S2z = np.einsum("gij,gj->gi", S2, zt2)
+        out = {"v": v, "w": w, "Ct": Ct, "Kt2": Kt2}
+        # S2 [Kt2, zt2] with S2 = (I + D2 C~)^-1 D2
+        rhs = np.concatenate([Kt2, zt2[:, :, None]], axis=2)
+        rhs = D2[:, :, None] * rhs if self.d2_diag else D2 @ rhs
+        if full:
+            Ainv = np.linalg.inv(A2)
+            S2 = Ainv * D2[:, None, :] if self.d2_diag else Ainv @ D2
+            out["S2"] = (S2 + np.swapaxes(S2, 1, 2)) / 2
+            out["Ainv"] = Ainv
+            S2r = Ainv @ rhs
+        else:
+            sign, lda = np.linalg.slogdet(A2)
+            S2r = np.linalg.solve(A2, rhs)
+        S2K, S2z = S2r[..., :-1], S2r[..., -1]
+        XH = self.XX - P[:, q2:, q2:] - np.swapaxes(Kt2, 1, 2) @ S2K
+        XH = (XH + np.swapaxes(XH, 1, 2)) / 2
         yvy = self.yy[rows] - np.sum(wz1 * zy1, axis=1) - np.sum(zt2 * S2z, axis=1)
         xvy = self.xy[rows] - wz1 @ self.K1 - np.einsum("gqp,gq->gp", Kt2, S2z)
         XHi = np.linalg.inv(XH)
         beta = np.einsum("gpr,gr->gp", XHi, xvy)
-        quad = yvy - np.sum(xvy * beta, axis=1)
-        logdet = np.sum(np.log(a), axis=1) + lda
-        ok = (sign > 0) & np.all(a > 0, axis=1)
-        if self.reml:
-            sx, lx = np.linalg.slogdet(XH)
-            logdet = logdet + lx - self.logdet_xx
-            ok &= sx > 0
-        return {
-            "v": v, "w": w, "Ct": Ct, "Kt2": Kt2, "S2": S2, "S2K": S2K, "XHi": XHi,
-            "beta": beta, "quad": quad, "logdet": logdet, "ok": ok,
-        }  # fmt: skip
+        out |= {"S2K": S2K, "XHi": XHi, "beta": beta, "quad": yvy - np.sum(xvy * beta, axis=1)}
+        if not full:
+            logdet = np.sum(np.log(a), axis=1) + lda
+            ok = (sign > 0) & np.all(a > 0, axis=1)
+            if self.reml:
+                sx, lx = np.linalg.slogdet(XH)
+                logdet = logdet + lx - self.logdet_xx
+                ok &= sx > 0
+            out |= {"logdet": logdet, "ok": ok}
+        return out
 
     def loglik(self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray) -> np.ndarray:
         """Log-likelihood (without constants) of the genes ``rows``."""
@@ -221,7 +242,7 @@ class _SchurProblem(_Problem):
         self, rows: np.ndarray, gamma: np.ndarray, s0: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Score and expected information in ``(gamma, s0)`` for the genes ``rows``."""
-        c = self._core(rows, gamma, s0)
+        c = self._core(rows, gamma, s0, full=True)
         q2, p, g = self.q2, self.p, len(rows)
         v, w, Ct, S2, S2K, XHi = c["v"], c["w"], c["Ct"], c["S2"], c["S2K"], c["XHi"]
         s = s0[:, None, None]
@@ -235,12 +256,12 @@ class _SchurProblem(_Problem):
         u1 = (zr1 - self.c * x1 - Nx2) / s0[:, None]
         u2 = (zr2 - (self.NT @ x1.T).T - x2 @ self.C) / s0[:, None]
         # Q = diag(delta) (+) 0 + U M U', M = [[Ma, Mb], [Mb', Mc]] (ra + q2 square).
-        S2C = S2 @ Ct
+        # I - S2 C~ = (I + D2 C~)^-1, so C~ - C~ S2 C~ = C~ (I + D2 C~)^-1.
         Ma = np.zeros((g, self.ra, self.ra))
         Ma[:, :q2, :q2] = -S2
         Mb = np.zeros((g, self.ra, q2))
-        Mb[:, :q2] = self.eye2 - S2C
-        Mc = Ct - Ct @ S2C
+        Mb[:, :q2] = c["Ainv"]
+        Mc = Ct @ c["Ainv"]
         if self.reml:
             Ja = np.concatenate([-S2K, np.broadcast_to(np.eye(p), (g, p, p))], axis=1)
             Jc = c["Kt2"] - Ct @ S2K
@@ -268,13 +289,11 @@ class _SchurProblem(_Problem):
             + 2 * np.einsum("gij,gji->g", Ma, H)
             + np.einsum("gij,gji->g", MaG, MaG)
         )
-        X12 = np.swapaxes(Mb, 1, 2) @ G @ Mb  # Q21 Q12 (q2 x q2)
+        GMb = G @ Mb  # tr(E_j Q21 Q12) = 2 f sum_l Mb[:, A_l]' G Mb[:, B_l]
         for A, B, f, j in self.pat2:
             uu[:, j] = 2 * f * np.sum(u2[:, A] * u2[:, B], axis=1)
             tq[:, j] = f * (np.sum(Mc[:, A, B], axis=1) + np.sum(Mc[:, B, A], axis=1))
-            fq[:, j, j1] = fq[:, j1, j] = f * (
-                np.sum(X12[:, A, B], axis=1) + np.sum(X12[:, B, A], axis=1)
-            )
+            fq[:, j, j1] = fq[:, j1, j] = 2 * f * np.einsum("gil,gil->g", Mb[:, :, A], GMb[:, :, B])
             for A2, B2, f2, i in self.pat2:
                 if i > j:
                     continue
