@@ -177,63 +177,6 @@ def test_schur_chem97_large_q():
     assert fit.logLik[0] == pytest.approx(ref["logLik"], abs=1e-6)
 
 
-def _crossed_sc():
-    """simulated_sc with a crossed 60-level factor and a 7-level one (not nested in donor)."""
-    data, _ = _case("simulated_sc")
-    rng = np.random.default_rng(1)
-    data["ct"] = np.array(list("abcdefg"))[rng.integers(0, 7, len(data))]
-    data["cell"] = np.array([f"c{i}" for i in rng.integers(0, 60, len(data))])
-    data["groupB"] = (data["group"] == "B").astype(float)
-    return data
-
-
-@pytest.mark.parametrize("method", ["REML", "ML"])
-@pytest.mark.parametrize(
-    "formula",
-    [
-        "(1 | cell) + (1 | donor)",
-        "(1 + x | donor) + (1 | cell)",
-        "(1 | donor) + (1 | cell) + (1 | ct)",
-        "(1 + x || donor) + (0 + x | cell)",
-    ],
-)
-def test_schur_problem_equals_dense_problem(formula, method):
-    from scflashmm._core.structured.schur import _SchurProblem, schur_term
-
-    data = _crossed_sc()
-    stats, structure = _stats(data, formula, ["x", "groupB"], ["g1", "g2", "g3", "g4"])
-    term = schur_term(stats, structure, "schur")
-    assert structure.terms[term].group == "cell"
-    dense, schur = _Problem(stats, structure, method), _SchurProblem(stats, structure, method, term)
-    rng = np.random.default_rng(2)
-    diag = np.array([a == b for t in structure.terms for a, b in t.entries])
-    gamma = np.where(diag, rng.uniform(0.1, 0.5, (4, diag.size)), 0.01)
-    s0 = rng.uniform(0.8, 1.2, 4)
-    rows = np.arange(4)
-    for g in (gamma, np.where(np.arange(diag.size) == schur.j1, 0.0, gamma)):  # and d1 = 0
-        np.testing.assert_allclose(schur.loglik(rows, g, s0), dense.loglik(rows, g, s0), rtol=1e-12)
-        for a, b in zip(
-            schur.score_information(rows, g, s0), dense.score_information(rows, g, s0), strict=True
-        ):
-            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10 * np.abs(b).max())
-        for a, b in zip(
-            schur.fixed_effects(stats, g, s0), dense.fixed_effects(stats, g, s0), strict=True
-        ):
-            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
-
-
-def test_schur_term_choice():
-    from scflashmm._core.structured.schur import schur_term
-
-    data = _crossed_sc()
-    stats, structure = _stats(data, "(1 + x | donor)", ["x"], ["g1"])
-    with pytest.raises(ValueError, match="scalar random term"):
-        schur_term(stats, structure, "schur")
-    stats, structure = _stats(data, "(1 | cell) + (1 | donor)", ["x"], ["g1"])
-    assert schur_term(stats, structure, "auto") is None  # q = 72: dense algebra
-    assert schur_term(stats, structure, "dense") is None
-
-
 @pytest.mark.parametrize("method", ["REML", "ML"])
 @pytest.mark.parametrize(
     "formula", ["(1 + x | donor)", "(1 | donor) + (1 | donor:ct)", "(1 + x || donor)"]

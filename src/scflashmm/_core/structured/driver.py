@@ -377,9 +377,9 @@ def _theta_inference(
     g, p = fit.coef.shape
     hess = np.empty((g, k1, k1))
     dcov = np.empty((g, k1, p, p))
-    scale = np.sqrt(fit.sigma2)[:, None] * np.ones(k1)
-    scale[:, -1] = fit.sigma2
-    h = 1e-4 * scale
+    # relative steps, with a floor for (co)variances near zero (a small variance needs a
+    # step far below its own size; the curvature there is large)
+    h = 1e-4 * np.maximum(np.abs(par), 1e-3 * fit.sigma2[:, None])
     for j in range(k1):
         up, dn = par.copy(), par.copy()
         up[:, j] += h[:, j]
