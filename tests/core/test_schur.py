@@ -30,6 +30,7 @@ def _crossed_sc():
     data["ct"] = np.array(list("abcdefg"))[rng.integers(0, 7, len(data))]
     data["cell"] = np.array([f"c{i}" for i in rng.integers(0, 60, len(data))])
     data["groupB"] = (data["group"] == "B").astype(float)
+    data["sub"] = data["donor"] + ":" + data["cell"].str[-1]  # nested in donor
     return data
 
 
@@ -41,14 +42,17 @@ def _crossed_sc():
         "(1 + x | donor) + (1 | cell)",
         "(1 | donor) + (1 | cell) + (1 | ct)",
         "(1 + x || donor) + (0 + x | cell)",
+        "(1 | sub) + (1 | donor)",  # nested: C~ diagonal
     ],
 )
 def test_schur_problem_equals_dense_problem(formula, method):
     data = _crossed_sc()
     stats, structure = _stats(data, formula, ["x", "groupB"], ["g1", "g2", "g3", "g4"])
     term = schur_term(stats, structure, "schur")
-    assert structure.terms[term].group == "cell"
     dense, schur = _Problem(stats, structure, method), _SchurProblem(stats, structure, method, term)
+    nested = "sub" in formula
+    assert structure.terms[term].group == ("sub" if nested else "cell")
+    assert schur.nested == nested
     rng = np.random.default_rng(2)
     diag = np.array([a == b for t in structure.terms for a, b in t.entries])
     gamma = np.where(diag, rng.uniform(0.1, 0.5, (4, diag.size)), 0.01)

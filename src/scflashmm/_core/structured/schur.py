@@ -105,6 +105,11 @@ def _row_outer(A) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
+def _off_diagonal(M) -> int:
+    """Count the nonzeros of sparse ``M`` off its diagonal."""
+    return int(M.count_nonzero() - np.count_nonzero(M.diagonal()))
+
+
 class _SchurProblem(_Problem):
     """:class:`_Problem` with the Schur complement on one large scalar term (see the module)."""
 
@@ -158,6 +163,13 @@ class _SchurProblem(_Problem):
                 self.pat2.append((pos[base + a], pos[base + b], 0.5 if a == b else 1.0, toff + e))
         self.eye2 = np.eye(self.q2)
         self.d2_diag = all(t.n_effects == 1 for i, t in enumerate(structure.terms) if i != term)
+        # Nested: the large term's levels each meet one level of the others (e.g. schools in
+        # education authorities), so C~ stays diagonal: then so is I + D2 C~.
+        self.nested = (
+            self.d2_diag
+            and _off_diagonal(sp.csr_matrix(self.C)) == 0
+            and _off_diagonal(self.NT @ self.N) == 0
+        )
 
     # ------------------------------------------------------------------ algebra
 
@@ -197,7 +209,11 @@ class _SchurProblem(_Problem):
         Ct = self.C - P[:, :q2, :q2]
         Kt2 = self.K2 - P[:, :q2, q2:]
         D2 = self._d2(gamma, s0)
-        A2 = self.eye2 + (D2[:, :, None] * Ct if self.d2_diag else D2 @ Ct)
+        if self.nested:  # C~, D2, I + D2 C~ and S2 as their diagonals (genes, q2)
+            Ct = np.diagonal(Ct, axis1=1, axis2=2)
+            A2 = 1 + D2 * Ct
+        else:
+            A2 = self.eye2 + (D2[:, :, None] * Ct if self.d2_diag else D2 @ Ct)
         zy1, zy2 = self.zy1[rows], self.zy2[rows]
         wz1 = w * zy1
         zt2 = zy2 - (self.NT @ wz1.T).T
@@ -205,7 +221,14 @@ class _SchurProblem(_Problem):
         # S2 [Kt2, zt2] with S2 = (I + D2 C~)^-1 D2
         rhs = np.concatenate([Kt2, zt2[:, :, None]], axis=2)
         rhs = D2[:, :, None] * rhs if self.d2_diag else D2 @ rhs
-        if full:
+        if self.nested:
+            Ainv = 1 / A2
+            if full:
+                out |= {"S2": D2 * Ainv, "Ainv": Ainv}
+            else:
+                sign, lda = np.where(np.all(A2 > 0, axis=1), 1.0, -1.0), np.sum(np.log(A2), axis=1)
+            S2r = Ainv[:, :, None] * rhs
+        elif full:
             Ainv = np.linalg.inv(A2)
             S2 = Ainv * D2[:, None, :] if self.d2_diag else Ainv @ D2
             out["S2"] = (S2 + np.swapaxes(S2, 1, 2)) / 2
@@ -250,33 +273,53 @@ class _SchurProblem(_Problem):
         beta = c["beta"]
         zr1 = self.zy1[rows] - beta @ self.K1.T
         zr2 = self.zy2[rows] - beta @ self.K2.T
-        x2 = np.einsum("gij,gj->gi", S2, zr2 - (self.NT @ (w * zr1).T).T)
+        zt2 = zr2 - (self.NT @ (w * zr1).T).T
+        x2 = S2 * zt2 if self.nested else np.einsum("gij,gj->gi", S2, zt2)
         Nx2 = (self.N @ x2.T).T
         x1 = w * (zr1 - Nx2)
         u1 = (zr1 - self.c * x1 - Nx2) / s0[:, None]
         u2 = (zr2 - (self.NT @ x1.T).T - x2 @ self.C) / s0[:, None]
         # Q = diag(delta) (+) 0 + U M U', M = [[Ma, Mb], [Mb', Mc]] (ra + q2 square).
-        # I - S2 C~ = (I + D2 C~)^-1, so C~ - C~ S2 C~ = C~ (I + D2 C~)^-1.
+        # I - S2 C~ = (I + D2 C~)^-1, so C~ - C~ S2 C~ = C~ (I + D2 C~)^-1. REML subtracts
+        # rank p: Ma -= Ja X Ja', Mb -= Ja X Jc', Mc -= Jc X Jc' (X = XHi).
+        Ainv = c["Ainv"]
+        ix = np.arange(q2)
+        delta = self.c * v / s0[:, None]
+        GH = self._outer(np.stack([v * v, v * v * delta]))
+        G, H = GH[0], GH[1]
         Ma = np.zeros((g, self.ra, self.ra))
-        Ma[:, :q2, :q2] = -S2
         Mb = np.zeros((g, self.ra, q2))
-        Mb[:, :q2] = c["Ainv"]
-        Mc = Ct @ c["Ainv"]
+        if self.nested:
+            Ma[:, ix, ix] = -S2
+            Mb[:, ix, ix] = Ainv
+            Mc = np.zeros((g, q2, q2))
+            Mc[:, ix, ix] = Ct * Ainv
+            MaG = np.zeros_like(G)
+            MaG[:, :q2] = -S2[:, :, None] * G[:, :q2]
+            GMb = G[:, :, :q2] * Ainv[:, None, :]
+        else:
+            Ma[:, :q2, :q2] = -S2
+            Mb[:, :q2] = Ainv
+            Mc = Ct @ Ainv
         if self.reml:
             Ja = np.concatenate([-S2K, np.broadcast_to(np.eye(p), (g, p, p))], axis=1)
-            Jc = c["Kt2"] - Ct @ S2K
+            Jc = c["Kt2"] - (Ct[:, :, None] * S2K if self.nested else Ct @ S2K)
             JaX = Ja @ XHi
             JcX = Jc @ XHi
             Ma -= JaX @ np.swapaxes(Ja, 1, 2)
             Mb -= JaX @ np.swapaxes(Jc, 1, 2)
             Mc = Mc - JcX @ np.swapaxes(Jc, 1, 2)
+            if self.nested:  # rank p: O(p ra^2) instead of O(ra^3)
+                MaG -= JaX @ (np.swapaxes(Ja, 1, 2) @ G)
+                GMb -= (G @ JaX) @ np.swapaxes(Jc, 1, 2)
         Ma, Mb, Mc = Ma / s, Mb / s, Mc / s
         Ma = (Ma + np.swapaxes(Ma, 1, 2)) / 2
         Mc = (Mc + np.swapaxes(Mc, 1, 2)) / 2
-        delta = self.c * v / s0[:, None]
-        GH = self._outer(np.stack([v * v, v * v * delta]))
-        G, H = GH[0], GH[1]
-        MaG = Ma @ G
+        if self.nested:
+            MaG, GMb = MaG / s, GMb / s
+        else:
+            MaG = Ma @ G
+            GMb = G @ Mb
         k = self.structure.n_theta
         j1 = self.j1
         uu = np.empty((g, k))
@@ -289,7 +332,7 @@ class _SchurProblem(_Problem):
             + 2 * np.einsum("gij,gji->g", Ma, H)
             + np.einsum("gij,gji->g", MaG, MaG)
         )
-        GMb = G @ Mb  # tr(E_j Q21 Q12) = 2 f sum_l Mb[:, A_l]' G Mb[:, B_l]
+        # tr(E_j Q21 Q12) = 2 f sum_l Mb[:, A_l]' G Mb[:, B_l]
         for A, B, f, j in self.pat2:
             uu[:, j] = 2 * f * np.sum(u2[:, A] * u2[:, B], axis=1)
             tq[:, j] = f * (np.sum(Mc[:, A, B], axis=1) + np.sum(Mc[:, B, A], axis=1))
