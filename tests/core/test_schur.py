@@ -111,3 +111,16 @@ def test_schur_se_of_variances_equal_dense():
     assert a.kernel == "schur"
     np.testing.assert_allclose(a.coef, b.coef, rtol=1e-6)
     np.testing.assert_allclose(a.df_satterthwaite, b.df_satterthwaite, rtol=1e-4)
+
+
+def test_schur_memory_guard(monkeypatch):
+    from scflashmm._core.structured import check_memory, driver
+
+    data = pd.read_csv(DATA / "crossed_wells" / "data.csv.gz")
+    structure = random_design("(1 | well) + (1 | batch)", data).structure
+    assert driver.choose_structured_kernel(structure) == "schur"
+    # q2 = 20 besides the 400 wells: far less than the dense q x q work per gene
+    assert check_memory(structure, 3) > check_memory(structure, 3, "dense")
+    monkeypatch.setattr(driver, "MEMORY_BUDGET", 20_000)
+    with pytest.raises(MemoryError, match="20 of them besides its largest scalar term"):
+        driver.schur_genes_per_block(structure, 3)
