@@ -147,7 +147,9 @@ class _SchurProblem(_Problem):
         Ua = sp.hstack([self.N, sp.csr_matrix(self.K1)], format="csr")
         self.ra = ra = self.q2 + self.p
         r, col, val = _row_outer(Ua)
-        self.Ot = sp.csr_matrix((val, (col, r)), shape=(ra * ra, self.q1))
+        upper = col // ra <= col % ra  # (the products are symmetric)
+        self.Ot = sp.csr_matrix((val[upper], (col[upper], r[upper])), shape=(ra * ra, self.q1))
+        self.ix_a = np.arange(ra)
         # Parameters: the large term's variance (index j1), the others' patterns in q2.
         self.j1 = int(structure.theta_offsets[term])
         pos = np.empty(self.q, dtype=np.int64)
@@ -176,8 +178,10 @@ class _SchurProblem(_Problem):
     def _outer(self, W: np.ndarray) -> np.ndarray:
         """``[N, K1]' diag(w) [N, K1]`` (..., ra, ra) for each row ``w`` of ``W`` (..., q1)."""
         lead = W.shape[:-1]
-        out = (self.Ot @ W.reshape(-1, self.q1).T).T
-        return out.reshape(*lead, self.ra, self.ra)
+        U = (self.Ot @ W.reshape(-1, self.q1).T).T.reshape(*lead, self.ra, self.ra)
+        out = U + np.swapaxes(U, -1, -2)
+        out[..., self.ix_a, self.ix_a] /= 2
+        return out
 
     def _d2(self, gamma: np.ndarray, s0: np.ndarray) -> np.ndarray:
         """``D2`` (genes, q2, q2), or its diagonal (genes, q2) when every other term is scalar."""
