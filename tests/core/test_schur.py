@@ -78,6 +78,9 @@ def test_schur_term_choice():
     stats, structure = _stats(data, "(1 | cell) + (1 | donor)", ["x"], ["g1"])
     assert schur_term(stats, structure, "auto") is None  # q = 72: dense algebra
     assert schur_term(stats, structure, "dense") is None
+    # nested (each sub in one donor; q = 12 + 117): the Schur algebra stays diagonal
+    stats, structure = _stats(data, "(1 | donor) + (1 | sub)", ["x"], ["g1"])
+    assert structure.q >= 100 and schur_term(stats, structure, "auto") == 1
 
 
 @pytest.mark.parametrize("gene", ["g1", "g2", "g3"])

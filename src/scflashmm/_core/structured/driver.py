@@ -202,9 +202,9 @@ def lmm_structured(
     feature_names, covariate_names
         Names of genes and fixed-effect columns.
     kernel
-        ``"auto"`` (the block algebra when ``Z'Z`` splits into small blocks, the Schur
-        complement on a large scalar term from :data:`SCHUR_MIN_Q` random effects, else
-        dense), ``"dense"`` or ``"schur"``.
+        ``"auto"`` (the Schur complement on a large scalar term, :func:`.schur.schur_term`,
+        else the block algebra when ``Z'Z`` splits into small blocks, else dense), ``"dense"``
+        or ``"schur"``.
     n_jobs
         Threads over blocks of genes.
 
@@ -344,9 +344,9 @@ def lmm_structured(
 
 def _kernel_label(stats: SummaryStats, structure: CovarianceStructure, kernel: str) -> str:
     """``"block"``, ``"schur"`` or ``"dense"``: the algebra :func:`.scoring.make_problem` uses."""
-    if kernel != "schur" and zz_blocks(stats, structure) is not None:
-        return "block"
-    return "dense" if schur_term(stats, structure, kernel) is None else "schur"
+    if schur_term(stats, structure, kernel) is not None:
+        return "schur"
+    return "dense" if zz_blocks(stats, structure) is None else "block"
 
 
 def _theta_inference(

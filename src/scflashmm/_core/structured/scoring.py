@@ -68,16 +68,16 @@ def make_problem(
 ) -> _Problem:
     """Return the likelihood algebra of a structure.
 
-    The block problem when ``Z'Z`` splits into small blocks, the Schur problem for a large
-    scalar term (:func:`.schur.schur_term`; ``kernel`` ``"auto"``, ``"dense"`` or ``"schur"``),
-    else the dense one.
+    The Schur problem for a large scalar term (:func:`.schur.schur_term`; ``kernel``
+    ``"auto"``, ``"dense"`` or ``"schur"``), else the block problem when ``Z'Z`` splits into
+    small blocks, else the dense one.
     """
-    labels = zz_blocks(stats, structure) if kernel != "schur" else None
-    if labels is not None:
-        return _BlockProblem(stats, structure, method, labels)
     term = schur_term(stats, structure, kernel)
     if term is not None:
         return _SchurProblem(stats, structure, method, term)
+    labels = zz_blocks(stats, structure)
+    if labels is not None:
+        return _BlockProblem(stats, structure, method, labels)
     return _Problem(stats, structure, method)
 
 
