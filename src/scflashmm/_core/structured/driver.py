@@ -65,18 +65,19 @@ def choose_structured_kernel(structure: CovarianceStructure, kernel: str = "auto
     return "schur" if large else "dense"
 
 
-def schur_genes_per_block(structure: CovarianceStructure, p: int) -> int:
+def schur_genes_per_block(structure: CovarianceStructure, p: int, term: int | None = None) -> int:
     """Genes per block of the Schur path within :data:`MEMORY_BUDGET`.
 
     Its work per gene is (q2 x q2) and (q2 + p) x (q2 + p) arrays, ``q2`` the columns besides
-    the eliminated term, and vectors over that term's levels.
+    the eliminated ``term`` (default: :func:`.schur.schur_candidate`), and vectors over that
+    term's levels.
 
     Raises
     ------
     MemoryError
         When not even one gene's work fits.
     """
-    term = schur_candidate(structure)
+    term = schur_candidate(structure) if term is None else term
     q1 = structure.terms[term].q if term is not None else 0
     q2 = structure.q - q1
     ra = q2 + p
@@ -223,12 +224,19 @@ def lmm_structured(
     method = check_method(method)
     df = check_df(df)
     structure = check_structure(structure, stats.shape[2])
-    choose_structured_kernel(structure, kernel)
-    label = _kernel_label(stats, structure, kernel)
+    check_choice(kernel, "kernel", StructuredKernel)
+    term = schur_term(stats, structure, kernel)
+    if term is not None:
+        label = "schur"
+    else:
+        label = "dense" if zz_blocks(stats, structure) is None else "block"
     algebra = "schur" if label == "schur" else kernel  # decided once, not per block of genes
     jobs = check_n_jobs(n_jobs)
     n, p, _, m = stats.shape
-    check_memory(structure, p, "schur" if label == "schur" else "dense")
+    if label == "schur":
+        schur_genes_per_block(structure, p, term)  # (the memory guard)
+    else:
+        check_memory(structure, p, "dense")
     if n <= p:
         msg = f"Need more cells than fixed-effect columns: n = {n}, p = {p}."
         raise ValueError(msg)
@@ -245,7 +253,7 @@ def lmm_structured(
     genes = _select_fittable(stats.Ynorm, reduced.yry, features)
     k = structure.n_theta
     if label == "schur":
-        size = schur_genes_per_block(structure, p)
+        size = schur_genes_per_block(structure, p, term)
     else:
         size = dense_genes_per_block(structure, p)
     size = max(1, min(size, -(-genes.size // jobs)))  # at least one block per thread
@@ -340,13 +348,6 @@ def lmm_structured(
         singular=out["singular"],
         kernel=label,
     )
-
-
-def _kernel_label(stats: SummaryStats, structure: CovarianceStructure, kernel: str) -> str:
-    """``"block"``, ``"schur"`` or ``"dense"``: the algebra :func:`.scoring.make_problem` uses."""
-    if schur_term(stats, structure, kernel) is not None:
-        return "schur"
-    return "dense" if zz_blocks(stats, structure) is None else "block"
 
 
 def _theta_inference(

@@ -25,7 +25,9 @@ mlmRev's Chem97 with ``(1 | school) + (1 | lea)``, where ``q = 2,541``). With
 
 The score and information in the other terms are those of :class:`.problem._Problem` on
 ``Q22`` (dense, ``q2 x q2``); the residual variance's entries follow from homogeneity as in
-:class:`.block._BlockProblem`. Work per gene: ``O(q2^3 + nnz)`` instead of ``O(q^3)``.
+:class:`.block._BlockProblem`. Work per gene: ``O(q2^3 + nnz)`` instead of ``O(q^3)``; when the
+large term is nested in the others, all scalar (:func:`nested`), ``C~`` and ``I + D2 C~`` stay
+diagonal and it is ``O(p (q2 + p)^2 + nnz)``.
 """
 
 from __future__ import annotations
