@@ -178,7 +178,7 @@ def test_components_as_structure_equal_components():
             )
 
 
-def test_bad_input_and_sparse_path():
+def test_bad_input_and_schur_path():
     stats, structure, _, _ = _case("sleepstudy/correlated")
     theta = np.ones((1, 4))
     args = (stats.XX, stats.ZX, stats.ZZ, stats.n, structure)
@@ -192,8 +192,9 @@ def test_bad_input_and_sparse_path():
         kenward_roger(stats.XX, stats.ZX[:3], np.eye(3), stats.n, structure, theta)
     with pytest.raises(ValueError, match="needs method='REML'"):
         scflashmm.lmm(stats, structure=structure, method="ML", df="kenward-roger")
-    with pytest.raises(ValueError, match="df='kenward-roger' is not available on the sparse"):
-        scflashmm.lmm(stats, structure=structure, df="kenward-roger", kernel="sparse")
+    crossed, crossed_structure, _, _ = _case("crossed")  # (1 + x | donor) + (1 | ct)
+    with pytest.raises(ValueError, match="df='kenward-roger' is not available on the Schur"):
+        scflashmm.lmm(crossed, structure=crossed_structure, df="kenward-roger", kernel="schur")
 
 
 def test_dense_problem_uses_its_information_consistently():

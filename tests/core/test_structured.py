@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from scflashmm._core.structure import CovarianceStructure, RandomTermStructure
-from scflashmm._core.structured import _Problem, fit_structured, fit_structured_sparse
+from scflashmm._core.structured import _Problem, fit_structured
 from scflashmm._core.sumstats import SummaryStats, summary_stats
 from scflashmm._random_terms import random_design
 
@@ -162,12 +162,12 @@ def test_from_d_is_flashmm_components():
     )
 
 
-def test_sparse_prototype_chem97_large_q():
+def test_schur_chem97_large_q():
     data = pd.read_csv(DATA / "chem97" / "data.csv.gz")
     ref = json.loads((DATA / "chem97" / "results.json").read_text())["crossed"]
     stats, structure = _stats(data, "(1 | school) + (1 | lea)", ["gcsecnt"], ["score"])
     assert structure.q == 2541
-    fit = fit_structured_sparse(stats, structure)
+    fit = fit_structured(stats, structure)  # the Schur path, chosen automatically
     np.testing.assert_allclose(fit.coef[0], list(ref["coef"].values()), rtol=1e-5)
     np.testing.assert_allclose(fit.se[0], list(ref["se"].values()), rtol=1e-4)
     gamma, sigma2 = _lme4_vcov(ref, structure)
@@ -175,15 +175,6 @@ def test_sparse_prototype_chem97_large_q():
     np.testing.assert_allclose(fit.gamma[0], gamma, rtol=1e-4)
     np.testing.assert_allclose(fit.sigma2[0], sigma2, rtol=1e-6)
     assert fit.logLik[0] == pytest.approx(ref["logLik"], abs=1e-6)
-
-
-def test_sparse_prototype_equals_dense_solver():
-    data, _ = _case("sleepstudy")
-    stats, structure = _stats(data, "(Days | Subject)", ["Days"], ["Reaction"])
-    dense, sparse = fit_structured(stats, structure), fit_structured_sparse(stats, structure)
-    np.testing.assert_allclose(sparse.coef, dense.coef, rtol=1e-7)
-    np.testing.assert_allclose(sparse.se, dense.se, rtol=1e-5)
-    np.testing.assert_allclose(sparse.logLik, dense.logLik, rtol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["REML", "ML"])

@@ -137,7 +137,7 @@ def test_independent_terms_use_component_kernels(case, key, fixed, random, respo
     assert adata.uns["flashmm"]["solver"] == "components"
 
 
-def test_chem97_large_q_sparse_through_lmm():
+def test_chem97_large_q_schur_through_lmm():
     data, res = _case("chem97")
     ref = res["crossed"]
     rd = random_design("(1 | school) + (1 | lea)", data)
@@ -145,7 +145,7 @@ def test_chem97_large_q_sparse_through_lmm():
     stats = summary_stats(X, data[["score"]].to_numpy(float), rd.Z)
     fit = lmm(stats, structure=rd.structure, covariate_names=["(Intercept)", "gcsecnt"])
     assert isinstance(fit, StructuredLMMFit)
-    assert fit.kernel == "sparse" and rd.structure.q == 2541
+    assert fit.kernel == "schur" and rd.structure.q == 2541
     np.testing.assert_allclose(fit.coef[0], list(ref["coef"].values()), rtol=1e-5)
     np.testing.assert_allclose(fit.se[0], list(ref["se"].values()), rtol=1e-4)
     vc = _lme4_varcorr(ref)
@@ -166,7 +166,7 @@ def test_lmm_structure_scalar_equals_d():
     assert a.nonnegative and not lmm(stats, rd.structure.d).nonnegative
     assert a.component_names == ["plate: (Intercept)", "sample: (Intercept)"]
     # forced structured solver (lme4's parameterisation) agrees at the optimum
-    c = lmm(stats, structure=rd.structure, kernel="sparse")
+    c = lmm(stats, structure=rd.structure, kernel="schur")
     np.testing.assert_allclose(c.coef, a.coef, rtol=1e-6)
     with pytest.raises(ValueError, match="either d or structure"):
         lmm(stats, rd.structure.d, structure=rd.structure)

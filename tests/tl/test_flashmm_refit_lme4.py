@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 
 import scflashmm as sfm
-from scflashmm._core.structured import driver as structured_driver
 from scflashmm.cli import main
 
 DATA = Path(__file__).parents[1] / "data" / "lme4"
@@ -107,15 +106,10 @@ def test_kenward_roger_refit_equals_pbkrtest(tmp_path):
         assert df == pytest.approx(ref["contrast_df_kr"], rel=1e-6)
 
 
-def test_refit_refuses_what_the_structure_cannot_take(fitted, monkeypatch):
-    adata, random = fitted
+def test_refit_refuses_what_the_structure_cannot_take(fitted):
+    adata, _ = fitted
     with pytest.raises(ValueError, match="moderat"):
         sfm.tl.flashmm_refit(adata, moderate=True, copy=True)
-    # per-test df are not available on the large-q (sparse) path: refused by name
-    monkeypatch.setattr(structured_driver, "SPARSE_MIN_Q", 10)
-    if random == "(1 + x | donor)":  # scalar terms ('||', '/') of small q: component kernels
-        with pytest.raises(ValueError, match="df='kenward-roger' is not available on the sparse"):
-            sfm.tl.flashmm_refit(adata, df="kenward-roger", copy=True)
 
 
 def test_refit_checks_the_stored_structure(fitted):

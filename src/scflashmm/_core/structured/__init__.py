@@ -25,34 +25,33 @@ definite), and takes the score and information of the next pass from the line se
 (full) step, so that a pass costs one factorisation.
 
 Modules: :mod:`.problem` (dense algebra), :mod:`.block` (block-diagonal ``Z'Z``),
-:mod:`.nested` (closed forms for ``(1 | a) + (1 | a:b)``), :mod:`.scoring` (the
-Fisher-scoring driver), :mod:`.sparse` (large ``q``) and :mod:`.driver`
+:mod:`.nested` (closed forms for ``(1 | a) + (1 | a:b)``), :mod:`.schur` (large ``q``: a
+Schur complement on one large scalar term), :mod:`.scoring` (the Fisher-scoring driver and the
+choice of algebra) and :mod:`.driver`
 (:func:`scflashmm.lmm`'s entry, blocks of genes, inference on the variances).
 """
 
 from .block import zz_blocks
 from .driver import (
     BLOCK_MIN_Q,
-    SPARSE_MIN_Q,
     StructuredLMMFit,
     check_memory,
     dispatch_structure,
     lmm_structured,
 )
 from .problem import _Problem
+from .schur import SCHUR_MIN_Q
 from .scoring import StructuredFit, fit_structured
-from .sparse import fit_structured_sparse
 
 __all__ = [
     "BLOCK_MIN_Q",
-    "SPARSE_MIN_Q",
+    "SCHUR_MIN_Q",
     "StructuredFit",
     "StructuredLMMFit",
     "_Problem",
     "check_memory",
     "dispatch_structure",
     "fit_structured",
-    "fit_structured_sparse",
     "lmm_structured",
     "zz_blocks",
 ]

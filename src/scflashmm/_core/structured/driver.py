@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -16,12 +16,8 @@ from ..satterthwaite import coefficient_df, inverse_information
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
 from .block import genes_per_block, zz_blocks
-from .scoring import StructuredFit, fit_structured, make_problem
-from .sparse import fit_structured_sparse
-
-#: ``q`` above which the sparse path is chosen automatically (dense q x q work per gene is
-#: O(q^3); a sparse factorisation of ``Lambda' Z'Z Lambda + I`` pays off for large q).
-SPARSE_MIN_Q = 1000
+from .schur import SCHUR_MIN_Q, schur_candidate
+from .scoring import Algebra, StructuredFit, choose_algebra, fit_structured, make_problem
 
 #: ``q`` from which independent scalar terms nested in one factor (``Z'Z`` block-diagonal,
 #: e.g. ``(1 | donor) + (1 | donor:celltype)``) go to the block solver rather than the dense
@@ -34,7 +30,7 @@ MEMORY_BUDGET = 2 * 2**30
 #: Dense (genes, q, q) working arrays held at once by the dense structured solver.
 _DENSE_ARRAYS = 12
 
-StructuredKernel = Literal["auto", "dense", "sparse"]
+StructuredKernel = Literal["auto", "dense", "schur"]
 
 
 @dataclass(eq=False)
@@ -46,7 +42,8 @@ class StructuredLMMFit(LMMFit):
     variance; ``varcorr`` the same with correlations instead of covariances (named by
     ``structure.varcorr_names()``); ``theta_lme4`` lme4's relative Cholesky entries;
     ``singular`` marks fits on the boundary (lme4's ``isSingular``); ``kernel`` is
-    ``"block"`` (block-diagonal ``Z'Z``), ``"dense"`` or ``"sparse"``.
+    ``"block"`` (block-diagonal ``Z'Z``), ``"schur"`` (a large scalar term eliminated by a Schur
+    complement) or ``"dense"``.
     """
 
     structure: CovarianceStructure | None = None
@@ -57,11 +54,43 @@ class StructuredLMMFit(LMMFit):
 
 
 def choose_structured_kernel(structure: CovarianceStructure, kernel: str = "auto") -> str:
-    """``"dense"`` for small ``q``, ``"sparse"`` from :data:`SPARSE_MIN_Q` on (or as forced)."""
+    """Return the kernel a structure is fit with (from the structure alone).
+
+    ``"schur"`` from :data:`SCHUR_MIN_Q` on when a scalar term has most of the columns
+    (:func:`.schur.schur_candidate`), else ``"dense"``; or as forced.
+    """
     check_choice(kernel, "kernel", StructuredKernel)
     if kernel != "auto":
         return kernel
-    return "sparse" if structure.q >= SPARSE_MIN_Q else "dense"
+    large = structure.q >= SCHUR_MIN_Q and schur_candidate(structure) is not None
+    return "schur" if large else "dense"
+
+
+def schur_genes_per_block(structure: CovarianceStructure, p: int, term: int | None = None) -> int:
+    """Genes per block of the Schur path within :data:`MEMORY_BUDGET`.
+
+    Its work per gene is (q2 x q2) and (q2 + p) x (q2 + p) arrays, ``q2`` the columns besides
+    the eliminated ``term`` (default: :func:`.schur.schur_candidate`), and vectors over that
+    term's levels.
+
+    Raises
+    ------
+    MemoryError
+        When not even one gene's work fits.
+    """
+    term = schur_candidate(structure) if term is None else term
+    q1 = structure.terms[term].q if term is not None else 0
+    q2 = structure.q - q1
+    ra = q2 + p
+    per_gene = 8 * (8 * ra * ra + 12 * q2 * q2 + 12 * q1 + 4 * p * p)
+    if per_gene > MEMORY_BUDGET:
+        msg = (
+            f"The random design has q = {structure.q} random effects, {q2} of them besides its "
+            f"largest scalar term: the structured solver needs {per_gene / 2**30:.1f} GiB per "
+            f"gene, more than its budget of {MEMORY_BUDGET / 2**30:.0f} GiB. Use fewer levels."
+        )
+        raise MemoryError(msg)
+    return max(1, min(4096, MEMORY_BUDGET // (8 * per_gene)))
 
 
 def dense_genes_per_block(structure: CovarianceStructure, p: int) -> int:
@@ -70,8 +99,7 @@ def dense_genes_per_block(structure: CovarianceStructure, p: int) -> int:
     Raises
     ------
     MemoryError
-        When not even one gene's dense ``q x q`` work fits: the message says to use the sparse
-        path (``kernel="sparse"``) or fewer random effects.
+        When not even one gene's dense ``q x q`` work fits.
     """
     q = structure.q
     per_gene = 8 * (_DENSE_ARRAYS * q * q + 4 * p * p + 4 * q * (p + 1))
@@ -79,8 +107,8 @@ def dense_genes_per_block(structure: CovarianceStructure, p: int) -> int:
         msg = (
             f"The random design has q = {q} random effects: the dense structured solver needs "
             f"{per_gene / 2**30:.1f} GiB of q x q work per gene, more than its budget of "
-            f"{MEMORY_BUDGET / 2**30:.0f} GiB. Use kernel='sparse' (the default from "
-            f"q = {SPARSE_MIN_Q}) or fewer levels."
+            f"{MEMORY_BUDGET / 2**30:.0f} GiB. Use fewer levels (a large scalar term such as "
+            "(1 | school) is eliminated by a Schur complement when it has most of the columns)."
         )
         raise MemoryError(msg)
     return max(1, min(4096, MEMORY_BUDGET // (8 * per_gene)))
@@ -91,7 +119,8 @@ def check_memory(structure: CovarianceStructure, p: int, kernel: str = "auto") -
 
     The summary statistics hold ``Z'Z`` densely (q x q, reduced once more by the fixed
     effects); the dense path also holds :data:`_DENSE_ARRAYS` (q x q) arrays per gene of a
-    block. Returns the genes per block of the dense path (0 for the sparse path).
+    block, the Schur path (q2 x q2) ones (:func:`schur_genes_per_block`). Returns the genes
+    per block.
 
     Raises
     ------
@@ -108,8 +137,8 @@ def check_memory(structure: CovarianceStructure, p: int, kernel: str = "auto") -
             "merge rare levels) or fewer random terms."
         )
         raise MemoryError(msg)
-    if choose_structured_kernel(structure, kernel) == "sparse":
-        return 0
+    if choose_structured_kernel(structure, kernel) == "schur":
+        return schur_genes_per_block(structure, p)
     return dense_genes_per_block(structure, p)
 
 
@@ -172,13 +201,14 @@ def lmm_structured(
         Keep the covariance of the fixed effects.
     df
         ``"residual"``, ``"satterthwaite"`` or ``"kenward-roger"`` (REML; Kenward-Roger's
-        adjusted covariance and df as pbkrtest computes them, docs/model.md, Kenward-Roger);
-        the per-test df need the dense or block path.
+        adjusted covariance and df as pbkrtest computes them, docs/model.md, Kenward-Roger;
+        not on the Schur path).
     feature_names, covariate_names
         Names of genes and fixed-effect columns.
     kernel
-        ``"auto"`` (dense below :data:`SPARSE_MIN_Q` random effects, else sparse), ``"dense"``
-        or ``"sparse"``.
+        ``"auto"`` (the Schur complement on a large scalar term, :func:`.schur.schur_term`,
+        else the block algebra when ``Z'Z`` splits into small blocks, else dense), ``"dense"``
+        or ``"schur"``.
     n_jobs
         Threads over blocks of genes.
 
@@ -196,18 +226,22 @@ def lmm_structured(
 
     method = check_method(method)
     structure = check_structure(structure, stats.shape[2])
-    kind = choose_structured_kernel(structure, kernel)
+    check_choice(kernel, "kernel", StructuredKernel)
     df = check_df(df, method)
-    if kind == "sparse" and df != "residual":
+    algebra = choose_algebra(stats, structure, kernel)  # decided once, not per block of genes
+    if algebra.kind == "schur" and df == "kenward-roger":
         msg = (
-            f"df={df!r} is not available on the sparse (large q) path: it has q = "
-            f"{structure.q} random effects (sparse from q = {SPARSE_MIN_Q}). Use "
-            "df='residual', or kernel='dense' if q x q work per gene fits in memory."
+            f"df='kenward-roger' is not available on the Schur path (a large scalar term "
+            f"eliminated; q = {structure.q}): its q x q work per gene is what that path avoids. "
+            "Use df='satterthwaite'."
         )
         raise ValueError(msg)
     jobs = check_n_jobs(n_jobs)
     n, p, _, m = stats.shape
-    check_memory(structure, p, kind)
+    if algebra.kind == "schur":
+        size = schur_genes_per_block(structure, p, algebra.term)  # (the memory guard)
+    else:
+        size = check_memory(structure, p, "dense")
     if n <= p:
         msg = f"Need more cells than fixed-effect columns: n = {n}, p = {p}."
         raise ValueError(msg)
@@ -217,13 +251,14 @@ def lmm_structured(
     covariates = _check_names(
         stats.covariate_names if covariate_names is None else covariate_names, p, "covariate_names"
     )
-    reduced = reduce_fixed_effects(stats, covariates)
+    # y'Ry (and the rank check of X) only: Z'RZ (q x q) is not needed here
+    reduced = reduce_fixed_effects(
+        replace(stats, ZX=stats.ZX[:0], ZY=stats.ZY[:0], ZZ=np.zeros((0, 0))), covariates
+    )
     genes = _select_fittable(stats.Ynorm, reduced.yry, features)
     k = structure.n_theta
-    size = dense_genes_per_block(structure, p) if kind == "dense" else 64
-    labels = zz_blocks(stats, structure) if kind == "dense" else None
-    if labels is not None:
-        size = genes_per_block(structure, labels)
+    if algebra.labels is not None:
+        size = genes_per_block(structure, algebra.labels)
     if df == "kenward-roger":  # k more (genes, q, q) arrays, and (k + 1)^2 (genes, p, p)
         q = structure.q
         per_gene = 8 * ((_DENSE_ARRAYS + k) * q * q + (k + 1) ** 2 * (p * p + 2 * q * p))
@@ -234,15 +269,10 @@ def lmm_structured(
 
     def fit_block(rows: np.ndarray) -> dict[str, np.ndarray]:
         sub = _subset(stats, rows)
-        if kind == "sparse":
-            f = fit_structured_sparse(sub, structure, method=method)
-            extra = {
-                "dlogL": np.full((rows.size, k + 1), np.nan),
-                "se_theta": np.full((rows.size, k + 1), np.nan),
-            }
-        else:
-            f = fit_structured(sub, structure, method=method, max_iter=max_iter, tol=tol)
-            extra = _theta_inference(sub, structure, method, f, df=df, labels=labels)
+        f = fit_structured(
+            sub, structure, method=method, max_iter=max_iter, tol=tol, algebra=algebra
+        )
+        extra = _theta_inference(sub, structure, method, f, df=df, algebra=algebra)
         return {
             "coef": f.coef,
             "se": f.se,
@@ -328,7 +358,7 @@ def lmm_structured(
         varcorr=out["varcorr"],
         theta_lme4=out["theta_lme4"],
         singular=out["singular"],
-        kernel="block" if labels is not None else kind,
+        kernel=algebra.kind,
     )
 
 
@@ -339,7 +369,7 @@ def _theta_inference(
     fit: StructuredFit,
     *,
     df: str = "residual",
-    labels: np.ndarray | None = None,
+    algebra: Algebra | None = None,
 ) -> dict[str, np.ndarray]:
     """Score, standard errors of ``(gamma, s0)`` and, optionally, Satterthwaite's or KR's df.
 
@@ -352,13 +382,13 @@ def _theta_inference(
     Z'`` (:func:`~scflashmm._core.kenward_roger.kenward_roger`, block by block with ``labels``,
     the blocks of ``Z'Z``), with the fit's covariance of beta and expected information.
     """
-    prob = make_problem(stats, structure, method)
+    prob = make_problem(stats, structure, method, algebra)
     rows = np.arange(fit.coef.shape[0])
     dl, fim = prob.score_information(rows, fit.gamma, fit.sigma2)
     cov_t = np.linalg.pinv(fim, hermitian=True)
     out = {"dlogL": dl, "se_theta": np.sqrt(np.maximum(np.diagonal(cov_t, axis1=1, axis2=2), 0))}
     if df == "kenward-roger":
-        return out | _kenward_roger(stats, structure, fit, fim, labels)
+        return out | _kenward_roger(stats, structure, fit, fim, algebra)
     if df != "satterthwaite":
         return out
     par = np.column_stack([fit.gamma, fit.sigma2])
@@ -378,14 +408,18 @@ def _theta_inference(
 
     hess = np.empty((g, k1, k1))
     dcov = np.empty((g, k1, p, p))
-    scale = np.sqrt(fit.sigma2)[:, None] * np.ones(k1)
-    scale[:, -1] = fit.sigma2
-    h = 1e-4 * scale
+    # relative steps, with a floor for entries near zero (a small variance needs a step far
+    # below its own size; the curvature there is large): Cholesky entries on the scale of
+    # sqrt(s0), (co)variances on that of s0
+    floor = np.sqrt(fit.sigma2)[:, None] * np.ones(k1)
+    floor[:, -1] = fit.sigma2
+    h_chol = 1e-4 * np.maximum(np.abs(chol), 1e-3 * floor)
+    h = 1e-4 * np.maximum(np.abs(par), 1e-3 * fit.sigma2[:, None])
     for j in range(k1):
         up, dn = chol.copy(), chol.copy()
-        up[:, j] += h[:, j]
-        dn[:, j] -= h[:, j]
-        hess[:, :, j] = (score_chol(up) - score_chol(dn)) / (2 * h[:, j, None])
+        up[:, j] += h_chol[:, j]
+        dn[:, j] -= h_chol[:, j]
+        hess[:, :, j] = (score_chol(up) - score_chol(dn)) / (2 * h_chol[:, j, None])
         up, dn = par.copy(), par.copy()
         up[:, j] += h[:, j]
         dn[:, j] -= h[:, j]
@@ -412,7 +446,7 @@ def _kenward_roger(
     structure: CovarianceStructure,
     fit: StructuredFit,
     fim: np.ndarray,
-    labels: np.ndarray | None,
+    algebra: Algebra | None,
 ) -> dict[str, np.ndarray]:
     """Kenward-Roger adjusted se, df and the parts for the df of contrasts, at the fit."""
     theta = np.column_stack([fit.gamma, fit.sigma2])
@@ -426,7 +460,7 @@ def _kenward_roger(
         eigen=False,
         cov=fit.cov,
         information=fim,
-        labels=labels,
+        labels=None if algebra is None else algebra.labels,
     )
     dfim = kr.dprec[:, :-1]
     return {
@@ -446,7 +480,7 @@ def dispatch_structure(
 
     Independent scalar terms return ``(d, component_names)`` for the component kernels
     (FLASHMM's parameterisation) when ``q`` is below :data:`BLOCK_MIN_Q`, or below
-    :data:`SPARSE_MIN_Q` with a ``Z'Z`` that is not block-diagonal, or when ``kernel`` is
+    :data:`SCHUR_MIN_Q` with a ``Z'Z`` that is not block-diagonal, or when ``kernel`` is
     ``"eigen"`` or ``"dense"``; anything else is fit here with lme4's parameterisation.
     """
     if d is not None:
@@ -455,9 +489,9 @@ def dispatch_structure(
     structure = check_structure(structure, stats.shape[2])
     kernel = options.get("kernel", "auto")
     names = options.get("component_names")
-    if structure.d is not None and kernel != "sparse":
+    if structure.d is not None and kernel != "schur":
         small = structure.q < BLOCK_MIN_Q or (
-            structure.q < SPARSE_MIN_Q and zz_blocks(stats, structure) is None
+            structure.q < SCHUR_MIN_Q and zz_blocks(stats, structure) is None
         )
         if kernel in ("eigen", "dense") or small:
             return structure.d, structure.varcorr_names() if names is None else names

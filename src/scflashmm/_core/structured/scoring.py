@@ -15,6 +15,7 @@ from ..structure import CovarianceStructure
 from .block import _BlockProblem, zz_blocks
 from .nested import _NestedProblem, nested_levels
 from .problem import _Problem
+from .schur import _SchurProblem, schur_term
 
 #: A relative Cholesky diagonal below this is set to zero when that does not lower the
 #: likelihood (lme4 calls a fit singular below 1e-4).
@@ -63,19 +64,57 @@ class StructuredFit:
     method: str
 
 
-def make_problem(stats: SummaryStats, structure: CovarianceStructure, method: str) -> _Problem:
-    """Return the algebra for ``stats``: nested closed forms, block-diagonal or dense ``q x q``.
+@dataclass(frozen=True, eq=False)
+class Algebra:
+    """The likelihood algebra a structure is fit with, decided once per fit from ``Z'Z``.
 
-    ``(1 | a) + (1 | a:b)`` goes to :class:`.nested._NestedProblem`; another ``Z'Z`` that splits
-    into small blocks to :class:`.block._BlockProblem`; anything else to :class:`_Problem`.
+    ``kind`` is ``"nested"`` (closed forms for ``(1 | a) + (1 | a:b)``), ``"block"``
+    (block-diagonal ``Z'Z``, ``labels`` its blocks), ``"schur"`` (the scalar ``term``
+    eliminated by a Schur complement) or ``"dense"``.
     """
-    labels = zz_blocks(stats, structure)
-    if labels is None:
-        return _Problem(stats, structure, method)
-    nested = nested_levels(stats, structure, labels)
-    if nested is not None:
-        return _NestedProblem(stats, structure, method, *nested)
-    return _BlockProblem(stats, structure, method, labels)
+
+    kind: str
+    labels: np.ndarray | None = None
+    term: int | None = None
+    nested: tuple[int, np.ndarray] | None = None
+
+
+def choose_algebra(
+    stats: SummaryStats, structure: CovarianceStructure, kernel: str = "auto"
+) -> Algebra:
+    """Pick the algebra: nested closed forms, Schur, block-diagonal or dense, in that order.
+
+    ``kernel`` is ``"auto"``, ``"dense"`` (no Schur complement) or ``"schur"`` (required;
+    :func:`.schur.schur_term`).
+    """
+    labels = None if kernel == "schur" else zz_blocks(stats, structure)
+    if labels is not None:
+        nested = nested_levels(stats, structure, labels)
+        if nested is not None:
+            return Algebra("nested", labels=labels, nested=nested)
+    term = schur_term(stats, structure, kernel)
+    if term is not None:
+        return Algebra("schur", term=term)
+    if labels is not None:
+        return Algebra("block", labels=labels)
+    return Algebra("dense")
+
+
+def make_problem(
+    stats: SummaryStats,
+    structure: CovarianceStructure,
+    method: str,
+    algebra: Algebra | None = None,
+) -> _Problem:
+    """Return the likelihood algebra for ``stats`` (default: :func:`choose_algebra`'s)."""
+    a = choose_algebra(stats, structure) if algebra is None else algebra
+    if a.kind == "nested" and a.nested is not None:
+        return _NestedProblem(stats, structure, method, *a.nested)
+    if a.kind == "schur" and a.term is not None:
+        return _SchurProblem(stats, structure, method, a.term)
+    if a.kind == "block" and a.labels is not None:
+        return _BlockProblem(stats, structure, method, a.labels)
+    return _Problem(stats, structure, method)
 
 
 def fit_structured(
@@ -85,6 +124,7 @@ def fit_structured(
     method: str = "REML",
     max_iter: int = 200,
     tol: float = 1e-9,
+    algebra: Algebra | None = None,
 ) -> StructuredFit:
     """Fit ``y = X beta + Z b + e`` with structured ``G`` for every gene.
 
@@ -101,13 +141,15 @@ def fit_structured(
     tol
         Convergence tolerance on the relative change of the parameters and of the
         log-likelihood in one pass.
+    algebra
+        The likelihood algebra (default: :func:`choose_algebra`'s for ``kernel="auto"``).
 
     Returns
     -------
     The per-gene :class:`StructuredFit`.
     """
     method = check_method(method)
-    prob = make_problem(stats, structure, method)
+    prob = make_problem(stats, structure, method, algebra)
     st = structure
     m = prob.zry.shape[0]
     k = st.n_theta
