@@ -7,6 +7,8 @@ live: each block gives its partial statistics, summed by a tree reduction.
 
 from __future__ import annotations
 
+import functools
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -68,19 +70,28 @@ def _local_pass(
     return total
 
 
+#: A task of the Dask pass covers consecutive blocks of cells until it has at least this many
+#: cells per row of its result. The result (rows x genes) is allocated, sent and summed once per
+#: task whatever the number of cells, so small blocks (``read_elem_lazy`` defaults to 1,000
+#: cells) cost more in results than in reading (docs/benchmarks.md, T9).
+CELLS_PER_RESULT_ROW = 16
+
+#: Results added by one task of the tree reduction of a Dask pass.
+SPLIT_EVERY = 8
+
+
 def _dask_block(
     y: Any,
     codes: np.ndarray,
     cont: np.ndarray,
-    start: np.ndarray,
     *,
+    start: int,
     sizes: tuple[int, ...],
     is_counts: bool,
 ) -> np.ndarray:
-    """Partial statistics of one Dask block of cells, shaped (1, rows, genes) for the tree sum."""
+    """Packed partial statistics of one Dask block of cells (``codes`` is cells x groups)."""
     codes = np.ascontiguousarray(codes.T)
-    out = block_stats(y, codes, cont, sizes, is_counts=is_counts, axis=0, start=int(start[0]))
-    return out[None]
+    return block_stats(y, codes, cont, sizes, is_counts=is_counts, axis=0, start=start)
 
 
 def _dask_pass(
@@ -90,38 +101,186 @@ def _dask_pass(
     is_counts: bool,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    import dask.array as da
+    """Packed statistics of a Dask array of cells x genes (see :func:`dask_row_pass`)."""
+    return dask_row_pass(
+        Y,
+        _dask_block,
+        (plan.codes.T, plan.cont),
+        rows=plan.rows,
+        progress=progress,
+        sizes=tuple(plan.sizes),
+        is_counts=is_counts,
+    )
+
+
+def dask_row_pass(
+    Y: Any,
+    block: Callable[..., np.ndarray],
+    per_cell: tuple[np.ndarray, ...],
+    *,
+    rows: int,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs: Any,
+) -> np.ndarray:
+    """Sum ``block`` over the blocks of cells of a Dask array, where the blocks live.
+
+    Parameters
+    ----------
+    Y
+        Dask array, cells x genes, of numeric numpy or scipy.sparse blocks.
+    block
+        ``block(y, *slices, start=first cell, **kwargs)`` returns the ``(rows, genes of y)``
+        partial result of one block ``y`` of Y; ``slices`` are those of ``per_cell`` for its
+        cells. It must be importable by the workers (a module-level function).
+    per_cell
+        Arrays with one row per cell (e.g. the design codes): each task carries only its own
+        cells' rows, so nothing of size n is sent to every worker.
+    rows
+        Rows of the result of ``block``.
+    progress
+        ``progress(done, total)`` with the cells done so far: on a ``dask.distributed`` client
+        (``Client(...)`` or ``with client.as_current()``) as the tasks finish; on Dask's local
+        schedulers a callback counts them.
+    **kwargs
+        Passed to ``block`` (pickled once per task: keep them small).
+
+    Returns
+    -------
+    The ``(rows, genes)`` sum, computed by the active Dask scheduler.
+
+    Notes
+    -----
+    One task covers consecutive blocks of cells until it has ``CELLS_PER_RESULT_ROW * rows``
+    cells, adding their results in place (a block is never concatenated nor moved between
+    workers unless the scheduler placed the blocks of one task apart). Each column block of Y
+    is reduced apart by a tree whose tasks add ``SPLIT_EVERY`` results in cell order, and the
+    columns are put together at the end: the sum does not depend on the scheduler, the
+    number of workers or ``progress``.
+    """
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
 
     dtype = getattr(Y, "dtype", None)
     if dtype is not None and np.dtype(dtype).kind not in "biuf":
         msg = f"Y must be numeric, got dtype {dtype}."
         raise ValueError(msg)
-    # the per-cell design arrays, cut like the cells of Y, and the first cell of each block
-    rows = Y.chunks[0]
-    codes = da.from_array(plan.codes.T, chunks=(rows, plan.codes.shape[0]))
-    cont = da.from_array(plan.cont, chunks=(rows, plan.cont.shape[1]))
-    starts = da.from_array(np.cumsum((0, *rows[:-1])), chunks=1)
-    blocks = da.blockwise(
-        _dask_block,
-        "ikj",
-        Y,
-        "ij",
-        codes,
-        "ia",
-        cont,
-        "ib",
-        starts,
-        "i",
-        new_axes={"k": plan.rows},
-        adjust_chunks={"i": 1},
-        align_arrays=False,
-        concatenate=True,
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0), dtype=np.float64),
-        sizes=tuple(plan.sizes),
-        is_counts=is_counts,
-    )
-    return reduce_dask_blocks(blocks, rows, progress)
+    cells = tuple(int(c) for c in Y.chunks[0])
+    first = np.cumsum((0, *cells))
+    runs = _runs(cells, CELLS_PER_RESULT_ROW * rows)
+    keys = Y.__dask_keys__()
+    token = uuid.uuid4().hex
+    task_name, sum_name = f"flashmm-blocks-{token}", f"flashmm-sum-{token}"
+    run_block = functools.partial(_run_blocks, block, **kwargs)
+    layer: dict[Any, Any] = {}
+    tops = []
+    for j in range(len(Y.chunks[1])):
+        level = []
+        for r, (a, b) in enumerate(runs):
+            lo, hi = int(first[a]), int(first[b])
+            slices = [np.ascontiguousarray(x[lo:hi]) for x in per_cell]
+            starts = [int(s) for s in first[a:b]]
+            layer[(task_name, r, j)] = (
+                run_block,
+                starts,
+                [keys[i][j] for i in range(a, b)],
+                *slices,
+            )
+            level.append((task_name, r, j))
+        depth = 0
+        while len(level) > 1:
+            level_keys = []
+            for g in range(0, len(level), SPLIT_EVERY):
+                key = (sum_name, depth, g // SPLIT_EVERY, j)
+                layer[key] = (_sum_in_order, level[g : g + SPLIT_EVERY])
+                level_keys.append(key)
+            level, depth = level_keys, depth + 1
+        tops.append(level[0])
+    final = (sum_name, "total")
+    layer[final] = (_hstack, tops)
+    graph = HighLevelGraph.from_collections(sum_name, layer, dependencies=[Y])
+    total = Delayed(final, graph, layer=sum_name)
+    if progress is None:
+        return np.asarray(total.compute())
+    n_cells = int(first[-1])
+    run_cells = {
+        (task_name, r, j): int(first[b] - first[a])
+        for r, (a, b) in enumerate(runs)
+        for j in range(len(Y.chunks[1]))
+    }
+    scale = len(Y.chunks[1])
+    client = _distributed_client()
+    if client is not None:
+        from distributed import as_completed
+
+        tasks = [Delayed(key, graph, layer=sum_name) for key in run_cells]
+        futures = client.compute([*tasks, total])
+        result = futures.pop()
+        done = 0
+        for future in as_completed(futures):
+            done += run_cells[future.key]
+            progress(done // scale, n_cells)
+        del futures, future
+        return np.asarray(result.result())
+    from dask.callbacks import Callback
+
+    done = [0]
+
+    def posttask(key, result, dsk, state, worker_id):
+        if key in run_cells:
+            done[0] += run_cells[key]
+            progress(done[0] // scale, n_cells)
+
+    with Callback(posttask=posttask):
+        return np.asarray(total.compute())
+
+
+def _runs(cells: tuple[int, ...], target: int) -> list[tuple[int, int]]:
+    """Cut the blocks into runs ``[a, b)`` of at least ``target`` cells (a short tail joins)."""
+    runs, a, count = [], 0, 0
+    for i, c in enumerate(cells):
+        count += c
+        if count >= target:
+            runs.append((a, i + 1))
+            a, count = i + 1, 0
+    if a < len(cells):
+        if runs and count < target // 2:  # a short tail joins the last task
+            runs[-1] = (runs[-1][0], len(cells))
+        else:
+            runs.append((a, len(cells)))
+    return runs or [(0, 0)]
+
+
+def _run_blocks(
+    block: Callable[..., np.ndarray],
+    starts: list[int],
+    ys: list[Any],
+    *slices: np.ndarray,
+    **kwargs: Any,
+) -> np.ndarray:
+    """One task: the results of consecutive blocks of cells, added in place in cell order."""
+    out, offset = None, 0
+    for start, y in zip(starts, ys, strict=True):
+        n = y.shape[0]
+        part = block(y, *(x[offset : offset + n] for x in slices), start=start, **kwargs)
+        if out is None:
+            out = part
+        else:
+            out += part
+        offset += n
+    return out
+
+
+def _sum_in_order(parts: list[np.ndarray]) -> np.ndarray:
+    """Add results in their order (a tree task of a Dask pass)."""
+    out = np.array(parts[0], dtype=np.float64, copy=True)
+    for part in parts[1:]:
+        out += part
+    return out
+
+
+def _hstack(parts: list[np.ndarray]) -> np.ndarray:
+    """Put the sums of the column blocks together."""
+    return parts[0] if len(parts) == 1 else np.hstack(parts)
 
 
 def reduce_dask_blocks(
