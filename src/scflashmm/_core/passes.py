@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from ._threads import ordered_map
 from .blocks import block_stats
@@ -151,11 +152,10 @@ def dask_row_pass(
     Notes
     -----
     One task covers consecutive blocks of cells until it has ``CELLS_PER_RESULT_ROW * rows``
-    cells, adding their results in place (a block is never concatenated nor moved between
-    workers unless the scheduler placed the blocks of one task apart). Each column block of Y
-    is reduced apart by a tree whose tasks add ``SPLIT_EVERY`` results in cell order, and the
-    columns are put together at the end: the sum does not depend on the scheduler, the
-    number of workers or ``progress``.
+    cells; their blocks are stacked into one (larger blocks are used as they are). Each column
+    block of Y is reduced apart by a tree whose tasks add ``SPLIT_EVERY`` results in cell
+    order, and the columns are put together at the end: the sum does not depend on the
+    scheduler, the number of workers or ``progress``.
     """
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
@@ -178,10 +178,9 @@ def dask_row_pass(
         for r, (a, b) in enumerate(runs):
             lo, hi = int(first[a]), int(first[b])
             slices = [np.ascontiguousarray(x[lo:hi]) for x in per_cell]
-            starts = [int(s) for s in first[a:b]]
             layer[(task_name, r, j)] = (
                 run_block,
-                starts,
+                lo,
                 [keys[i][j] for i in range(a, b)],
                 *slices,
             )
@@ -215,11 +214,12 @@ def dask_row_pass(
         tasks = [Delayed(key, graph, layer=sum_name) for key in run_cells]
         futures = client.compute([*tasks, total])
         result = futures.pop()
+        finished = as_completed(futures)
+        futures.clear()  # a task's result is released once counted and summed
         done = 0
-        for future in as_completed(futures):
+        for future in finished:
             done += run_cells[future.key]
             progress(done // scale, n_cells)
-        del futures, future
         return np.asarray(result.result())
     from dask.callbacks import Callback
 
@@ -230,12 +230,12 @@ def dask_row_pass(
             done[0] += run_cells[key]
             progress(done[0] // scale, n_cells)
 
-    with Callback(posttask=posttask):
-        return np.asarray(total.compute())
+    with Callback(posttask=posttask):  # unoptimised, so that the tasks keep their keys
+        return np.asarray(total.compute(optimize_graph=False))
 
 
 def _runs(cells: tuple[int, ...], target: int) -> list[tuple[int, int]]:
-    """Cut the blocks into runs ``[a, b)`` of at least ``target`` cells (a short tail joins)."""
+    """Cut the blocks into runs ``[a, b)`` of at least ``target`` cells (but the last)."""
     runs, a, count = [], 0, 0
     for i, c in enumerate(cells):
         count += c
@@ -243,31 +243,29 @@ def _runs(cells: tuple[int, ...], target: int) -> list[tuple[int, int]]:
             runs.append((a, i + 1))
             a, count = i + 1, 0
     if a < len(cells):
-        if runs and count < target // 2:  # a short tail joins the last task
-            runs[-1] = (runs[-1][0], len(cells))
-        else:
-            runs.append((a, len(cells)))
-    return runs or [(0, 0)]
+        runs.append((a, len(cells)))
+    return runs
 
 
 def _run_blocks(
     block: Callable[..., np.ndarray],
-    starts: list[int],
+    start: int,
     ys: list[Any],
     *slices: np.ndarray,
     **kwargs: Any,
 ) -> np.ndarray:
-    """One task: the results of consecutive blocks of cells, added in place in cell order."""
-    out, offset = None, 0
-    for start, y in zip(starts, ys, strict=True):
-        n = y.shape[0]
-        part = block(y, *(x[offset : offset + n] for x in slices), start=start, **kwargs)
-        if out is None:
-            out = part
-        else:
-            out += part
-        offset += n
-    return out
+    """One task: the result of consecutive blocks of cells, stacked into one block first.
+
+    A block call has a fixed cost of the order of its result (rows x genes), so a few small
+    blocks are stacked (a copy of their values) and processed at once.
+    """
+    if len(ys) == 1:
+        y = ys[0]
+    elif all(sp.issparse(y) for y in ys):
+        y = sp.vstack(ys, format="csr")
+    else:
+        y = np.concatenate([np.asarray(y) for y in ys])
+    return block(y, *slices, start=start, **kwargs)
 
 
 def _sum_in_order(parts: list[np.ndarray]) -> np.ndarray:
