@@ -18,6 +18,7 @@ from distributed import Client, LocalCluster
 from test_sumstats_sources import check, expected, make_design
 
 from scflashmm import summary_stats
+from scflashmm._core import passes
 from scflashmm._core.passes import CELLS_PER_RESULT_ROW, _runs
 from scflashmm._core.plan import DesignPlan
 from scflashmm._core.sumstats import NonFiniteError
@@ -135,11 +136,17 @@ def test_runs_of_blocks(cells, target, runs):
     assert _runs(cells, target) == runs
 
 
+@pytest.mark.parametrize("piece", [None, 120], ids=["one_piece", "pieces"])
 @pytest.mark.parametrize("fmt", [np.asarray, sp.csr_matrix, sp.csc_matrix])
 @pytest.mark.parametrize("chunks", [(50, 40), (60, 15)], ids=["rows", "rows_genes"])
-def test_small_blocks_are_stacked_per_task(data, fmt, chunks):
-    """Blocks far smaller than the result are stacked, a few per task: the same statistics."""
+def test_small_blocks_are_stacked_per_task(data, fmt, chunks, piece, monkeypatch):
+    """Blocks far smaller than the result are stacked, a few per task: the same statistics.
+
+    With ``piece``, a task stacks its blocks into pieces of at most that many cells.
+    """
     X, Y, Z = data
+    if piece is not None:
+        monkeypatch.setattr(passes, "DEFAULT_CHUNK_SIZE", piece)
     Yd = da.from_array(fmt(Y), chunks=chunks, asarray=False)
     rows = DesignPlan(X, Z, Y.shape[1]).rows
     assert len(_runs(Yd.chunks[0], CELLS_PER_RESULT_ROW * rows)) < len(Yd.chunks[0]) / 3

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from ._threads import ordered_map
 from .blocks import block_stats
-from .checks import CorruptMatrixError
+from .checks import DEFAULT_CHUNK_SIZE, CorruptMatrixError
 from .plan import DesignPlan
 from .sources import Source
 
@@ -152,10 +152,11 @@ def dask_row_pass(
     Notes
     -----
     One task covers consecutive blocks of cells until it has ``CELLS_PER_RESULT_ROW * rows``
-    cells; their blocks are stacked into one (larger blocks are used as they are). Each column
-    block of Y is reduced apart by a tree whose tasks add ``SPLIT_EVERY`` results in cell
-    order, and the columns are put together at the end: the sum does not depend on the
-    scheduler, the number of workers or ``progress``.
+    cells; small blocks are stacked into pieces of up to ``DEFAULT_CHUNK_SIZE`` cells, whose
+    results are added in place (larger blocks are used as they are). Each column block of Y
+    is reduced apart by a tree whose tasks add ``SPLIT_EVERY`` results in cell order, and the
+    columns are put together at the end: the sum does not depend on the scheduler, the number
+    of workers or ``progress``.
     """
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
@@ -180,7 +181,7 @@ def dask_row_pass(
             slices = [np.ascontiguousarray(x[lo:hi]) for x in per_cell]
             layer[(task_name, r, j)] = (
                 run_block,
-                lo,
+                [int(c) for c in first[a:b]],
                 [keys[i][j] for i in range(a, b)],
                 *slices,
             )
@@ -249,23 +250,45 @@ def _runs(cells: tuple[int, ...], target: int) -> list[tuple[int, int]]:
 
 def _run_blocks(
     block: Callable[..., np.ndarray],
-    start: int,
+    starts: list[int],
     ys: list[Any],
     *slices: np.ndarray,
     **kwargs: Any,
 ) -> np.ndarray:
-    """One task: the result of consecutive blocks of cells, stacked into one block first.
+    """One task: the results of consecutive blocks of cells, added in place in cell order.
 
-    A block call has a fixed cost of the order of its result (rows x genes), so a few small
-    blocks are stacked (a copy of their values) and processed at once.
+    A block call has a fixed cost of the order of its result (rows x genes), so small blocks
+    are stacked (a copy of their values) into pieces of up to ``DEFAULT_CHUNK_SIZE`` cells,
+    the working memory of a chunk of the local pass, and each piece is processed at once.
     """
+    out, i = None, 0
+    while i < len(ys):
+        k, cells = i + 1, ys[i].shape[0]
+        while k < len(ys) and cells + ys[k].shape[0] <= DEFAULT_CHUNK_SIZE:
+            cells += ys[k].shape[0]
+            k += 1
+        lo = starts[i] - starts[0]
+        part = block(
+            _stack(ys[i:k]),
+            *(x[lo : lo + cells] for x in slices),
+            start=starts[i],
+            **kwargs,
+        )
+        if out is None:
+            out = part
+        else:
+            out += part
+        i = k
+    return out
+
+
+def _stack(ys: list[Any]) -> Any:
+    """Stack blocks of cells (sparse blocks into one CSR)."""
     if len(ys) == 1:
-        y = ys[0]
-    elif all(sp.issparse(y) for y in ys):
-        y = sp.vstack(ys, format="csr")
-    else:
-        y = np.concatenate([np.asarray(y) for y in ys])
-    return block(y, *slices, start=start, **kwargs)
+        return ys[0]
+    if all(sp.issparse(y) for y in ys):
+        return sp.vstack(ys, format="csr")
+    return np.concatenate([np.asarray(y) for y in ys])
 
 
 def _sum_in_order(parts: list[np.ndarray]) -> np.ndarray:
