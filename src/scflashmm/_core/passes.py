@@ -158,9 +158,6 @@ def dask_row_pass(
     columns are put together at the end: the sum does not depend on the scheduler, the number
     of workers or ``progress``.
     """
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
-
     dtype = getattr(Y, "dtype", None)
     if dtype is not None and np.dtype(dtype).kind not in "biuf":
         msg = f"Y must be numeric, got dtype {dtype}."
@@ -169,57 +166,75 @@ def dask_row_pass(
     first = np.cumsum((0, *cells))
     runs = _runs(cells, CELLS_PER_RESULT_ROW * rows)
     keys = Y.__dask_keys__()
-    token = uuid.uuid4().hex
-    task_name, sum_name = f"flashmm-blocks-{token}", f"flashmm-sum-{token}"
+    name = f"flashmm-blocks-{uuid.uuid4().hex}"
     run_block = functools.partial(_run_blocks, block, **kwargs)
     layer: dict[Any, Any] = {}
-    tops = []
+    leaves: list[list[Any]] = []
+    leaf_cells: dict[Any, int] = {}
     for j in range(len(Y.chunks[1])):
-        level = []
+        leaves.append([])
         for r, (a, b) in enumerate(runs):
             lo, hi = int(first[a]), int(first[b])
             slices = [np.ascontiguousarray(x[lo:hi]) for x in per_cell]
-            layer[(task_name, r, j)] = (
+            layer[(name, r, j)] = (
                 run_block,
                 [int(c) for c in first[a:b]],
                 [keys[i][j] for i in range(a, b)],
                 *slices,
             )
-            level.append((task_name, r, j))
+            leaves[j].append((name, r, j))
+            leaf_cells[(name, r, j)] = hi - lo
+    return _tree_total(Y, layer, leaves, leaf_cells, progress)
+
+
+def _tree_total(
+    Y: Any,
+    layer: dict[Any, Any],
+    leaves: list[list[Any]],
+    leaf_cells: dict[Any, int],
+    progress: Callable[[int, int], None] | None,
+) -> np.ndarray:
+    """Compute the sum of the results ``leaves[j]`` of each column block j, put side by side.
+
+    ``layer`` holds the tasks of the leaves (on top of Y's graph); a tree whose tasks add
+    ``SPLIT_EVERY`` results in order is added, and the total computed by the active scheduler.
+    With ``progress``, ``progress(done, total)`` counts the cells (``leaf_cells``, each
+    counted once over the column blocks) of the finished leaves.
+    """
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = f"flashmm-sum-{uuid.uuid4().hex}"
+    tops = []
+    for j, level in enumerate(leaves):
         depth = 0
         while len(level) > 1:
-            level_keys = []
+            up = []
             for g in range(0, len(level), SPLIT_EVERY):
-                key = (sum_name, depth, g // SPLIT_EVERY, j)
+                key = (name, depth, g // SPLIT_EVERY, j)
                 layer[key] = (_sum_in_order, level[g : g + SPLIT_EVERY])
-                level_keys.append(key)
-            level, depth = level_keys, depth + 1
+                up.append(key)
+            level, depth = up, depth + 1
         tops.append(level[0])
-    final = (sum_name, "total")
+    final = (name, "total")
     layer[final] = (_hstack, tops)
-    graph = HighLevelGraph.from_collections(sum_name, layer, dependencies=[Y])
-    total = Delayed(final, graph, layer=sum_name)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[Y])
+    total = Delayed(final, graph, layer=name)
     if progress is None:
         return np.asarray(total.compute())
-    n_cells = int(first[-1])
-    run_cells = {
-        (task_name, r, j): int(first[b] - first[a])
-        for r, (a, b) in enumerate(runs)
-        for j in range(len(Y.chunks[1]))
-    }
-    scale = len(Y.chunks[1])
+    scale = len(leaves)
+    n_cells = sum(leaf_cells.values()) // scale
     client = _distributed_client()
     if client is not None:
         from distributed import as_completed
 
-        tasks = [Delayed(key, graph, layer=sum_name) for key in run_cells]
-        futures = client.compute([*tasks, total])
+        futures = client.compute([*(Delayed(k, graph, layer=name) for k in leaf_cells), total])
         result = futures.pop()
         finished = as_completed(futures)
-        futures.clear()  # a task's result is released once counted and summed
+        futures.clear()  # a leaf's result is released once counted and summed
         done = 0
         for future in finished:
-            done += run_cells[future.key]
+            done += leaf_cells[future.key]
             progress(done // scale, n_cells)
         return np.asarray(result.result())
     from dask.callbacks import Callback
@@ -227,8 +242,8 @@ def dask_row_pass(
     done = [0]
 
     def posttask(key, result, dsk, state, worker_id):
-        if key in run_cells:
-            done[0] += run_cells[key]
+        if key in leaf_cells:
+            done[0] += leaf_cells[key]
             progress(done[0] // scale, n_cells)
 
     with Callback(posttask=posttask):  # unoptimised, so that the tasks keep their keys
@@ -300,52 +315,26 @@ def _sum_in_order(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _hstack(parts: list[np.ndarray]) -> np.ndarray:
-    """Put the sums of the column blocks together."""
-    return parts[0] if len(parts) == 1 else np.hstack(parts)
+    """Put the sums of the column blocks (the last axis) together."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
 
 def reduce_dask_blocks(
     blocks: Any, rows: tuple[int, ...], progress: Callable[[int, int], None] | None
 ) -> np.ndarray:
-    """Sum the per-block partial statistics ``(blocks, rows, genes)`` of a Dask pass.
+    """Sum the per-block partial statistics ``(blocks, k, genes)`` of a Dask pass.
 
-    With ``progress``, ``progress(done, total)`` is called with the cells of the blocks done so
-    far: on a ``dask.distributed`` client (the active one: ``Client(...)`` or ``with
-    client.as_current()``) the blocks are summed in about 20 batches submitted at once and
-    reported as they finish; on Dask's local schedulers a callback counts finished blocks.
+    ``blocks`` has one chunk of ``(1, k, genes)`` per block of ``rows[i]`` cells (a
+    ``blockwise`` over the blocks of cells). They are summed on the workers by the in-order
+    tree of :func:`dask_row_pass` (which also stacks small blocks: prefer it for a new pass).
+    With ``progress``, ``progress(done, total)`` counts the cells of the finished blocks.
     """
-    if progress is None:
-        return np.asarray(blocks.sum(axis=0).compute())
-    total = int(sum(rows))
-    client = _distributed_client()
-    if client is not None:
-        from distributed import as_completed
-
-        step = max(1, -(-len(rows) // 20))
-        cuts = list(range(0, len(rows), step))
-        parts = [blocks[a : a + step].sum(axis=0) for a in cuts]
-        cells = {i: int(sum(rows[a : a + step])) for i, a in enumerate(cuts)}
-        futures = client.compute(parts)
-        index = {f.key: i for i, f in enumerate(futures)}
-        out, done = None, 0
-        for future in as_completed(futures):
-            part = np.asarray(future.result())
-            out = part if out is None else out + part
-            done += cells[index[future.key]]
-            progress(done, total)
-        return out
-    from dask.callbacks import Callback
-
-    name = blocks.name
-    done = [0]
-
-    def posttask(key, result, dsk, state, worker_id):
-        if isinstance(key, tuple) and key[0] == name:
-            done[0] += int(rows[key[1]])
-            progress(done[0], total)
-
-    with Callback(posttask=posttask):  # unfused, so that the blocks keep their keys
-        return np.asarray(blocks.sum(axis=0).compute(optimize_graph=False))
+    keys = blocks.__dask_keys__()
+    leaves = [[keys[i][0][j] for i in range(len(rows))] for j in range(blocks.numblocks[2])]
+    leaf_cells = {key: int(rows[i]) for leaf in leaves for i, key in enumerate(leaf)}
+    layer: dict[Any, Any] = {}
+    total = _tree_total(blocks, layer, leaves, leaf_cells, progress)
+    return total[0]
 
 
 def _distributed_client() -> Any:
