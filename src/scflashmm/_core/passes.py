@@ -2,7 +2,8 @@
 
 Blocks of cells are processed in a thread pool (``n_jobs``) and added in block order, so the
 result does not depend on the number of threads. A Dask array is reduced where its blocks
-live: each block gives its partial statistics, summed by a tree reduction.
+live: each task gives the partial statistics of a run of consecutive blocks, and a tree of
+in-order sums adds them on the workers (:func:`dask_row_pass`; docs/benchmarks.md, T9).
 """
 
 from __future__ import annotations
