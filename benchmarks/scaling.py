@@ -566,11 +566,19 @@ def worker_groupby_memory(spec: dict) -> dict:
 
 
 def worker_dask(spec: dict) -> dict:
-    """The pass over a lazily read Dask array: in process, or on a LocalCluster of 1 or 2."""
+    """The pass over a lazily read Dask array: in process, or on a LocalCluster.
+
+    ``workers``: -1 the local pass over the backed file (no Dask), 0 Dask's threaded scheduler
+    in this process, k > 0 a LocalCluster of k worker processes with ``threads`` threads each.
+    Times: ``startup_s`` the cluster and client, ``first_s`` the first call (the workers import
+    numpy/scipy/anndata/scflashmm and open the file), ``pass_s`` the best of 2 further calls.
+    """
     import h5py
     from anndata.experimental import read_elem_lazy
 
     import scflashmm as sfm
+    from scflashmm._core.passes import CELLS_PER_RESULT_ROW, _runs
+    from scflashmm._core.plan import DesignPlan
     from scflashmm._design import make_design
 
     f = h5py.File(spec["path"], "r")
@@ -579,26 +587,44 @@ def worker_dask(spec: dict) -> dict:
     obs = ad.read_h5ad(spec["path"], backed="r").obs
     design = make_design(obs, ATLAS_FIXED, ATLAS_RANDOM)
     Y = read_elem_lazy(f["X"], chunks=(spec["chunk"], -1))
-    out = {"n": int(Y.shape[0]), "m": int(Y.shape[1]), "blocks": len(Y.chunks[0])}
+    rows = DesignPlan(design.X, design.Z, Y.shape[1]).rows
+    out = {
+        "n": int(Y.shape[0]),
+        "m": int(Y.shape[1]),
+        "blocks": len(Y.chunks[0]),
+        "tasks": len(_runs(Y.chunks[0], CELLS_PER_RESULT_ROW * rows)),
+    }
     workers = spec["workers"]
-    t = time.perf_counter()
-    if workers == 0:  # in process, Dask's threaded scheduler
-        sfm.summary_stats(design.X, Y, design.Z, is_counts=True)
-    elif workers == -1:  # no Dask: the backed file read by the local pass
-        sfm.summary_stats(design.X, f["X"], design.Z, is_counts=True)
+    data = f["X"] if workers == -1 else Y
+
+    def timed_calls() -> None:
+        t = time.perf_counter()
+        sfm.summary_stats(design.X, data, design.Z, is_counts=True)
+        out["first_s"] = time.perf_counter() - t
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            sfm.summary_stats(design.X, data, design.Z, is_counts=True)
+            best = min(best, time.perf_counter() - t)
+        out["pass_s"] = best
+
+    if workers <= 0:  # the local pass, or Dask's threaded scheduler in process
+        timed_calls()
     else:
         from distributed import Client, LocalCluster
 
+        t = time.perf_counter()
         with (
             LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+                n_workers=workers,
+                threads_per_worker=spec.get("threads", 1),
+                processes=True,
+                dashboard_address=":0",
             ) as cluster,
             Client(cluster),
         ):
             out["startup_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            sfm.summary_stats(design.X, Y, design.Z, is_counts=True)
-    out["pass_s"] = time.perf_counter() - t
+            timed_calls()
     f.close()
     return out
 
@@ -1011,31 +1037,36 @@ def cmd_dask(args) -> str:
     chunk = 10_000 if args.quick else 25_000
     rows = []
     base = None
-    for workers, label in (
-        (-1, "local pass (backed file, threads)"),
-        (0, "Dask, threaded scheduler in process"),
-        (1, "Dask LocalCluster, 1 worker process"),
-        (2, "Dask LocalCluster, 2 worker processes"),
+    for workers, threads, size, label in (
+        (-1, 1, chunk, "local pass (backed file, threads)"),
+        (0, 1, chunk, "Dask, threaded scheduler in process"),
+        (1, 1, chunk, "LocalCluster, 1 worker process"),
+        (1, 2, chunk, "LocalCluster, 1 worker process x 2 threads"),
+        (2, 1, chunk, "LocalCluster, 2 worker processes"),
+        (1, 1, 1_000, "LocalCluster, 1 worker, anndata's default blocks"),
     ):
-        r = run("dask", {"path": str(path), "chunk": chunk, "workers": workers}, args.repeat)
+        spec = {"path": str(path), "chunk": size, "workers": workers, "threads": threads}
+        r = run("dask", spec, args.repeat)
         base = r["pass_s"] if base is None else base
         rows.append(
             [
                 label,
                 f"{r['n']:,} x {r['m']:,}",
-                str(r["blocks"]) if workers >= 0 else "-",
+                f"{r['blocks']} / {r['tasks']}" if workers >= 0 else "-",
+                fmt_s(r["startup_s"]) if "startup_s" in r else "-",
+                fmt_s(r["first_s"]),
                 fmt_s(r["pass_s"]),
                 f"{r['pass_s'] / base:.2f}",
-                fmt_s(r["startup_s"]) if "startup_s" in r else "-",
             ]
         )
     header = [
         "pass",
         "cells x genes",
-        "Dask blocks",
-        "summary_stats s",
-        "ratio to local pass",
+        "Dask blocks / tasks",
         "cluster start-up s",
+        "first call s",
+        "next calls s",
+        "next calls / local pass",
     ]
     return table(header, rows)
 

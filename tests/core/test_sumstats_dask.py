@@ -18,6 +18,9 @@ from distributed import Client, LocalCluster
 from test_sumstats_sources import check, expected, make_design
 
 from scflashmm import summary_stats
+from scflashmm._core import passes
+from scflashmm._core.passes import CELLS_PER_RESULT_ROW, _runs
+from scflashmm._core.plan import DesignPlan
 from scflashmm._core.sumstats import NonFiniteError
 
 
@@ -91,7 +94,11 @@ def test_dask_errors(data):
 
 
 def test_local_cluster_of_two_processes(data, h5ad_path):
-    """Blocks are read and reduced by the workers (the file is opened where the task runs)."""
+    """Blocks are read and reduced by the workers (the file is opened where the task runs).
+
+    The blocks of 200 cells are stacked 3 per task; the sum is the in-process one, bit for bit,
+    with or without progress.
+    """
     X, Y, Z = data
     with (
         LocalCluster(
@@ -102,4 +109,69 @@ def test_local_cluster_of_two_processes(data, h5ad_path):
     ):
         lazy = read_elem_lazy(f["X"], chunks=(200, 40))
         stats = summary_stats(X, lazy, Z, is_counts=True)
+        calls: list[tuple[int, int]] = []
+        again = summary_stats(
+            X, lazy, Z, is_counts=True, progress=lambda d, t: calls.append((d, t))
+        )
+        with dask.config.set(scheduler="threads"):
+            local = summary_stats(X, lazy, Z, is_counts=True)
     check(stats, expected(X, Y, Z, True), X.shape[0])
+    assert calls[-1] == (X.shape[0], X.shape[0])
+    for key in ("XY", "ZY", "Ynorm"):  # the same tree, run by the workers or in process
+        np.testing.assert_array_equal(getattr(stats, key), getattr(local, key), err_msg=key)
+        np.testing.assert_array_equal(getattr(again, key), getattr(local, key), err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("cells", "target", "runs"),
+    [
+        ((5, 5, 5, 5), 10, [(0, 2), (2, 4)]),
+        ((5, 5, 5), 10, [(0, 2), (2, 3)]),
+        ((30, 3, 4), 10, [(0, 1), (1, 3)]),
+        ((30, 40), 10, [(0, 1), (1, 2)]),
+        ((0,), 10, [(0, 1)]),
+    ],
+)
+def test_runs_of_blocks(cells, target, runs):
+    assert _runs(cells, target) == runs
+
+
+@pytest.mark.parametrize("piece", [None, 120], ids=["one_piece", "pieces"])
+@pytest.mark.parametrize("fmt", [np.asarray, sp.csr_matrix, sp.csc_matrix])
+@pytest.mark.parametrize("chunks", [(50, 40), (60, 15)], ids=["rows", "rows_genes"])
+def test_small_blocks_are_stacked_per_task(data, fmt, chunks, piece, monkeypatch):
+    """Blocks far smaller than the result are stacked, a few per task: the same statistics.
+
+    With ``piece``, a task stacks its blocks into pieces of at most that many cells.
+    """
+    X, Y, Z = data
+    if piece is not None:
+        monkeypatch.setattr(passes, "DEFAULT_CHUNK_SIZE", piece)
+    Yd = da.from_array(fmt(Y), chunks=chunks, asarray=False)
+    rows = DesignPlan(X, Z, Y.shape[1]).rows
+    assert len(_runs(Yd.chunks[0], CELLS_PER_RESULT_ROW * rows)) < len(Yd.chunks[0]) / 3
+    check(summary_stats(X, Yd, Z, is_counts=True), expected(X, Y, Z, True), X.shape[0])
+
+
+def test_dask_sum_does_not_depend_on_the_scheduler_or_progress(data):
+    """The tree adds the task results in cell order: the same bits whatever runs it."""
+    X, Y, Z = data
+    Yd = da.from_array(sp.csr_matrix(Y), chunks=(30, 40), asarray=False)
+    with dask.config.set(scheduler="threads"):
+        ref = summary_stats(X, Yd, Z, is_counts=True)
+    calls: list[tuple[int, int]] = []
+    with dask.config.set(scheduler="synchronous"):
+        stats = summary_stats(X, Yd, Z, is_counts=True, progress=lambda d, t: calls.append((d, t)))
+    for key in ("XY", "ZY", "Ynorm"):
+        np.testing.assert_array_equal(getattr(stats, key), getattr(ref, key), err_msg=key)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and calls[-1] == (X.shape[0], X.shape[0])
+
+
+def test_dask_error_names_the_cells_of_a_stacked_block(data):
+    X, Y, Z = data
+    bad = Y.copy()
+    bad[707, 3] = np.inf
+    with pytest.raises(NonFiniteError, match="NaN or infinite") as info:
+        summary_stats(X, da.from_array(bad, chunks=(25, 40)), Z)
+    assert info.value.axis == 0 and info.value.start <= 707 < info.value.stop
