@@ -7,16 +7,18 @@ live: each block gives its partial statistics, summed by a tree reduction.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from ._threads import ordered_map
 from .blocks import block_stats
 from .checks import CorruptMatrixError
 from .plan import DesignPlan
-from .sources import Source
+from .sources import CompressedBlock, Source
 
 
 def _local_pass(
@@ -27,11 +29,16 @@ def _local_pass(
     size: int,
     n_jobs: int,
     progress: Callable[[int, int], None] | None,
-) -> np.ndarray:
-    """Packed statistics of a local source, its blocks summed (or placed) in block order."""
+    shift: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Packed statistics of a local source, its blocks summed (or placed) in block order.
+
+    With ``shift``, a dense source (blocks of cells) gives the statistics of ``y - c`` with
+    ``c`` the mean of each gene over the first block (0 for a sparse source, where a shift
+    would densify); returns the packed statistics and ``c`` (or None, unshifted).
+    """
     n, m = source.shape
     total_units = n if source.axis == 0 else m
-    total = np.zeros((plan.rows, m))
     spans = list(source.spans(size))
 
     def read(span: tuple[int, int]) -> tuple[int, Any, np.ndarray, np.ndarray]:
@@ -42,11 +49,26 @@ def _local_pass(
             return start, chunk, plan.codes[:, start:stop], plan.cont[start:stop]
         return start, chunk, plan.codes, plan.cont
 
+    items = map(read, spans)
+    c = None
+    if shift and source.axis == 0 and spans:
+        first = read(spans[0])
+        c = dense_shift(first[1], is_counts=is_counts)
+        items = itertools.chain([first], map(read, spans[1:]))
+    total = np.zeros((plan.rows + (c is not None), m))
+
     def run(args: tuple[int, Any, np.ndarray, np.ndarray]) -> np.ndarray:
         start, chunk, codes, cont = args
         try:
             return block_stats(
-                chunk, codes, cont, plan.sizes, is_counts=is_counts, axis=source.axis, start=start
+                chunk,
+                codes,
+                cont,
+                plan.sizes,
+                is_counts=is_counts,
+                axis=source.axis,
+                start=start,
+                shift=c,
             )
         except CorruptMatrixError as exc:
             if not source.label or source.label in str(exc):
@@ -56,7 +78,7 @@ def _local_pass(
 
     jobs = 1 if len(spans) == 1 else n_jobs
     done = 0
-    results = ordered_map(run, map(read, spans), jobs)
+    results = ordered_map(run, items, jobs)
     for (start, stop), result in zip(spans, results, strict=True):
         if source.axis == 0:
             total += result
@@ -65,7 +87,26 @@ def _local_pass(
         done += stop - start
         if progress is not None:
             progress(done, total_units)
-    return total
+    return total, c
+
+
+def dense_shift(chunk: Any, *, is_counts: bool) -> np.ndarray | None:
+    """Return the shift of each gene for a dense block (its mean over the cells), or None.
+
+    None for a sparse block, an empty one or non-numeric values (the block kernels report
+    those); a gene with a non-finite value gets no shift (the kernels report it).
+    """
+    if sp.issparse(chunk) or isinstance(chunk, CompressedBlock):
+        return None
+    values = np.asarray(chunk)
+    if values.ndim != 2 or values.shape[0] == 0 or values.dtype.kind not in "biuf":
+        return None
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if is_counts:
+            values = np.log1p(values.astype(np.float64))
+        c = values.mean(axis=0, dtype=np.float64)
+    c[~np.isfinite(c)] = 0.0
+    return c if c.any() else None
 
 
 def _dask_block(
