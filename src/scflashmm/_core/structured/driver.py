@@ -210,8 +210,10 @@ def lmm_structured(
     covariates = _check_names(
         stats.covariate_names if covariate_names is None else covariate_names, p, "covariate_names"
     )
+    ynorm = stats.Ynorm
+    stats, offset = stats.centred()  # of y - c for a large mean (docs/model.md, Offsets)
     reduced = reduce_fixed_effects(stats, covariates)
-    genes = _select_fittable(stats.Ynorm, reduced.yry, features)
+    genes = _select_fittable(ynorm, reduced.yry, features, reduced.yry_error)
     k = structure.n_theta
     size = dense_genes_per_block(structure, p) if kind == "dense" else 64
     size = max(1, min(size, -(-genes.size // jobs)))  # at least one block per thread
@@ -269,6 +271,8 @@ def lmm_structured(
         for rows, res in zip(blocks, results, strict=True):
             for name, value in res.items():
                 out[name][rows] = value
+    if offset is not None:
+        out["coef"] += offset
     t = out["coef"] / out["se"]
     satt = df == "satterthwaite"
     pval = t_pvalue(t, out["df_satterthwaite"] if satt else n - p)
