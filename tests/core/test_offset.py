@@ -54,7 +54,9 @@ def test_dense_input_keeps_shifted_statistics(data):
 def test_dense_equals_sparse(is_counts):
     rng = np.random.default_rng(1)
     X, _, Z = simulate((6,), n=200, m=5, seed=2)
-    Y = rng.poisson(3.0, size=(200, 5)).astype(np.float64)
+    # counts of a million: log2(1 + y) has a mean of 20 and a spread of 0.001
+    Y = rng.poisson(1e6 if is_counts else 3.0, size=(200, 5)).astype(np.float64)
+    Y = Y if is_counts else Y + OFFSET
     dense = summary_stats(X, Y, Z, chunk_size=64, is_counts=is_counts)
     csr = summary_stats(X, sp.csr_matrix(Y), Z, chunk_size=64, is_counts=is_counts)
     assert dense.shifted is not None and csr.shifted is None
@@ -62,6 +64,16 @@ def test_dense_equals_sparse(is_counts):
         np.testing.assert_allclose(getattr(dense, name), getattr(csr, name), rtol=1e-13)
     expected = np.log2(1 + Y[:64]).mean(0) if is_counts else Y[:64].mean(0)
     np.testing.assert_allclose(dense.shifted.c, expected, rtol=1e-14)
+
+
+def test_typical_data_are_not_shifted(data):
+    """A shift only where a mean is over 100 standard deviations (more than 4 digits lost)."""
+    X, Y, Z = data
+    assert summary_stats(X, Y + 10, Z).shifted is None
+    Y = Y.copy()
+    Y[:, 2] += OFFSET  # one gene is enough; every gene is shifted by its mean
+    sh = summary_stats(X, Y, Z).shifted
+    np.testing.assert_allclose(sh.c, Y[:1024].mean(0), rtol=1e-14)
 
 
 def test_statistics_of_disjoint_cells_add_up(data):
@@ -198,7 +210,7 @@ def test_shift_is_for_dense_rows_only():
 
 def test_shifted_type_is_checked(data):
     X, Y, Z = data
-    stats = summary_stats(X, Y, Z)
+    stats = summary_stats(X, Y + OFFSET, Z)
     with pytest.raises(TypeError, match="must be a Shifted"):
         dataclasses.replace(stats, shifted={"c": 1})
     assert isinstance(stats.shifted, Shifted)

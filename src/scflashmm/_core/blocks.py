@@ -115,6 +115,8 @@ def block_stats(
         _dense_rows(
             chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start, shifted=shifted
         )
+        if shifted is not None and S:  # every cell has one pattern of a group: the sums
+            shifted[1][:] = S[0].sum(axis=0)
     out[offsets[-1] : offsets[-1] + c] = C.T
     return out
 
@@ -209,15 +211,17 @@ def _dense_rows(
     """Dense rows; with ``shifted = (shift, ysum)`` of ``y - shift``, whose sums go to ``ysum``."""
     n_cells, genes = chunk.shape
     step = max(1, _PIECE // max(genes, 1))
+    if shifted is not None:
+        shift, ysum = shifted
+        buffer = np.empty((min(step, n_cells), genes))  # reused: no allocation per piece
     for a in range(0, n_cells, step):
         b = min(a + step, n_cells)
         where = f"cells {start + a}..{start + b - 1}"
         v = _values(chunk[a:b], is_counts=is_counts, where=where, start=start + a, stop=start + b)
-        if shifted is not None:
-            shift, ysum = shifted
-            # in place only in a copy: the input is never modified
-            v = np.subtract(v, shift, out=None if np.may_share_memory(v, chunk) else v)
-            ysum += v.sum(axis=0)
+        if shifted is not None:  # never in place: v may be a view of the input
+            v = np.subtract(v, shift, out=buffer[: b - a])
+            if not S:  # else the sums are those of any group's pattern sums
+                ysum += v.sum(axis=0)
         pointers = np.arange(b - a + 1)
         for g, Sg in enumerate(S):  # S += G' v with G the pattern indicator of the cells
             csc_matmul_add(Sg, pointers, codes[g, a:b], np.ones(b - a), v)

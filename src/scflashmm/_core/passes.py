@@ -90,23 +90,37 @@ def _local_pass(
     return total, c
 
 
-def dense_shift(chunk: Any, *, is_counts: bool) -> np.ndarray | None:
-    """Return the shift of each gene for a dense block (its mean over the cells), or None.
+#: Cells of the first block that choose the shift (their mean) and whether to shift at all.
+SHIFT_CELLS = 1024
+#: Shift when some gene's squared mean exceeds this many times its variance there: its squared
+#: norm would then lose more than 4 of float64's 16 digits to the mean (docs/model.md, Offsets).
+SHIFT_RATIO = 1e4
 
-    None for a sparse block, an empty one or non-numeric values (the block kernels report
-    those); a gene with a non-finite value gets no shift (the kernels report it).
+
+def dense_shift(chunk: Any, *, is_counts: bool) -> np.ndarray | None:
+    """Return the shift of each gene for a dense source, or None for no shift.
+
+    The shift is each gene's mean over the first :data:`SHIFT_CELLS` cells of ``chunk`` (the
+    first block), used only if some gene's mean is large against its spread there
+    (:data:`SHIFT_RATIO`): typical data are not shifted, and pay nothing. None also for a
+    sparse block, an empty one or non-numeric values (the block kernels report those); a gene
+    with a non-finite value gets no shift (the kernels report it).
     """
     if sp.issparse(chunk) or isinstance(chunk, CompressedBlock):
         return None
-    values = np.asarray(chunk)
+    values = np.asarray(chunk[:SHIFT_CELLS])
     if values.ndim != 2 or values.shape[0] == 0 or values.dtype.kind not in "biuf":
         return None
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        values = values.astype(np.float64)
         if is_counts:
-            values = np.log1p(values.astype(np.float64))
-        c = values.mean(axis=0, dtype=np.float64)
-    c[~np.isfinite(c)] = 0.0
-    return c if c.any() else None
+            values = np.log1p(values, out=values)
+        c = values.mean(axis=0)
+        ok = np.isfinite(c)
+        c[~ok] = 0.0
+        var = np.mean((values - c) ** 2, axis=0)
+        large = ok & (c * c > SHIFT_RATIO * var)
+    return c if large.any() else None
 
 
 def _dask_block(
