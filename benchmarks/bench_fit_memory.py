@@ -36,6 +36,9 @@ CASES = [
     ("lme4 dense", 30_000, 3, (200,), 100, 2, "(1 + x | g)"),
     ("lme4 dense", 30_000, 3, (450,), 20, 2, "(1 + x | g)"),
     ("lme4 sparse", 30_000, 3, (600,), 20, 2, "(1 + x | g)"),
+    ("lme4 dense", 30_000, 3, (300, 100), 50, 1, "(1 | g) + (1 | h)"),
+    ("lme4 dense", 30_000, 3, (300, 100), 50, 2, "(1 | g) + (1 | h)"),
+    ("lme4 dense", 30_000, 3, (600, 200), 20, 2, "(1 | g) + (1 | h)"),
 ]
 QUICK = [
     ("k=1", 5_000, 3, (500,), 50, 2, None),
@@ -60,7 +63,7 @@ def run_case(n: int, p: int, sizes: tuple[int, ...], m: int, n_jobs: int, term: 
     import pandas as pd
 
     import scflashmm
-    from scflashmm._core.checks import fit_memory_bytes
+    from scflashmm._core.checks import fit_memory_bytes, memory_layout
 
     rng = np.random.default_rng(0)
     X = np.column_stack([np.ones(n), rng.normal(size=(n, p - 1))])
@@ -73,6 +76,7 @@ def run_case(n: int, p: int, sizes: tuple[int, ...], m: int, n_jobs: int, term: 
         from scflashmm._random_terms import random_design
 
         obs = pd.DataFrame({"g": rng.integers(0, sizes[0], n).astype(str), "x": X[:, 1]})
+        obs["h"] = rng.integers(0, sizes[-1], n).astype(str)
         rd = random_design(term, obs)
         Z, structure, d = sp.csr_matrix(rd.Z), rd.structure, (rd.Z.shape[1],)
     q = Z.shape[1]
@@ -90,7 +94,8 @@ def run_case(n: int, p: int, sizes: tuple[int, ...], m: int, n_jobs: int, term: 
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM") - before
     k = len(d) if structure is None else len(structure.terms)
-    estimate = fit_memory_bytes(n, p, q, m, k, n_jobs=n_jobs)
+    layout = memory_layout(d if structure is None else [t.q for t in structure.terms], structure)
+    estimate = fit_memory_bytes(n, p, q, m, k, n_jobs=n_jobs, **layout)
     return {"q": q, "k": k, "peak": peak, "estimate": estimate, "seconds": seconds}
 
 
@@ -98,6 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--only", type=int, nargs="*", help="indices of the cases to run")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(*json.loads(args.case))))
@@ -105,7 +111,10 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     print("| case | n | q | genes | n_jobs | measured (MB) | estimate (MB) | ratio | time (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for label, n, p, sizes, m, jobs, term in QUICK if args.quick else CASES:
+    cases = QUICK if args.quick else CASES
+    if args.only:
+        cases = [cases[i] for i in args.only]
+    for label, n, p, sizes, m, jobs, term in cases:
         case = json.dumps([n, p, sizes, m, jobs, term])
         out = subprocess.run(
             [sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True
