@@ -175,6 +175,7 @@ def fit_memory_bytes(
     n_jobs: int,
     levels: Sequence[int] | None = None,
     continuous: int = 0,
+    structured_dense: bool = False,
 ) -> int:
     """Estimate the peak working memory (bytes) of a fit: statistics, pass and solver.
 
@@ -192,7 +193,9 @@ def fit_memory_bytes(
       reductions;
     - the solver holds about three ``q x q`` arrays with one component (the eigen path), and
       four and two per thread with several (the dense kernel, one block of genes per thread;
-      not reached by the measured sizes, where the plan dominates: kept conservative).
+      not reached by the measured sizes, where the plan dominates: kept conservative);
+      ``structured_dense`` (the dense structured solver: lme4-style terms with slopes on
+      crossed factors) adds two ``q x q`` arrays per gene of the blocks in flight.
     """
     r = p + q
     factors = [q] if levels is None or not len(levels) else [int(x) for x in levels]
@@ -206,11 +209,16 @@ def fit_memory_bytes(
     passes = (n_jobs + 1) * (patterns + r + 1) * m
     stats = 2 * r * r + 4 * r * m + 4 * p * p * m
     solver = 3 * q * q if k == 1 else 4 * q * q + 2 * q * q * n_jobs
+    if structured_dense:  # one block of genes per thread, as the structured driver cuts them
+        from .structured.driver import _DENSE_ARRAYS, MEMORY_BUDGET
+
+        per_block = max(1, min(4096, MEMORY_BUDGET // (8 * _DENSE_ARRAYS * q * q)))
+        solver += 2 * q * q * min(m, n_jobs * per_block)
     return 8 * (plan + passes + stats + solver) + 16 * n
 
 
 def memory_layout(d: Sequence[int], structure: Any = None) -> dict[str, Any]:
-    """``levels`` and ``continuous`` of :func:`fit_memory_bytes` for a random design.
+    """``levels``, ``continuous`` and ``structured_dense`` of :func:`fit_memory_bytes`.
 
     ``d`` are the sizes of the random components; ``structure`` the
     :class:`~scflashmm._core.structure.CovarianceStructure` of lme4-style terms, whose
@@ -218,9 +226,20 @@ def memory_layout(d: Sequence[int], structure: Any = None) -> dict[str, Any]:
     """
     if structure is None:
         return {"levels": [int(x) for x in d], "continuous": 0}
-    levels = [int(t.n_levels) for t in structure.terms]
-    indicators = sum(int(t.n_levels) for t in structure.terms if "(Intercept)" in tuple(t.effects))
-    return {"levels": levels, "continuous": int(sum(d)) - indicators}
+    from .structured.driver import SPARSE_MIN_Q
+
+    terms = structure.terms
+    levels = [int(t.n_levels) for t in terms]
+    indicators = sum(int(t.n_levels) for t in terms if "(Intercept)" in tuple(t.effects))
+    q = int(sum(d))
+    # the dense structured solver: slopes and more than one grouping factor (one factor gives
+    # a block-diagonal Z'Z, the block solver), below the sparse path's q
+    dense = (
+        any(len(t.effects) > 1 for t in terms)
+        and len({t.group for t in terms}) > 1
+        and q < SPARSE_MIN_Q
+    )
+    return {"levels": levels, "continuous": q - indicators, "structured_dense": dense}
 
 
 def available_memory_bytes() -> int | None:
@@ -259,16 +278,18 @@ def check_fit_memory(
     available: int | None = None,
     levels: Sequence[int] | None = None,
     continuous: int = 0,
+    structured_dense: bool = False,
 ) -> None:
     """Raise MemoryError before any work if a fit would need more memory than is available.
 
-    ``levels`` and ``continuous`` as :func:`fit_memory_bytes` (see :func:`memory_layout`).
+    ``levels``, ``continuous`` and ``structured_dense`` as :func:`fit_memory_bytes` (see
+    :func:`memory_layout`).
     """
     if available is None:
         available = available_memory_bytes()
     if available is None:
         return
-    layout = {"levels": levels, "continuous": continuous}
+    layout = {"levels": levels, "continuous": continuous, "structured_dense": structured_dense}
     need = fit_memory_bytes(n, p, q, m, k, n_jobs=n_jobs, **layout)
     if need <= available:
         return
