@@ -69,6 +69,7 @@ def block_stats(
     is_counts: bool,
     axis: int = 0,
     start: int = 0,
+    shift: np.ndarray | None = None,
 ) -> np.ndarray:
     """Packed partial statistics of one block of ``Y``.
 
@@ -78,15 +79,25 @@ def block_stats(
     first being gene ``start``, and ``codes``/``cont`` cover all cells. Returns ``(rows, genes
     in the block)``: the per-pattern sums of each group, the product columns, then the squared
     norms; values are ``ln(1 + y)`` for counts (rescaled in :meth:`DesignPlan.unpack`).
+
+    With ``shift`` (genes,), for a dense row block only, the statistics are those of the
+    shifted values ``y - shift`` (after the counts transform), and a last row holds their sums.
     """
     _n_cells, genes = chunk.shape
     c = cont.shape[1]
-    out = np.zeros((sum(sizes) + c + 1, genes))
+    out = np.zeros((sum(sizes) + c + (1 if shift is None else 2), genes))
     offsets = np.cumsum([0, *sizes])
     S = [out[offsets[g] : offsets[g + 1]] for g in range(len(sizes))]
     C = np.zeros((genes, c))  # product columns, genes x c
-    ynorm = out[-1]
+    ynorm = out[offsets[-1] + c]
     compressed = isinstance(chunk, CompressedBlock)
+    if shift is not None:
+        if compressed or sp.issparse(chunk) or axis != 0:
+            msg = "A shift applies to dense blocks of cells only."
+            raise ValueError(msg)
+        shifted = (np.asarray(shift, dtype=np.float64), out[-1])
+    else:
+        shifted = None
     if compressed or (sp.issparse(chunk) and chunk.format in ("csr", "csc")):
         _check_block(chunk, axis=axis, start=start)
     if (compressed or sp.issparse(chunk)) and chunk.format == "csc" and axis == 1:
@@ -100,8 +111,13 @@ def block_stats(
             chunk = sp.csr_matrix(chunk)
         _csr_rows(chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
     else:
-        _dense_rows(np.asarray(chunk), codes, cont, S, C, ynorm, is_counts=is_counts, start=start)
-    out[offsets[-1] : -1] = C.T
+        chunk = np.asarray(chunk)
+        _dense_rows(
+            chunk, codes, cont, S, C, ynorm, is_counts=is_counts, start=start, shifted=shifted
+        )
+        if shifted is not None and S:  # every cell has one pattern of a group: the sums
+            shifted[1][:] = S[0].sum(axis=0)
+    out[offsets[-1] : offsets[-1] + c] = C.T
     return out
 
 
@@ -189,13 +205,23 @@ def _csc_columns(chunk, codes, cont, S, C, ynorm, *, is_counts: bool, start: int
         csr_matmul_add(ynorm[a:b], ip, idx, v * v, ones)
 
 
-def _dense_rows(chunk, codes, cont, S, C, ynorm, *, is_counts: bool, start: int) -> None:
+def _dense_rows(
+    chunk, codes, cont, S, C, ynorm, *, is_counts: bool, start: int, shifted=None
+) -> None:
+    """Dense rows; with ``shifted = (shift, ysum)`` of ``y - shift``, whose sums go to ``ysum``."""
     n_cells, genes = chunk.shape
     step = max(1, _PIECE // max(genes, 1))
+    if shifted is not None:
+        shift, ysum = shifted
+        buffer = np.empty((min(step, n_cells), genes))  # reused: no allocation per piece
     for a in range(0, n_cells, step):
         b = min(a + step, n_cells)
         where = f"cells {start + a}..{start + b - 1}"
         v = _values(chunk[a:b], is_counts=is_counts, where=where, start=start + a, stop=start + b)
+        if shifted is not None:  # never in place: v may be a view of the input
+            v = np.subtract(v, shift, out=buffer[: b - a])
+            if not S:  # else the sums are those of any group's pattern sums
+                ysum += v.sum(axis=0)
         pointers = np.arange(b - a + 1)
         for g, Sg in enumerate(S):  # S += G' v with G the pattern indicator of the cells
             csc_matmul_add(Sg, pointers, codes[g, a:b], np.ones(b - a), v)

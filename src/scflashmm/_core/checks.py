@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -164,17 +165,81 @@ def _as_design(A: Any, name: str, *, keep_sparse: bool) -> Any:
 MEMORY_CHECK_ENV = "SCFLASHMM_MEMORY_CHECK"
 
 
-def fit_memory_bytes(n: int, p: int, q: int, m: int, k: int, *, n_jobs: int) -> int:
+def fit_memory_bytes(
+    n: int,
+    p: int,
+    q: int,
+    m: int,
+    k: int,
+    *,
+    n_jobs: int,
+    levels: Sequence[int] | None = None,
+    continuous: int = 0,
+    structured_dense: bool = False,
+) -> int:
     """Estimate the peak working memory (bytes) of a fit: statistics, pass and solver.
 
-    Calibrated on measured peaks (docs/guarantees.md): the one-component solver holds about
-    six ``q x q`` arrays; the solver of several components about as many per thread; the
-    statistics ``(p + q) x m`` a few times; the pass about ``(p + q) x m`` per thread.
+    ``levels`` are the numbers of levels of the random factors (default: one factor of ``q``
+    levels) and ``continuous`` the random-effect columns that are not indicators (the slopes
+    of lme4-style terms). Calibrated on measured peaks for one to three components and the
+    structured path (docs/guarantees.md, Memory; ``benchmarks/bench_fit_memory.py``):
+
+    - the pass's plan holds the distinct design rows of the indicator columns densely: ``U``
+      rows (cell patterns: at most ``n``, the plan's cap ``max(4 (p + q), 2^21 / m)`` and the
+      combinations of the random factors' levels) by ``p + q`` columns; and about three
+      copies of the other columns (``n`` rows); each block's packed result is ``U + p + q``
+      rows by ``m``, one per thread and the total;
+    - the statistics hold ``Z'Z`` and its reduction (``q x q``) and ``X'Y``, ``Z'Y`` and their
+      reductions;
+    - the solver holds about three ``q x q`` arrays with one component (the eigen path), and
+      four and two per thread with several (the dense kernel, one block of genes per thread;
+      not reached by the measured sizes, where the plan dominates: kept conservative);
+      ``structured_dense`` (the dense structured solver: lme4-style terms with slopes on
+      crossed factors) adds two ``q x q`` arrays per gene of the blocks in flight.
     """
-    solver = 6 * q * q * (1 + (n_jobs if k > 1 else 0))
-    stats = 4 * (p + q) * (p + q + m) + 4 * p * p * m
-    passes = (n_jobs + 1) * (p + q + 1) * m
-    return 8 * (solver + stats + passes) + 16 * n
+    r = p + q
+    factors = [q] if levels is None or not len(levels) else [int(x) for x in levels]
+    combinations = 1
+    for size in factors:
+        combinations *= size + 1
+        if combinations > n:
+            break
+    patterns = min(n, max(4 * r, (1 << 21) // max(m, 1)), combinations)
+    plan = patterns * (r - continuous) + 3 * n * (continuous + p)
+    passes = (n_jobs + 1) * (patterns + r + 1) * m
+    stats = 2 * r * r + 4 * r * m + 4 * p * p * m
+    solver = 3 * q * q if k == 1 else 4 * q * q + 2 * q * q * n_jobs
+    if structured_dense:  # one block of genes per thread, as the structured driver cuts them
+        from .structured.driver import _DENSE_ARRAYS, MEMORY_BUDGET
+
+        per_block = max(1, min(4096, MEMORY_BUDGET // (8 * _DENSE_ARRAYS * q * q)))
+        solver += 2 * q * q * min(m, n_jobs * per_block)
+    return 8 * (plan + passes + stats + solver) + 16 * n
+
+
+def memory_layout(d: Sequence[int], structure: Any = None) -> dict[str, Any]:
+    """``levels``, ``continuous`` and ``structured_dense`` of :func:`fit_memory_bytes`.
+
+    ``d`` are the sizes of the random components; ``structure`` the
+    :class:`~scflashmm._core.structure.CovarianceStructure` of lme4-style terms, whose
+    effects other than the intercept (slopes) are not indicator columns.
+    """
+    if structure is None:
+        return {"levels": [int(x) for x in d], "continuous": 0}
+    from .structured.driver import choose_structured_kernel
+
+    terms = structure.terms
+    levels = [int(t.n_levels) for t in terms]
+    indicators = sum(int(t.n_levels) for t in terms if "(Intercept)" in tuple(t.effects))
+    q = int(sum(d))
+    # the dense structured solver: slopes and more than one grouping factor (one factor gives
+    # a block-diagonal Z'Z, the block solver), unless a large scalar term goes to the Schur path
+    dense = (
+        any(len(t.effects) > 1 for t in terms)
+        and len({t.group for t in terms}) > 1
+        and choose_structured_kernel(structure) == "dense"
+    )
+    return {"levels": levels, "continuous": q - indicators, "structured_dense": dense}
 
 
 def available_memory_bytes() -> int | None:
@@ -203,19 +268,34 @@ def available_memory_bytes() -> int | None:
 
 
 def check_fit_memory(
-    n: int, p: int, q: int, m: int, k: int, *, n_jobs: int, available: int | None = None
+    n: int,
+    p: int,
+    q: int,
+    m: int,
+    k: int,
+    *,
+    n_jobs: int,
+    available: int | None = None,
+    levels: Sequence[int] | None = None,
+    continuous: int = 0,
+    structured_dense: bool = False,
 ) -> None:
-    """Raise MemoryError before any work if a fit would need more memory than is available."""
+    """Raise MemoryError before any work if a fit would need more memory than is available.
+
+    ``levels``, ``continuous`` and ``structured_dense`` as :func:`fit_memory_bytes` (see
+    :func:`memory_layout`).
+    """
     if available is None:
         available = available_memory_bytes()
     if available is None:
         return
-    need = fit_memory_bytes(n, p, q, m, k, n_jobs=n_jobs)
+    layout = {"levels": levels, "continuous": continuous, "structured_dense": structured_dense}
+    need = fit_memory_bytes(n, p, q, m, k, n_jobs=n_jobs, **layout)
     if need <= available:
         return
     gb = 1024**3
     helps = []
-    if k > 1 and n_jobs > 1 and fit_memory_bytes(n, p, q, m, k, n_jobs=1) <= available:
+    if k > 1 and n_jobs > 1 and fit_memory_bytes(n, p, q, m, k, n_jobs=1, **layout) <= available:
         helps.append("n_jobs=1 (the solver holds q x q arrays per thread)")
     if 6 * 8 * q * q > available / 2:
         helps.append(

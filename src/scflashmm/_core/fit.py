@@ -412,17 +412,19 @@ def lmm(
     )
     jobs = check_n_jobs(n_jobs)
     names = _check_stats(stats, d, feature_names, covariate_names, component_names)
+    # the statistics of y - c when the constant is in the span of X (docs/model.md, Offsets)
+    fit_stats, offset = stats.centred()
     scale = None
     if opts.criterion == "relative":  # fit y / c, results mapped back to the units of y
-        stats, reduced, scale = standardise(stats, names.covariates)
+        fit_stats, reduced, scale = standardise(fit_stats, names.covariates)
     else:
-        reduced = reduce_fixed_effects(stats, names.covariates)
+        reduced = reduce_fixed_effects(fit_stats, names.covariates)
     _check_identifiable(reduced.zrz, stats.ZZ, d, names.components)
     genes = _select_fittable(stats.Ynorm, reduced.yry, names.features, reduced.yry_error)
-    solver = select_kernel(stats, d, reduced.zrz, opts.method, kernel=kernel)
+    solver = select_kernel(fit_stats, d, reduced.zrz, opts.method, kernel=kernel)
     out = _empty_results(stats.shape, len(d), opts)
-    _fit_blocks(solver, stats, reduced, opts, out, genes, jobs, d, scale, progress)
-    return _assemble(out, stats, d, opts, names, genes)
+    _fit_blocks(solver, fit_stats, reduced, opts, out, genes, jobs, d, scale, progress, offset)
+    return _assemble(out, fit_stats, d, opts, names, genes)
 
 
 def lmm_fit(
@@ -581,6 +583,7 @@ def _fit_blocks(
     d: tuple[int, ...],
     scale: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
+    offset: np.ndarray | None = None,
 ) -> None:
     """Fit the genes in blocks, in threads, and write each block's rows of ``out``.
 
@@ -594,7 +597,7 @@ def _fit_blocks(
         size = max(1, min(size, _BLOCK_ELEMENTS // (4 * per_gene * p * p)))
     blocks = [genes[lo : lo + size] for lo in range(0, genes.size, size)]
     jobs = min(n_jobs, max(1, len(blocks)))
-    fit = partial(_fit_block, solver, stats, reduced, opts, d=d, scale=scale)
+    fit = partial(_fit_block, solver, stats, reduced, opts, d=d, scale=scale, offset=offset)
     with single_threaded_blas():
         # every block submitted at once (the blocks are small: only results wait in the queue)
         results = ordered_map(fit, blocks, jobs, window=len(blocks))
@@ -618,11 +621,14 @@ def _fit_block(
     *,
     d: tuple[int, ...],
     scale: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
 ) -> dict[str, np.ndarray | None]:
     """Fisher scoring, then fixed effects (and Satterthwaite or Kenward-Roger) for one block.
 
     With ``scale`` the statistics are those of ``y / scale`` (:func:`standardise`) and the
-    results are mapped back to the units of ``y`` at the end.
+    results are mapped back to the units of ``y`` at the end. With ``offset`` (genes, p) they
+    are those of a shifted response (:meth:`SummaryStats.centred`), whose coefficients are
+    smaller by ``offset`` (added before t and p).
     """
     n, p, _, _ = stats.shape
     k = solver.k
@@ -663,6 +669,9 @@ def _fit_block(
             output_fim=opts.output_fim,
         )
         out |= {name: getattr(fixed, name) for name in ("coef", "se", "cov", "fim_beta", "re")}
+        if offset is not None:  # in the units of the fit (of y / c with a scale)
+            shift = offset[genes] if c is None else offset[genes] / c[:, None]
+            out["coef"] = out["coef"] + shift
         df_block: np.ndarray | int = n - p
         if opts.satterthwaite:
             satt = _satterthwaite(solver, state, s, fim, fixed.cov)

@@ -563,6 +563,7 @@ def mixture_moderate(
     trend_df: int = 4,
     multipliers: Any = None,
     max_iter: int = 500,
+    offset: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Test with a nonparametric (grid) prior on the between-sample variance.
 
@@ -587,6 +588,9 @@ def mixture_moderate(
         Grid of ``m_k``; default ``2 ** arange(-6, 6.5, 0.5)``.
     max_iter
         EM iterations.
+    offset
+        Added to the GLS coefficients (genes, p): with the statistics of a shifted response
+        (:meth:`SummaryStats.centred`), the offset it returns.
 
     Returns
     -------
@@ -633,6 +637,8 @@ def mixture_moderate(
         cov = np.full((tau.size, p, p), np.nan)
         th = np.column_stack([sb, s_e])
         coef[ok], cov[ok], _ = gls_at(XX, XY[:, ok], ZX, ZY[:, ok], ZZ, th[ok])
+        if offset is not None:
+            coef += offset
         z = (coef @ C) / np.sqrt(np.einsum("pc,gpr,rc->gc", C, cov, C))
         pval += post[:, k : k + 1] * 2 * stats.t.sf(np.abs(z), n - p)
     pval /= post[:, used].sum(axis=1, keepdims=True)
@@ -642,6 +648,8 @@ def mixture_moderate(
     cov = np.full((tau.size, p, p), np.nan)
     th = np.column_stack([sb, s_e])
     coef[ok], cov[ok], _ = gls_at(XX, XY[:, ok], ZX, ZY[:, ok], ZZ, th[ok])
+    if offset is not None:
+        coef += offset
     pval[~ok] = np.nan
     return {
         "estimate": coef @ C,

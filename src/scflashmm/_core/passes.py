@@ -9,6 +9,7 @@ in-order sums adds them on the workers (:func:`dask_row_pass`; docs/benchmarks.m
 from __future__ import annotations
 
 import functools
+import itertools
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ from ._threads import ordered_map
 from .blocks import block_stats
 from .checks import DEFAULT_CHUNK_SIZE, CorruptMatrixError
 from .plan import DesignPlan
-from .sources import Source
+from .sources import CompressedBlock, Source
 
 
 def _local_pass(
@@ -31,11 +32,16 @@ def _local_pass(
     size: int,
     n_jobs: int,
     progress: Callable[[int, int], None] | None,
-) -> np.ndarray:
-    """Packed statistics of a local source, its blocks summed (or placed) in block order."""
+    shift: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Packed statistics of a local source, its blocks summed (or placed) in block order.
+
+    With ``shift``, a dense source (blocks of cells) gives the statistics of ``y - c`` with
+    ``c`` the mean of each gene over the first block (0 for a sparse source, where a shift
+    would densify); returns the packed statistics and ``c`` (or None, unshifted).
+    """
     n, m = source.shape
     total_units = n if source.axis == 0 else m
-    total = np.zeros((plan.rows, m))
     spans = list(source.spans(size))
 
     def read(span: tuple[int, int]) -> tuple[int, Any, np.ndarray, np.ndarray]:
@@ -46,11 +52,26 @@ def _local_pass(
             return start, chunk, plan.codes[:, start:stop], plan.cont[start:stop]
         return start, chunk, plan.codes, plan.cont
 
+    items = map(read, spans)
+    c = None
+    if shift and source.axis == 0 and spans:
+        first = read(spans[0])
+        c = dense_shift(first[1], is_counts=is_counts)
+        items = itertools.chain([first], map(read, spans[1:]))
+    total = np.zeros((plan.rows + (c is not None), m))
+
     def run(args: tuple[int, Any, np.ndarray, np.ndarray]) -> np.ndarray:
         start, chunk, codes, cont = args
         try:
             return block_stats(
-                chunk, codes, cont, plan.sizes, is_counts=is_counts, axis=source.axis, start=start
+                chunk,
+                codes,
+                cont,
+                plan.sizes,
+                is_counts=is_counts,
+                axis=source.axis,
+                start=start,
+                shift=c,
             )
         except CorruptMatrixError as exc:
             if not source.label or source.label in str(exc):
@@ -60,7 +81,7 @@ def _local_pass(
 
     jobs = 1 if len(spans) == 1 else n_jobs
     done = 0
-    results = ordered_map(run, map(read, spans), jobs)
+    results = ordered_map(run, items, jobs)
     for (start, stop), result in zip(spans, results, strict=True):
         if source.axis == 0:
             total += result
@@ -69,7 +90,40 @@ def _local_pass(
         done += stop - start
         if progress is not None:
             progress(done, total_units)
-    return total
+    return total, c
+
+
+#: Cells of the first block that choose the shift (their mean) and whether to shift at all.
+SHIFT_CELLS = 1024
+#: Shift when some gene's squared mean exceeds this many times its variance there: its squared
+#: norm would then lose more than 4 of float64's 16 digits to the mean (docs/model.md, Offsets).
+SHIFT_RATIO = 1e4
+
+
+def dense_shift(chunk: Any, *, is_counts: bool) -> np.ndarray | None:
+    """Return the shift of each gene for a dense source, or None for no shift.
+
+    The shift is each gene's mean over the first :data:`SHIFT_CELLS` cells of ``chunk`` (the
+    first block), used only if some gene's mean is large against its spread there
+    (:data:`SHIFT_RATIO`): typical data are not shifted, and pay nothing. None also for a
+    sparse block, an empty one or non-numeric values (the block kernels report those); a gene
+    with a non-finite value gets no shift (the kernels report it).
+    """
+    if sp.issparse(chunk) or isinstance(chunk, CompressedBlock):
+        return None
+    values = np.asarray(chunk[:SHIFT_CELLS])
+    if values.ndim != 2 or values.shape[0] == 0 or values.dtype.kind not in "biuf":
+        return None
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        values = values.astype(np.float64)
+        if is_counts:
+            values = np.log1p(values, out=values)
+        c = values.mean(axis=0)
+        ok = np.isfinite(c)
+        c[~ok] = 0.0
+        var = np.mean((values - c) ** 2, axis=0)
+        large = ok & (c * c > SHIFT_RATIO * var)
+    return c if large.any() else None
 
 
 #: A task of the Dask pass covers consecutive blocks of cells until it has at least this many

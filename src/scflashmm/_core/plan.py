@@ -72,7 +72,8 @@ class DesignPlan:
         )
         self.cont = _design_columns(X, Z, self.continuous)
         self.sizes = [U for _, U in self.groups]
-        #: rows of a packed block result: pattern sums, product columns, then Ynorm
+        #: rows of a packed block result: pattern sums, product columns, then Ynorm (and, for
+        #: shifted blocks, one more: the sums of the shifted values)
         self.rows = sum(self.sizes) + self.continuous.size + 1
 
     def unpack(self, packed: np.ndarray, *, is_counts: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -83,11 +84,18 @@ class DesignPlan:
             XZY[columns] = P.T @ packed[row : row + U]
             row += U
         XZY[self.continuous] = packed[row : row + self.continuous.size]
-        Ynorm = packed[-1].copy()
+        Ynorm = packed[self.rows - 1].copy()
         if is_counts:  # blocks hold sums of ln(1 + y): rescale to log2
             XZY /= _LN2
             Ynorm /= _LN2 * _LN2
         return XZY, Ynorm
+
+    def unpack_sums(self, packed: np.ndarray, *, is_counts: bool) -> np.ndarray:
+        """Return the sums ``1'Y`` of shifted blocks (the extra last row of their results)."""
+        if packed.shape[0] != self.rows + 1:
+            msg = f"Expected {self.rows + 1} packed rows (shifted blocks), got {packed.shape[0]}."
+            raise ValueError(msg)
+        return packed[self.rows] / _LN2 if is_counts else packed[self.rows].copy()
 
 
 @dataclass

@@ -18,9 +18,9 @@ from ._threads import check_n_jobs, single_threaded_blas
 from .blocks import block_stats
 from .checks import DEFAULT_CHUNK_SIZE, NonFiniteError, _as_design, _check_chunk_size
 from .passes import _dask_pass, _local_pass
-from .plan import DesignPlan
+from .plan import _LN2, DesignPlan
 from .sources import is_dask_array, open_source, shape2
-from .stats import ARRAY_FIELDS, SummaryStats
+from .stats import ARRAY_FIELDS, Shifted, SummaryStats
 
 __all__ = [
     "ARRAY_FIELDS",
@@ -116,19 +116,37 @@ def _summary_stats(X, Y, Z, source, n, m, size, jobs, is_counts, progress) -> Su
     ZZ = Z.T @ Z
     ZZ = ZZ.toarray() if sp.issparse(ZZ) else np.asarray(ZZ)
     plan = DesignPlan(X, Z, m)
+    c = None
     if source is None:
         packed = _dask_pass(Y, plan, is_counts=is_counts, progress=progress)
     else:
-        packed = _local_pass(
-            source, plan, is_counts=is_counts, size=size, n_jobs=jobs, progress=progress
+        packed, c = _local_pass(
+            source,
+            plan,
+            is_counts=is_counts,
+            size=size,
+            n_jobs=jobs,
+            progress=progress,
+            shift=True,
         )
     XZY, Ynorm = plan.unpack(packed, is_counts=is_counts)
-    return SummaryStats(
-        XX=XX,
-        XY=XZY[:p],
-        ZX=ZX,
-        ZY=XZY[p:],
-        ZZ=ZZ,
-        Ynorm=Ynorm,
-        n=n,
-    )
+    if c is None:
+        return SummaryStats(XX=XX, XY=XZY[:p], ZX=ZX, ZY=XZY[p:], ZZ=ZZ, Ynorm=Ynorm, n=n)
+    # the pass summed y - c (docs/model.md, Offsets): the statistics of y follow
+    Ysum = plan.unpack_sums(packed, is_counts=is_counts)
+    if is_counts:
+        c = c / _LN2
+    X1 = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
+    Z1 = np.asarray(Z.sum(axis=0), dtype=np.float64).ravel()
+    shifted = Shifted(c=c, XY=XZY[:p], ZY=XZY[p:], Ynorm=Ynorm, Ysum=Ysum, X1=X1, Z1=Z1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return SummaryStats(
+            XX=XX,
+            XY=XZY[:p] + np.outer(X1, c),
+            ZX=ZX,
+            ZY=XZY[p:] + np.outer(Z1, c),
+            ZZ=ZZ,
+            Ynorm=Ynorm + c * (2 * Ysum + n * c),
+            n=n,
+            shifted=shifted,
+        )

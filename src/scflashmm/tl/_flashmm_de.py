@@ -28,7 +28,7 @@ from .._core._options import (
     check_theta0,
 )
 from .._core._threads import check_n_jobs
-from .._core.checks import check_fit_memory
+from .._core.checks import check_fit_memory, memory_layout
 from .._core.inference import t_pvalue
 from .._core.reml import lmm
 from .._core.sumstats import NonFiniteError, summary_stats
@@ -648,9 +648,9 @@ def _check_contrast_names(names: Sequence[str], x_columns: Sequence[str]) -> Non
 
 def _check_memory(n: int, design: Design, m: int, *, n_jobs: int | None) -> None:
     """Refuse, before the pass, a fit that would not fit in memory (see check_fit_memory)."""
-    check_fit_memory(
-        n, design.X.shape[1], design.Z.shape[1], m, len(design.d), n_jobs=check_n_jobs(n_jobs)
-    )
+    p, q, k = design.X.shape[1], design.Z.shape[1], len(design.d)
+    layout = memory_layout(design.d, design.structure)
+    check_fit_memory(n, p, q, m, k, n_jobs=check_n_jobs(n_jobs), **layout)
 
 
 def _summary_statistics(

@@ -92,9 +92,10 @@ def moderate_fit(
     p = stats.XX.shape[0]
     C = np.eye(p) if cmat is None else np.hstack([np.eye(p), cmat])
     covariate = mean_covariate(stats, x_sum)
+    fit_stats, offset = stats.centred()  # accurate for a large mean (docs/model.md, Offsets)
     res = mixture_moderate(
-        stats.XX, stats.XY, stats.ZX, stats.ZY, stats.ZZ, stats.n, theta,
-        contrast=C, covariate=covariate,
+        fit_stats.XX, fit_stats.XY, fit_stats.ZX, fit_stats.ZY, fit_stats.ZZ, stats.n, theta,
+        contrast=C, covariate=covariate, offset=offset,
     )  # fmt: skip
     zrz = stats.ZZ - stats.ZX @ np.linalg.solve(stats.XX, stats.ZX.T)
     _, d, bar_lambda = between_sample_variance(zrz, theta)

@@ -251,11 +251,14 @@ def lmm_structured(
     covariates = _check_names(
         stats.covariate_names if covariate_names is None else covariate_names, p, "covariate_names"
     )
+    ynorm = stats.Ynorm
+    stats, offset = stats.centred()  # of y - c for a large mean (docs/model.md, Offsets)
     # y'Ry (and the rank check of X) only: Z'RZ (q x q) is not needed here
     reduced = reduce_fixed_effects(
-        replace(stats, ZX=stats.ZX[:0], ZY=stats.ZY[:0], ZZ=np.zeros((0, 0))), covariates
+        replace(stats, ZX=stats.ZX[:0], ZY=stats.ZY[:0], ZZ=np.zeros((0, 0)), shifted=None),
+        covariates,
     )
-    genes = _select_fittable(stats.Ynorm, reduced.yry, features)
+    genes = _select_fittable(ynorm, reduced.yry, features, reduced.yry_error)
     k = structure.n_theta
     if algebra.labels is not None:
         size = genes_per_block(structure, algebra.labels)
@@ -316,6 +319,8 @@ def lmm_structured(
         for rows, res in zip(blocks, results, strict=True):
             for name, value in res.items():
                 out[name][rows] = value
+    if offset is not None:
+        out["coef"] += offset
     t = out["coef"] / out["se"]
     satt, kr = df == "satterthwaite", df == "kenward-roger"
     per_test = {"satterthwaite": "df_satterthwaite", "kenward-roger": "df_kenward_roger"}
