@@ -5,7 +5,8 @@ accumulated in one pass over the cells, then REML/ML is fit by Fisher scoring fo
 """
 
 from . import datasets, get, pl, tl
-from ._core.fit import ConvergenceWarning, DegenerateFeatureWarning, LMMFit, lmm, lmm_fit
+from ._core.fit import lmm, lmm_fit
+from ._core.lmmfit import ConvergenceWarning, DegenerateFeatureWarning, LMMFit
 from ._core.sumstats import SummaryStats, summary_stats
 from ._lmm_test import contrast_matrix, lmm_test
 

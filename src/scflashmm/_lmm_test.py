@@ -10,8 +10,8 @@ import pandas as pd
 
 from ._contrast import Cond, parse_contrast
 from ._core._options import DfMethod, check_df
-from ._core.fit import LMMFit
 from ._core.inference import check_alternative, t_pvalue
+from ._core.lmmfit import LMMFit
 
 
 def contrast_matrix(

@@ -29,8 +29,8 @@ from .._core._options import (
 )
 from .._core._threads import check_n_jobs
 from .._core.checks import check_fit_memory, memory_layout
+from .._core.fit import lmm
 from .._core.inference import t_pvalue
-from .._core.reml import lmm
 from .._core.sumstats import NonFiniteError, summary_stats
 from .._design import make_design
 from .._lmm_test import contrast_matrix
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-    from .._core.reml import LMMFit
+    from .._core.lmmfit import LMMFit
     from .._core.sumstats import SummaryStats
     from .._design import Design
 

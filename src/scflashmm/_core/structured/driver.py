@@ -9,9 +9,9 @@ from typing import Any, Literal
 import numpy as np
 
 from .._options import check_choice, check_df, check_method
-from ..fit import LMMFit
 from ..inference import t_pvalue
 from ..kenward_roger import kenward_roger
+from ..lmmfit import ConvergenceWarning, LMMFit
 from ..satterthwaite import coefficient_df, inverse_information
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
@@ -217,12 +217,7 @@ def lmm_structured(
     The per-gene :class:`StructuredLMMFit`.
     """
     from .._threads import check_n_jobs, ordered_map, single_threaded_blas
-    from ..fit import (
-        ConvergenceWarning,
-        _check_names,
-        _select_fittable,
-        reduce_fixed_effects,
-    )
+    from ..fit import _check_names, _select_fittable, reduce_fixed_effects
 
     method = check_method(method)
     structure = check_structure(structure, stats.shape[2])
