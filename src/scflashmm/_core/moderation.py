@@ -76,6 +76,7 @@ from ._options import check_choice
 
 __all__ = [
     "between_sample_variance",
+    "contrast_variance",
     "fit_f_dist",
     "gls_at",
     "mixture_moderate",
@@ -296,11 +297,14 @@ def gls_at(
     ZY: np.ndarray,
     ZZ: np.ndarray,
     theta: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    *,
+    derivatives: bool = True,
+    eig: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GLS ``beta``, its covariance and ``dcov/dtheta`` at given ``(s_b, s_e)`` per gene.
 
     One random component; ``V = s_e I + s_b Z Z'``. Uses one eigendecomposition of ``Z'Z``
-    shared by all genes (``O(q p^2)`` per gene).
+    shared by all genes (``O(q p^2)`` per gene, as matrix products).
 
     Parameters
     ----------
@@ -308,36 +312,52 @@ def gls_at(
         Summary statistics (p, p), (p, genes), (q, p), (q, genes), (q, q).
     theta
         ``(s_b, s_e)`` per gene (genes, 2), ``s_e > 0`` and ``s_b > -s_e / max eig(Z'Z)``.
+    derivatives
+        Also return ``dcov``; ``False`` returns ``None`` in its place (cheaper).
+    eig
+        ``np.linalg.eigh((ZZ + ZZ.T) / 2)`` when already computed (callers that evaluate
+        many ``theta`` on the same statistics).
 
     Returns
     -------
     ``coef`` (genes, p), ``cov`` (genes, p, p) and ``dcov`` (genes, 2, p, p), the derivatives of
     ``cov`` with respect to ``s_b`` and ``s_e``.
     """
-    lam, U = np.linalg.eigh((ZZ + ZZ.T) / 2)
+    lam, U = np.linalg.eigh((ZZ + ZZ.T) / 2) if eig is None else eig
     lam = np.maximum(lam, 0.0)
+    p = XX.shape[0]
     sb, se = theta[:, 0], theta[:, 1]
     rho = sb / se
     f = 1 / (1 + rho[:, None] * lam[None, :])  # (genes, q): eigenvalues of (I + rho Z'Z)^-1
     XZU = ZX.T @ U  # (p, q)
     UZY = U.T @ ZY  # (q, genes)
+    # outer products of the columns of XZU, (p * p, q): sum_j a_gj XZU_pj XZU_rj = (a @ BB.T)
+    BB = (XZU[:, None, :] * XZU[None, :, :]).reshape(p * p, -1)
+
+    def weighted(a: np.ndarray) -> np.ndarray:
+        return (a @ BB.T).reshape(-1, p, p)
+
     # X'V^-1X = (X'X - X'Z W Z'X) / s_e with W = U diag(rho f) U'
     w = rho[:, None] * f
-    P = (XX[None] - np.einsum("pj,gj,rj->gpr", XZU, w, XZU)) / se[:, None, None]
-    rhs = (XY.T - np.einsum("pj,gj,jg->gp", XZU, w, UZY)) / se[:, None]
+    P = (XX[None] - weighted(w)) / se[:, None, None]
+    rhs = (XY.T - (w * UZY.T) @ XZU.T) / se[:, None]
     cov = np.linalg.inv(P)
     cov = (cov + np.swapaxes(cov, 1, 2)) / 2
-    coef = np.einsum("gpr,gr->gp", cov, rhs)
+    coef = np.matmul(cov, rhs[:, :, None])[:, :, 0]
+    if not derivatives:
+        return coef, cov, None
     # dP/ds_b = -X'V^-1 Z Z' V^-1 X = -(XZU) diag(f^2 / s_e^2) (XZU)'
-    dPb = -np.einsum("pj,gj,rj->gpr", XZU, f**2, XZU) / se[:, None, None] ** 2
+    dPb = -weighted(f**2) / se[:, None, None] ** 2
     # dP/ds_e = -X'V^-2 X = -(X'X - X'Q diag(1 - f^2) Q'X) / s_e^2, Q = Z U lam^-1/2
     inv_lam = np.divide(1.0, lam, out=np.zeros_like(lam), where=lam > 0)
-    dPe = (
-        -(XX[None] - np.einsum("pj,gj,rj->gpr", XZU, (1 - f**2) * inv_lam[None, :], XZU))
-        / se[:, None, None] ** 2
-    )
+    dPe = -(XX[None] - weighted((1 - f**2) * inv_lam[None, :])) / se[:, None, None] ** 2
     dcov = -np.stack([cov @ dPb @ cov, cov @ dPe @ cov], axis=1)
     return coef, cov, dcov
+
+
+def contrast_variance(C: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """``c' cov_g c`` for every gene ``g`` and column ``c`` of ``C`` (genes, contrasts)."""
+    return np.einsum("gpc,pc->gc", cov @ C, C)
 
 
 def penalized_tau(
@@ -625,15 +645,20 @@ def mixture_moderate(
     if C.ndim == 1:
         C = C[:, None]
     s_e = theta[:, 1]
+    # genes with s_e = 0 (all variance between samples) have no GLS fit here: NaN, as ~ok
+    fit = ok & (s_e > 0)
     pval = np.zeros((tau.size, C.shape[1]))
     used = weights > 1e-6  # components without prior mass add nothing
+    eig = np.linalg.eigh((ZZ + ZZ.T) / 2)  # shared by every gls_at below
     for k in np.flatnonzero(used):
         sb = np.maximum(grid[:, k] - s_e / bar_lambda, 0.0)
         coef = np.full((tau.size, p), np.nan)
         cov = np.full((tau.size, p, p), np.nan)
         th = np.column_stack([sb, s_e])
-        coef[ok], cov[ok], _ = gls_at(XX, XY[:, ok], ZX, ZY[:, ok], ZZ, th[ok])
-        z = (coef @ C) / np.sqrt(np.einsum("pc,gpr,rc->gc", C, cov, C))
+        coef[fit], cov[fit], _ = gls_at(
+            XX, XY[:, fit], ZX, ZY[:, fit], ZZ, th[fit], derivatives=False, eig=eig
+        )
+        z = (coef @ C) / np.sqrt(contrast_variance(C, cov))
         pval += post[:, k : k + 1] * 2 * stats.t.sf(np.abs(z), n - p)
     pval /= post[:, used].sum(axis=1, keepdims=True)
     tau_post = np.sum(post * grid, axis=1)
@@ -641,11 +666,13 @@ def mixture_moderate(
     coef = np.full((tau.size, p), np.nan)
     cov = np.full((tau.size, p, p), np.nan)
     th = np.column_stack([sb, s_e])
-    coef[ok], cov[ok], _ = gls_at(XX, XY[:, ok], ZX, ZY[:, ok], ZZ, th[ok])
-    pval[~ok] = np.nan
+    coef[fit], cov[fit], _ = gls_at(
+        XX, XY[:, fit], ZX, ZY[:, fit], ZZ, th[fit], derivatives=False, eig=eig
+    )
+    pval[~fit] = np.nan
     return {
         "estimate": coef @ C,
-        "se": np.sqrt(np.einsum("pc,gpr,rc->gc", C, cov, C)),
+        "se": np.sqrt(contrast_variance(C, cov)),
         "p": pval,
         "tau": tau,
         "tau_post": tau_post,

@@ -20,6 +20,7 @@ written as an ordinary fit under the key ``f"{key}:{group}"``.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -399,8 +400,6 @@ def grouped_summary_stats(
     n = shape2(Y)[0] if src is None else src.shape[0]
     lay = _layout(groups, n)
     size = _check_chunk_size(chunk_size)
-    if chunk_size is None and src is not None and src.axis == 0:
-        size = _block_cells(src, lay.n_rows * src.shape[1], size)
     jobs = check_n_jobs(n_jobs)
     with single_threaded_blas():
         if src is None:
@@ -415,7 +414,7 @@ def grouped_summary_stats(
         out = []
         for i, g in enumerate(groups):
             X, Z = g.design.X, sp.csc_matrix(g.design.Z)
-            ZY = total[lay.z_rows[i]]
+            ZY = _rows(total, lay.z_rows[i])
             XY = np.stack(
                 [
                     total[lay.offsets[k] + i] if how == "slot" else k @ ZY  # sum over levels
@@ -436,25 +435,28 @@ def grouped_summary_stats(
     return out
 
 
-def _block_cells(source: Any, out_elements: int, size: int) -> int:
-    """Cells per block so that a block holds at least as many stored values as its result.
-
-    Each block's result (all groups' statistics) is zeroed and added to the total: with many
-    groups x random-effect levels it can be larger than a block of 10,000 cells.
-    """
-    n = source.shape[0]
-    indptr = getattr(source, "indptr", None)
-    per_cell = float(indptr[-1]) / max(n, 1) if indptr is not None else float(source.shape[1])
-    return int(min(max(size, out_elements / max(per_cell, 1.0)), max(n, 1)))
+def _rows(total: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``total[rows]``: a view when the rows are consecutive (a group's random effects)."""
+    if rows.size and np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):
+        return total[rows[0] : rows[0] + rows.size]
+    return total[rows]
 
 
 def group_block(
-    chunk: Any, lay: _Layout, rows: slice, *, is_counts: bool, axis: int = 0, start: int = 0
+    chunk: Any,
+    lay: _Layout,
+    rows: slice,
+    *,
+    is_counts: bool,
+    axis: int = 0,
+    start: int = 0,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return the slot sums and per-group norms of a block of ``Y``: ``(lay.n_rows, genes)``.
 
     ``rows`` selects the block's cells in ``lay`` (all cells for column blocks). Values are
-    checked and transformed (``ln(1 + y)`` for counts) as in the ungrouped pass.
+    checked and transformed (``ln(1 + y)`` for counts) as in the ungrouped pass. With ``out``
+    (``(lay.n_rows, genes)``) the sums are added to it (and it is returned).
     """
     R, Wt = lay.rows[rows], lay.weights[rows]
     if isinstance(chunk, CompressedBlock) or sp.issparse(chunk):
@@ -468,7 +470,8 @@ def group_block(
         chunk = CompressedBlock(dense.data, dense.indices, dense.indptr, dense.shape, "csr")
     data, indices, indptr = chunk.data, chunk.indices, chunk.indptr
     m = chunk.shape[1]
-    out = np.zeros((lay.n_rows, m))
+    if out is None:
+        out = np.zeros((lay.n_rows, m))
     parts = [out[lay.offsets[k] : lay.offsets[k + 1]] for k in range(len(lay.offsets) - 1)]
     norms = out[lay.offsets[-1] :]
     csc = chunk.format == "csc"
@@ -507,30 +510,49 @@ def group_block(
 def _local_grouped_pass(
     source: Any, lay: _Layout, *, is_counts: bool, size: int, n_jobs: int, progress: Any
 ) -> np.ndarray:
-    n, m = source.shape
-    total_units = n if source.axis == 0 else m
-    total = np.zeros((lay.n_rows, m))
+    """Pass over a local source; return the summed ``(lay.n_rows, genes)`` table.
+
+    Row blocks are added into one table per thread (each block touches every group's rows, so
+    a table per block would cost its zeroing and sum): memory is ``n_jobs`` tables, whatever
+    the block size. Column blocks fill their genes' columns of one table.
+    """
+    m = source.shape[1]
+    total_units = source.shape[source.axis]
     spans = list(source.spans(size))
+    jobs = 1 if len(spans) == 1 else n_jobs
+    local = threading.local()
+    tables: list[np.ndarray] = []
+    lock = threading.Lock()
 
     def read(span: tuple[int, int]) -> tuple[int, int, Any]:
         start, stop = span  # in the calling thread: one reader of a file
         return start, stop, source.read(start, stop)
 
-    def run(args: tuple[int, int, Any]) -> np.ndarray:
+    def run(args: tuple[int, int, Any]) -> np.ndarray | None:
         start, stop, chunk = args
-        rows = slice(start, stop) if source.axis == 0 else slice(None)
-        return group_block(chunk, lay, rows, is_counts=is_counts, axis=source.axis, start=start)
+        if source.axis == 1:
+            return group_block(chunk, lay, slice(None), is_counts=is_counts, axis=1, start=start)
+        table = getattr(local, "table", None)
+        if table is None:
+            table = local.table = np.zeros((lay.n_rows, m))
+            with lock:
+                tables.append(table)
+        group_block(chunk, lay, slice(start, stop), is_counts=is_counts, start=start, out=table)
+        return None
 
-    jobs = 1 if len(spans) == 1 else n_jobs
+    total = np.zeros((lay.n_rows, m)) if source.axis == 1 else None
     done = 0
     for (start, stop), part in zip(spans, ordered_map(run, map(read, spans), jobs), strict=True):
-        if source.axis == 0:
-            total += part
-        else:
+        if part is not None:
             total[:, start:stop] = part
         done += stop - start
         if progress is not None:
             progress(done, total_units)
+    if total is not None:
+        return total
+    total = tables.pop(0)
+    while tables:
+        total += tables.pop()
     return total
 
 
