@@ -341,7 +341,7 @@ def gls_at(
     w = rho[:, None] * f
     P = (XX[None] - weighted(w)) / se[:, None, None]
     rhs = (XY.T - (w * UZY.T) @ XZU.T) / se[:, None]
-    cov = np.linalg.inv(P)
+    cov = _inverse_or_nan(P)
     cov = (cov + np.swapaxes(cov, 1, 2)) / 2
     coef = np.matmul(cov, rhs[:, :, None])[:, :, 0]
     if not derivatives:
@@ -353,6 +353,23 @@ def gls_at(
     dPe = -(XX[None] - weighted((1 - f**2) * inv_lam[None, :])) / se[:, None, None] ** 2
     dcov = -np.stack([cov @ dPb @ cov, cov @ dPe @ cov], axis=1)
     return coef, cov, dcov
+
+
+def _inverse_or_nan(P: np.ndarray) -> np.ndarray:
+    """Inverses of a stack of matrices; NaN for the numerically singular ones.
+
+    E.g. a gene whose residual variance is ~0 (``rho = s_b / s_e`` ~ 1e15): its ``X'V^-1X``
+    is singular to working precision, and one such gene must not fail the whole batch.
+    """
+    try:
+        return np.linalg.inv(P)
+    except np.linalg.LinAlgError:
+        pass
+    sv = np.linalg.svd(P, compute_uv=False)
+    good = np.isfinite(sv).all(axis=1) & (sv[:, -1] > sv[:, 0] * 1e3 * np.finfo(float).eps)
+    out = np.full_like(P, np.nan)
+    out[good] = np.linalg.pinv(P[good])
+    return out
 
 
 def contrast_variance(C: np.ndarray, cov: np.ndarray) -> np.ndarray:

@@ -180,22 +180,19 @@ def flashmm_de_groupby(
     varm: dict[str, Any] = {}
     records: dict[str, dict[str, Any]] = {}
     fitted = []
-    for group, st in zip(groups, stats, strict=True):
-        sub = group_key(key_added, group.name)
-        try:
-            tables, record = _fit_group(
-                group, st, groupby, adata, opts, params, sub, jobs, store_stats
-            )
-        except np.linalg.LinAlgError as exc:  # the solver failed for this group only
-            skipped[group.name] = f"the fit failed ({exc})"
-            msg = f"{groupby} = {group.name!r} not fit: the solver failed ({exc})."
+    results = _fit_groups(groups, stats, groupby, adata, opts, params, key_added, jobs, store_stats)
+    for group, result in zip(groups, results, strict=True):
+        if isinstance(result, np.linalg.LinAlgError):  # the solver failed for this group only
+            skipped[group.name] = f"the fit failed ({result})"
+            msg = f"{groupby} = {group.name!r} not fit: the solver failed ({result})."
             warnings.warn(msg, UserWarning, stacklevel=2)
             continue
+        tables, record = result
         fitted.append(group)
         record["n_cells"] = int(group.cells.size)
         record["group"] = group.name
         varm |= tables
-        records[sub] = record
+        records[group_key(key_added, group.name)] = record
     from .. import __version__
 
     top = {
@@ -599,9 +596,9 @@ def _dask_grouped_pass(Y: Any, lay: _Layout, is_counts: bool, progress: Any) -> 
     return reduce_dask_blocks(blocks, rows, progress)
 
 
-def _fit_group(
-    group: _Group,
-    stats: SummaryStats,
+def _fit_groups(
+    groups: list[_Group],
+    stats: list[SummaryStats],
     groupby: str,
     adata: AnnData,
     opts: FitOptions,
@@ -609,26 +606,51 @@ def _fit_group(
     key: str,
     n_jobs: int,
     store_stats: bool,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit one group (as :func:`flashmm_de` fits all cells); its warnings name the group."""
-    with warnings.catch_warnings(record=True) as caught:
+) -> list[tuple[dict[str, Any], dict[str, Any]] | np.linalg.LinAlgError]:
+    """Fit every group (as :func:`flashmm_de` fits all cells), ``n_jobs`` groups at a time.
+
+    Each group is one batched :func:`~scflashmm._core.reml.lmm` call over its genes (one
+    thread) and its moderation; BLAS is limited to one thread meanwhile. A group whose solver
+    fails gets its ``LinAlgError`` in place of its result. The warnings of a group are
+    re-issued, in the order of the groups, with its name.
+    """
+    local = threading.local()
+    caught: list[tuple[int, Warning | str, type[Warning]]] = []
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        caught.append((getattr(local, "group", -1), message, category))
+
+    def fit(i: int) -> tuple[dict[str, Any], dict[str, Any]] | np.linalg.LinAlgError:
+        local.group = i
+        group = groups[i]
+        try:
+            return fit_and_record(
+                adata,
+                stats[i],
+                DesignInfo.of(group.design),
+                opts,
+                params,
+                group.cmat,
+                group.expressions,
+                group_key(key, group.name),
+                store_stats=store_stats,
+                n_jobs=1,
+                progress=False,
+            )
+        except np.linalg.LinAlgError as exc:
+            return exc
+        finally:
+            local.group = -1
+
+    jobs = max(1, min(n_jobs, len(groups)))
+    with warnings.catch_warnings(), single_threaded_blas():
         warnings.simplefilter("always")
-        tables, record = fit_and_record(
-            adata,
-            stats,
-            DesignInfo.of(group.design),
-            opts,
-            params,
-            group.cmat,
-            group.expressions,
-            key,
-            store_stats=store_stats,
-            n_jobs=n_jobs,
-        )
-    for w in caught:
-        msg = f"{groupby} = {group.name!r}: {w.message}"
-        warnings.warn(msg, w.category, stacklevel=4)
-    return tables, record
+        warnings.showwarning = show  # called in the thread that warns: tagged with its group
+        results = list(ordered_map(fit, range(len(groups)), jobs, window=len(groups)))
+    for i, message, category in sorted(caught, key=lambda c: c[0]):
+        where = f"{groupby} = {groups[i].name!r}: " if i >= 0 else ""
+        warnings.warn(f"{where}{message}", category, stacklevel=4)
+    return results
 
 
 def _write_groups(
@@ -649,8 +671,9 @@ def _write_groups(
             target.varm.pop(str(old), None)
         for old in previous.get("group_keys", []):
             target.uns.pop(str(old), None)
+    mapping = target.varm  # once: each access of adata.varm re-validates every entry
     for name, value in varm.items():
-        target.varm[name] = value
+        mapping[name] = value
     for name, record in records.items():
         target.uns[name] = record
     target.uns[key] = top
