@@ -294,12 +294,13 @@ def gls_at(
     XX: np.ndarray,
     XY: np.ndarray,
     ZX: np.ndarray,
-    ZY: np.ndarray,
+    ZY: np.ndarray | None,
     ZZ: np.ndarray,
     theta: np.ndarray,
     *,
     derivatives: bool = True,
     eig: tuple[np.ndarray, np.ndarray] | None = None,
+    zyu: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GLS ``beta``, its covariance and ``dcov/dtheta`` at given ``(s_b, s_e)`` per gene.
 
@@ -317,6 +318,9 @@ def gls_at(
     eig
         ``np.linalg.eigh((ZZ + ZZ.T) / 2)`` when already computed (callers that evaluate
         many ``theta`` on the same statistics).
+    zyu
+        ``ZY.T @ U`` (genes, q) with ``U`` the eigenvectors of ``eig``, when already computed;
+        ``ZY`` is then not used.
 
     Returns
     -------
@@ -330,7 +334,7 @@ def gls_at(
     rho = sb / se
     f = 1 / (1 + rho[:, None] * lam[None, :])  # (genes, q): eigenvalues of (I + rho Z'Z)^-1
     XZU = ZX.T @ U  # (p, q)
-    UZY = U.T @ ZY  # (q, genes)
+    YZU = np.asarray(ZY).T @ U if zyu is None else zyu  # (genes, q)
     # outer products of the columns of XZU, (p * p, q): sum_j a_gj XZU_pj XZU_rj = (a @ BB.T)
     BB = (XZU[:, None, :] * XZU[None, :, :]).reshape(p * p, -1)
 
@@ -340,7 +344,7 @@ def gls_at(
     # X'V^-1X = (X'X - X'Z W Z'X) / s_e with W = U diag(rho f) U'
     w = rho[:, None] * f
     P = (XX[None] - weighted(w)) / se[:, None, None]
-    rhs = (XY.T - (w * UZY.T) @ XZU.T) / se[:, None]
+    rhs = (XY.T - (w * YZU) @ XZU.T) / se[:, None]
     cov = _inverse_or_nan(P)
     cov = (cov + np.swapaxes(cov, 1, 2)) / 2
     coef = np.matmul(cov, rhs[:, :, None])[:, :, 0]
@@ -642,20 +646,19 @@ def mixture_moderate(
     t_hat = np.maximum(tau, 1e-5 * np.median(tau[ok]))[:, None]
     loglik = stats.chi2.logpdf(d * t_hat / grid, d) + np.log(d / grid)
     loglik = np.where(ok[:, None], loglik, 0.0)
+    # EM on the likelihoods scaled to a row maximum of 1: the posterior of gene g is
+    # lik_g * pi / (lik_g . pi), so an iteration is two matrix-vector products
+    lik = np.exp(loglik - loglik.max(axis=1, keepdims=True))
+    L = lik[ok]
     weights = np.full(m.size, 1.0 / m.size)
     for _ in range(max_iter):
-        logpost = loglik[ok] + np.log(np.maximum(weights, 1e-300))
-        logpost -= logpost.max(axis=1, keepdims=True)
-        post = np.exp(logpost)
-        post /= post.sum(axis=1, keepdims=True)
-        new = post.mean(axis=0)
+        pi = np.maximum(weights, 1e-300)
+        new = pi * (L.T @ (1.0 / (L @ pi))) / L.shape[0]
         if np.max(np.abs(new - weights)) < 1e-8:
             weights = new
             break
         weights = new
-    logpost = loglik + np.log(np.maximum(weights, 1e-300))
-    logpost -= logpost.max(axis=1, keepdims=True)
-    post = np.exp(logpost)
+    post = lik * np.maximum(weights, 1e-300)
     post /= post.sum(axis=1, keepdims=True)
     p = XX.shape[0]
     C = np.eye(p) if contrast is None else np.asarray(contrast, dtype=np.float64)
@@ -667,13 +670,14 @@ def mixture_moderate(
     pval = np.zeros((tau.size, C.shape[1]))
     used = weights > 1e-6  # components without prior mass add nothing
     eig = np.linalg.eigh((ZZ + ZZ.T) / 2)  # shared by every gls_at below
+    zyu = ZY[:, fit].T @ eig[1]
     for k in np.flatnonzero(used):
         sb = np.maximum(grid[:, k] - s_e / bar_lambda, 0.0)
         coef = np.full((tau.size, p), np.nan)
         cov = np.full((tau.size, p, p), np.nan)
         th = np.column_stack([sb, s_e])
         coef[fit], cov[fit], _ = gls_at(
-            XX, XY[:, fit], ZX, ZY[:, fit], ZZ, th[fit], derivatives=False, eig=eig
+            XX, XY[:, fit], ZX, None, ZZ, th[fit], derivatives=False, eig=eig, zyu=zyu
         )
         z = (coef @ C) / np.sqrt(contrast_variance(C, cov))
         pval += post[:, k : k + 1] * 2 * stats.t.sf(np.abs(z), n - p)
@@ -684,7 +688,7 @@ def mixture_moderate(
     cov = np.full((tau.size, p, p), np.nan)
     th = np.column_stack([sb, s_e])
     coef[fit], cov[fit], _ = gls_at(
-        XX, XY[:, fit], ZX, ZY[:, fit], ZZ, th[fit], derivatives=False, eig=eig
+        XX, XY[:, fit], ZX, None, ZZ, th[fit], derivatives=False, eig=eig, zyu=zyu
     )
     pval[~fit] = np.nan
     return {

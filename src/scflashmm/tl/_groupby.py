@@ -537,16 +537,16 @@ def _local_grouped_pass(
         group_block(chunk, lay, slice(start, stop), is_counts=is_counts, start=start, out=table)
         return None
 
-    total = np.zeros((lay.n_rows, m)) if source.axis == 1 else None
+    columns = np.zeros((lay.n_rows, m)) if source.axis == 1 else None
     done = 0
     for (start, stop), part in zip(spans, ordered_map(run, map(read, spans), jobs), strict=True):
-        if part is not None:
-            total[:, start:stop] = part
+        if columns is not None:
+            columns[:, start:stop] = part
         done += stop - start
         if progress is not None:
             progress(done, total_units)
-    if total is not None:
-        return total
+    if columns is not None:
+        return columns
     total = tables.pop(0)
     while tables:
         total += tables.pop()
