@@ -46,6 +46,7 @@ from .._core.sources import CompressedBlock, is_dask_array, open_source, shape2
 from .._core.stats import SummaryStats
 from .._core.sumstats import NonFiniteError
 from .._design import _as_factor, _normalize_random, _parse_formula, check_no_missing, make_design
+from ._effect_size import fit_grouped_effect_sizes
 from ._flashmm_de import (
     DesignInfo,
     FitOptions,
@@ -108,16 +109,11 @@ def flashmm_de_groupby(
     store_cov: bool,
     effect_size: bool | None,
     criterion: str,
+    library_size: str | None = None,
 ) -> AnnData | None:
     """:func:`scflashmm.tl.flashmm_de` with ``groupby``: see its docstring."""
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
     jobs = check_n_jobs(n_jobs)
-    if effect_size:
-        msg = (
-            "effect_size=True is not available with groupby yet (it needs a pass per group); "
-            "fit a group's subset with flashmm_de(adata[adata.obs[groupby] == level], ...)."
-        )
-        raise ValueError(msg)
     max_iter = check_positive_int(max_iter, "max_iter")
     epsilon = check_positive_float(epsilon, "epsilon")
     if chunk_size is not None:
@@ -165,6 +161,11 @@ def flashmm_de_groupby(
         adata, Y, source, groups, chunk_size=chunk_size, is_counts=is_counts, progress=progress
     )
     warn_if_raw_counts(Y, source, is_counts=is_counts)
+    effect_sizes = fit_grouped_effect_sizes(  # one more pass, for all groups
+        adata, Y, [(g.cells, g.design.X, g.design.x_columns) for g in groups],
+        [group_key(key_added, g.name) for g in groups], effect_size=effect_size,
+        is_counts=is_counts, library_size=library_size, chunk_size=chunk_size,
+    )  # fmt: skip
 
     params = data_params(
         fixed=fixed,
@@ -173,14 +174,16 @@ def flashmm_de_groupby(
         is_counts=is_counts,
         chunk_size=chunk_size,
         store_stats=store_stats,
-        effect_size=False,
-        library_size=None,
+        effect_size=any(effect_sizes),
+        library_size=library_size,
         store_cov=store_cov,
     ) | {"groupby": groupby}
     varm: dict[str, Any] = {}
     records: dict[str, dict[str, Any]] = {}
     fitted = []
-    results = _fit_groups(groups, stats, groupby, adata, opts, params, key_added, jobs, store_stats)
+    results = _fit_groups(
+        groups, stats, effect_sizes, groupby, adata, opts, params, key_added, jobs, store_stats
+    )
     for group, result in zip(groups, results, strict=True):
         if isinstance(result, np.linalg.LinAlgError):  # the solver failed for this group only
             skipped[group.name] = f"the fit failed ({result})"
@@ -599,6 +602,7 @@ def _dask_grouped_pass(Y: Any, lay: _Layout, is_counts: bool, progress: Any) -> 
 def _fit_groups(
     groups: list[_Group],
     stats: list[SummaryStats],
+    extra: list[dict[str, Any]],
     groupby: str,
     adata: AnnData,
     opts: FitOptions,
@@ -635,6 +639,7 @@ def _fit_groups(
                 group_key(key, group.name),
                 store_stats=store_stats,
                 n_jobs=1,
+                extra_tables=extra[i],
                 progress=False,
             )
         except np.linalg.LinAlgError as exc:
