@@ -475,6 +475,10 @@ def group_block(
     parts = [out[lay.offsets[k] : lay.offsets[k + 1]] for k in range(len(lay.offsets) - 1)]
     norms = out[lay.offsets[-1] :]
     csc = chunk.format == "csc"
+    n_slots = len(parts)
+    # per block: slots where every cell has a row (no mask), and weights that are all 1
+    complete = (R >= 0).all(axis=0)
+    unit = ((Wt[:, :n_slots] == 1) | (R[:, :n_slots] < 0)).all(axis=0)
     for a, b in _pieces(indptr):
         lo, hi = int(indptr[a]), int(indptr[b])
         if hi == lo:
@@ -486,24 +490,32 @@ def group_block(
         )  # fmt: skip
         counts = np.diff(indptr[a : b + 1])
         idx = indices[lo:hi]
-        if csc:  # the piece is genes a..b of all cells
-            cells, genes = idx, np.repeat(np.arange(a, b, dtype=idx.dtype), counts)
-        else:
-            cells, genes = np.repeat(np.arange(a, b, dtype=idx.dtype), counts), idx
-        r_all, w_all = R[cells], Wt[cells]
-        grp = r_all[:, -1]
-        for k, part in enumerate(parts):
-            r = r_all[:, k]
-            keep = r >= 0
-            if keep.all():
-                scatter_add(part, r.astype(idx.dtype), genes, v * w_all[:, k])
-            elif keep.any():
-                scatter_add(part, r[keep].astype(idx.dtype), genes[keep], (v * w_all[:, k])[keep])
-        keep = grp >= 0
-        if keep.all():
-            scatter_add(norms, grp.astype(idx.dtype), genes, v * v)
-        else:
-            scatter_add(norms, grp[keep].astype(idx.dtype), genes[keep], (v * v)[keep])
+        if csc:  # the piece is genes a..b of all cells: gather each value's cell
+            genes = np.repeat(np.arange(a, b, dtype=idx.dtype), counts)
+
+            def per_value(x: np.ndarray, idx: np.ndarray = idx) -> np.ndarray:
+                return x[idx]
+        else:  # cells a..b: repeat each cell's entry over its stored values
+            genes = idx
+
+            def per_value(
+                x: np.ndarray, a: int = a, b: int = b, c: np.ndarray = counts
+            ) -> np.ndarray:
+                return np.repeat(x[a:b], c)
+
+        for k in range(n_slots + 1):
+            part = parts[k] if k < n_slots else norms
+            r = per_value(R[:, k]).astype(idx.dtype, copy=False)
+            if k == n_slots:
+                w = v * v
+            else:
+                w = v if unit[k] else v * per_value(Wt[:, k])
+            if complete[k]:
+                scatter_add(part, r, genes, w)
+            else:
+                keep = r >= 0
+                if keep.any():
+                    scatter_add(part, r[keep], genes[keep], w[keep])
     return out
 
 
