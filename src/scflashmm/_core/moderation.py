@@ -343,10 +343,14 @@ def gls_at(
 
     # X'V^-1X = (X'X - X'Z W Z'X) / s_e with W = U diag(rho f) U'
     w = rho[:, None] * f
-    P = (XX[None] - weighted(w)) / se[:, None, None]
+    P = weighted(w)  # (genes, p, p); in place below: with p ~ 60 each copy is large
+    np.subtract(XX[None], P, out=P)
+    P /= se[:, None, None]
     rhs = (XY.T - (w * YZU) @ XZU.T) / se[:, None]
     cov = _inverse_or_nan(P)
-    cov = (cov + np.swapaxes(cov, 1, 2)) / 2
+    del P
+    cov += np.swapaxes(cov, 1, 2)
+    cov /= 2
     coef = np.matmul(cov, rhs[:, :, None])[:, :, 0]
     if not derivatives:
         return coef, cov, None
@@ -673,23 +677,15 @@ def mixture_moderate(
     zyu = ZY[:, fit].T @ eig[1]
     for k in np.flatnonzero(used):
         sb = np.maximum(grid[:, k] - s_e / bar_lambda, 0.0)
-        coef = np.full((tau.size, p), np.nan)
-        cov = np.full((tau.size, p, p), np.nan)
         th = np.column_stack([sb, s_e])
-        coef[fit], cov[fit], _ = gls_at(
-            XX, XY[:, fit], ZX, None, ZZ, th[fit], derivatives=False, eig=eig, zyu=zyu
-        )
+        coef, cov = _gls_where(fit, XX, XY, ZX, ZZ, th, eig, zyu)
         z = (coef @ C) / np.sqrt(contrast_variance(C, cov))
         pval += post[:, k : k + 1] * 2 * stats.t.sf(np.abs(z), n - p)
     pval /= post[:, used].sum(axis=1, keepdims=True)
     tau_post = np.sum(post * grid, axis=1)
     sb = np.maximum(tau_post - s_e / bar_lambda, 0.0)
-    coef = np.full((tau.size, p), np.nan)
-    cov = np.full((tau.size, p, p), np.nan)
     th = np.column_stack([sb, s_e])
-    coef[fit], cov[fit], _ = gls_at(
-        XX, XY[:, fit], ZX, None, ZZ, th[fit], derivatives=False, eig=eig, zyu=zyu
-    )
+    coef, cov = _gls_where(fit, XX, XY, ZX, ZZ, th, eig, zyu)
     pval[~fit] = np.nan
     return {
         "estimate": coef @ C,
@@ -701,3 +697,25 @@ def mixture_moderate(
         "multipliers": m,
         "d": d,
     }
+
+
+def _gls_where(
+    fit: np.ndarray,
+    XX: np.ndarray,
+    XY: np.ndarray,
+    ZX: np.ndarray,
+    ZZ: np.ndarray,
+    theta: np.ndarray,
+    eig: tuple[np.ndarray, np.ndarray],
+    zyu: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`gls_at` ``coef, cov`` for the genes ``fit`` (``zyu`` is theirs); NaN elsewhere."""
+    if fit.all():  # no copy into NaN-filled arrays (genes x p x p is large for p ~ 60)
+        return gls_at(XX, XY, ZX, None, ZZ, theta, derivatives=False, eig=eig, zyu=zyu)[:2]
+    p = XX.shape[0]
+    coef = np.full((fit.size, p), np.nan)
+    cov = np.full((fit.size, p, p), np.nan)
+    coef[fit], cov[fit], _ = gls_at(
+        XX, XY[:, fit], ZX, None, ZZ, theta[fit], derivatives=False, eig=eig, zyu=zyu
+    )
+    return coef, cov

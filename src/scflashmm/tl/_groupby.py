@@ -477,8 +477,8 @@ def group_block(
     csc = chunk.format == "csc"
     n_slots = len(parts)
     # per block: slots where every cell has a row (no mask), and weights that are all 1
-    complete = (R >= 0).all(axis=0)
-    unit = ((Wt[:, :n_slots] == 1) | (R[:, :n_slots] < 0)).all(axis=0)
+    complete = np.asarray((R >= 0).all(axis=0))
+    unit = np.asarray(((Wt[:, :n_slots] == 1) | (R[:, :n_slots] < 0)).all(axis=0))
     for a, b in _pieces(indptr):
         lo, hi = int(indptr[a]), int(indptr[b])
         if hi == lo:
@@ -490,26 +490,15 @@ def group_block(
         )  # fmt: skip
         counts = np.diff(indptr[a : b + 1])
         idx = indices[lo:hi]
-        if csc:  # the piece is genes a..b of all cells: gather each value's cell
-            genes = np.repeat(np.arange(a, b, dtype=idx.dtype), counts)
-
-            def per_value(x: np.ndarray, idx: np.ndarray = idx) -> np.ndarray:
-                return x[idx]
-        else:  # cells a..b: repeat each cell's entry over its stored values
-            genes = idx
-
-            def per_value(
-                x: np.ndarray, a: int = a, b: int = b, c: np.ndarray = counts
-            ) -> np.ndarray:
-                return np.repeat(x[a:b], c)
-
+        genes = np.repeat(np.arange(a, b, dtype=idx.dtype), counts) if csc else idx
+        piece = (idx, None) if csc else (slice(a, b), counts)
         for k in range(n_slots + 1):
             part = parts[k] if k < n_slots else norms
-            r = per_value(R[:, k]).astype(idx.dtype, copy=False)
+            r = _per_value(R[:, k], *piece).astype(idx.dtype, copy=False)
             if k == n_slots:
                 w = v * v
             else:
-                w = v if unit[k] else v * per_value(Wt[:, k])
+                w = v if unit[k] else v * _per_value(Wt[:, k], *piece)
             if complete[k]:
                 scatter_add(part, r, genes, w)
             else:
@@ -517,6 +506,15 @@ def group_block(
                 if keep.any():
                     scatter_add(part, r[keep], genes[keep], w[keep])
     return out
+
+
+def _per_value(x: np.ndarray, cells: Any, counts: np.ndarray | None) -> np.ndarray:
+    """Per-cell ``x`` for each stored value of a piece.
+
+    A CSR piece (``cells`` a slice, ``counts`` values per cell) repeats each cell's entry; a
+    CSC piece (``cells`` the cell of each value) gathers.
+    """
+    return x[cells] if counts is None else np.repeat(x[cells], counts)
 
 
 def _local_grouped_pass(
