@@ -332,7 +332,6 @@ def gls_at(
     p = XX.shape[0]
     sb, se = theta[:, 0], theta[:, 1]
     rho = sb / se
-    f = 1 / (1 + rho[:, None] * lam[None, :])  # (genes, q): eigenvalues of (I + rho Z'Z)^-1
     XZU = ZX.T @ U  # (p, q)
     YZU = np.asarray(ZY).T @ U if zyu is None else zyu  # (genes, q)
     # outer products of the columns of XZU, (p * p, q): sum_j a_gj XZU_pj XZU_rj = (a @ BB.T)
@@ -341,8 +340,11 @@ def gls_at(
     def weighted(a: np.ndarray) -> np.ndarray:
         return (a @ BB.T).reshape(-1, p, p)
 
-    # X'V^-1X = (X'X - X'Z W Z'X) / s_e with W = U diag(rho f) U'
-    w = rho[:, None] * f
+    # X'V^-1X = (X'X - X'Z W Z'X) / s_e with W = U diag(rho f) U', where f (genes, q) are
+    # the eigenvalues of (I + rho Z'Z)^-1: w = rho f = rho / (1 + rho lam), in place
+    w = np.multiply(rho[:, None], lam[None, :])
+    w += 1
+    np.divide(rho[:, None], w, out=w)
     P = weighted(w)  # (genes, p, p); in place below: with p ~ 60 each copy is large
     np.subtract(XX[None], P, out=P)
     P /= se[:, None, None]
@@ -354,6 +356,7 @@ def gls_at(
     coef = np.matmul(cov, rhs[:, :, None])[:, :, 0]
     if not derivatives:
         return coef, cov, None
+    f = 1 / (1 + rho[:, None] * lam[None, :])
     # dP/ds_b = -X'V^-1 Z Z' V^-1 X = -(XZU) diag(f^2 / s_e^2) (XZU)'
     dPb = -weighted(f**2) / se[:, None, None] ** 2
     # dP/ds_e = -X'V^-2 X = -(X'X - X'Q diag(1 - f^2) Q'X) / s_e^2, Q = Z U lam^-1/2
