@@ -103,6 +103,7 @@ def test_each_group_equals_flashmm_de_on_its_cells(data, subsets, layout, tmp_pa
         {"df": "satterthwaite", "contrasts": {"B vs A": "trt[T.B]"}},
         {"layer": "logged"},
         {"effect_size": True, "library_size": "libsize"},
+        {"n_jobs": 1},
     ],
 )
 def test_options_reach_every_group(data, options):
@@ -113,6 +114,14 @@ def test_options_reach_every_group(data, options):
     sfm.tl.flashmm_de(adata, FIXED, "sam", groupby="cls", is_counts=is_counts, **options)
     for g, sub in _fit_subsets(adata, is_counts=is_counts, **options).items():
         _assert_group_equals_subset(adata, "flashmm", g, sub)
+
+
+def test_warnings_of_the_groups_fit_in_threads_name_their_group_in_order(data):
+    adata = data.copy()
+    with pytest.warns(UserWarning) as record:  # ConvergenceWarning subclasses UserWarning
+        sfm.tl.flashmm_de(adata, FIXED, "sam", groupby="cls", is_counts=True, max_iter=1, n_jobs=2)
+    converge = [str(w.message) for w in record if "did not converge" in str(w.message)]
+    assert [m.split(":")[0] for m in converge] == ["cls = '1'", "cls = '2'", "cls = '3'"]
 
 
 def test_absent_factor_level_drops_out_of_the_group(data):

@@ -158,8 +158,9 @@ def flashmm_de_groupby(
     )
 
     stats = _grouped_statistics(
-        adata, Y, source, groups, chunk_size=chunk_size, is_counts=is_counts, progress=progress
-    )
+        adata, Y, source, groups, chunk_size=chunk_size, is_counts=is_counts, progress=progress,
+        n_jobs=jobs,
+    )  # fmt: skip
     warn_if_raw_counts(Y, source, is_counts=is_counts)
     effect_sizes = fit_grouped_effect_sizes(  # one more pass, for all groups
         adata, Y, [(g.cells, g.design.X, g.design.x_columns) for g in groups],
@@ -367,12 +368,13 @@ def _grouped_statistics(
     chunk_size: int | None,
     is_counts: bool,
     progress: bool | None,
+    n_jobs: int | None = None,
 ) -> list[SummaryStats]:
     """One pass over the cells; the statistics of every group (errors as the ungrouped pass)."""
     bar = ProgressBar(progress, unit="genes" if is_csc(Y) else "cells")
     try:
         return grouped_summary_stats(
-            Y, groups, chunk_size=chunk_size, is_counts=is_counts, progress=bar
+            Y, groups, chunk_size=chunk_size, is_counts=is_counts, n_jobs=n_jobs, progress=bar
         )
     except NonFiniteError as exc:
         raise nonfinite_error(exc, Y, source, adata.obs_names, adata.var_names) from exc
