@@ -513,6 +513,7 @@ def worker_atlas(spec: dict) -> dict:
 
     base = _rss_mb()["VmRSS"]
     adata = ad.read_h5ad(spec["path"], backed="r")
+    load = os.getloadavg()[0]
     reset = _reset_peak()
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -521,7 +522,7 @@ def worker_atlas(spec: dict) -> dict:
             sfm.tl.flashmm_de(adata, ATLAS_GROUP_FIXED, ATLAS_RANDOM, groupby="cls", is_counts=True)
         else:
             sfm.tl.flashmm_de(adata, ATLAS_FIXED, ATLAS_RANDOM, is_counts=True)
-    out = {"total_s": time.perf_counter() - t0, "base_mb": base}
+    out = {"total_s": time.perf_counter() - t0, "base_mb": base, "load": load}
     out["peak_mb"] = _rss_mb()["VmHWM"] if reset else float("nan")
     info = adata.uns["flashmm"]
     if spec["mode"] == "groupby":
@@ -980,12 +981,14 @@ def cmd_atlas(args) -> str:
                 r = dict(results[0])
                 r["total_s"] = min(x["total_s"] for x in results)
                 r["peak_mb"] = max(x["peak_mb"] for x in results)
+                r["load"] = max(x["load"] for x in results)
             else:
                 r = run("atlas", {"path": str(path), "mode": mode}, args.repeat)
             rows.append(
                 [
                     "single model" if mode == "single" else f"groupby cell type ({r['groups']})",
                     cache,
+                    f"{r.get('load', float('nan')):.1f}",
                     f"{r['n']:,} x {r['m']:,}",
                     f"{size_gb:.2f}",
                     f"{r['p']}, {r['q']}",
@@ -997,6 +1000,7 @@ def cmd_atlas(args) -> str:
     header = [
         "model",
         "page cache",
+        "load average (1 min) at start",
         "cells x genes",
         "h5ad GB",
         "p, q (groupby: largest p, sum of q)",

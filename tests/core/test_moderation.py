@@ -243,3 +243,29 @@ def test_mixture_prior_one_point_and_a_grid():
     assert res["weights"].sum() == pytest.approx(1.0)
     assert ((res["p"] >= 0) & (res["p"] <= 1)).all()
     assert (res["tau_post"] > 0).all()
+
+
+def test_gls_at_products_and_a_gene_without_residual_variance():
+    _, st = _fixture(paired=False)
+    fit = lmm(st)
+    theta = fit.theta.copy()
+    # the matrix products equal the definition: X'V^-1X with V = s_e I + s_b Z Z' (from Z'Z)
+    coef, cov, _ = gls_at(st.XX, st.XY, st.ZX, st.ZY, st.ZZ, theta, derivatives=False)
+    g = 0
+    sb, se = theta[g]
+    W = np.linalg.inv(np.eye(st.ZZ.shape[0]) + sb / se * st.ZZ) * sb / se
+    P = (st.XX - st.ZX.T @ W @ st.ZX) / se
+    assert_allclose(cov[g], np.linalg.inv(P), rtol=1e-10)
+    rhs = (st.XY[:, g] - st.ZX.T @ W @ st.ZY[:, g]) / se
+    assert_allclose(coef[g], np.linalg.solve(P, rhs), rtol=1e-10)
+    # a gene whose residual variance is ~0 (all variance between samples) is NaN in the
+    # moderated tests, and the other genes are unaffected
+    theta[1] = [theta[1, 0] + theta[1, 1], 1e-19 * theta[1, 1]]
+    theta[2, 1] = 0.0
+    args = (st.XX, st.XY, st.ZX, st.ZY, st.ZZ, st.n)
+    res = mixture_moderate(*args, theta)
+    assert np.isnan(res["p"][1:3]).all()
+    assert np.isfinite(res["p"][3:]).all()
+    cov = gls_at(st.XX, st.XY[:, :2], st.ZX, st.ZY[:, :2], st.ZZ, theta[:2])[1]
+    assert np.isnan(cov[1]).all()
+    assert np.isfinite(cov[0]).all()

@@ -76,6 +76,7 @@ from ._options import check_choice
 
 __all__ = [
     "between_sample_variance",
+    "contrast_variance",
     "fit_f_dist",
     "gls_at",
     "mixture_moderate",
@@ -293,14 +294,18 @@ def gls_at(
     XX: np.ndarray,
     XY: np.ndarray,
     ZX: np.ndarray,
-    ZY: np.ndarray,
+    ZY: np.ndarray | None,
     ZZ: np.ndarray,
     theta: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    *,
+    derivatives: bool = True,
+    eig: tuple[np.ndarray, np.ndarray] | None = None,
+    zyu: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GLS ``beta``, its covariance and ``dcov/dtheta`` at given ``(s_b, s_e)`` per gene.
 
     One random component; ``V = s_e I + s_b Z Z'``. Uses one eigendecomposition of ``Z'Z``
-    shared by all genes (``O(q p^2)`` per gene).
+    shared by all genes (``O(q p^2)`` per gene, as matrix products).
 
     Parameters
     ----------
@@ -308,36 +313,79 @@ def gls_at(
         Summary statistics (p, p), (p, genes), (q, p), (q, genes), (q, q).
     theta
         ``(s_b, s_e)`` per gene (genes, 2), ``s_e > 0`` and ``s_b > -s_e / max eig(Z'Z)``.
+    derivatives
+        Also return ``dcov``; ``False`` returns ``None`` in its place (cheaper).
+    eig
+        ``np.linalg.eigh((ZZ + ZZ.T) / 2)`` when already computed (callers that evaluate
+        many ``theta`` on the same statistics).
+    zyu
+        ``ZY.T @ U`` (genes, q) with ``U`` the eigenvectors of ``eig``, when already computed;
+        ``ZY`` is then not used.
 
     Returns
     -------
     ``coef`` (genes, p), ``cov`` (genes, p, p) and ``dcov`` (genes, 2, p, p), the derivatives of
     ``cov`` with respect to ``s_b`` and ``s_e``.
     """
-    lam, U = np.linalg.eigh((ZZ + ZZ.T) / 2)
+    lam, U = np.linalg.eigh((ZZ + ZZ.T) / 2) if eig is None else eig
     lam = np.maximum(lam, 0.0)
+    p = XX.shape[0]
     sb, se = theta[:, 0], theta[:, 1]
     rho = sb / se
-    f = 1 / (1 + rho[:, None] * lam[None, :])  # (genes, q): eigenvalues of (I + rho Z'Z)^-1
     XZU = ZX.T @ U  # (p, q)
-    UZY = U.T @ ZY  # (q, genes)
-    # X'V^-1X = (X'X - X'Z W Z'X) / s_e with W = U diag(rho f) U'
-    w = rho[:, None] * f
-    P = (XX[None] - np.einsum("pj,gj,rj->gpr", XZU, w, XZU)) / se[:, None, None]
-    rhs = (XY.T - np.einsum("pj,gj,jg->gp", XZU, w, UZY)) / se[:, None]
-    cov = np.linalg.inv(P)
-    cov = (cov + np.swapaxes(cov, 1, 2)) / 2
-    coef = np.einsum("gpr,gr->gp", cov, rhs)
+    YZU = np.asarray(ZY).T @ U if zyu is None else zyu  # (genes, q)
+    # outer products of the columns of XZU, (p * p, q): sum_j a_gj XZU_pj XZU_rj = (a @ BB.T)
+    BB = (XZU[:, None, :] * XZU[None, :, :]).reshape(p * p, -1)
+
+    def weighted(a: np.ndarray) -> np.ndarray:
+        return (a @ BB.T).reshape(-1, p, p)
+
+    # X'V^-1X = (X'X - X'Z W Z'X) / s_e with W = U diag(rho f) U', where f (genes, q) are
+    # the eigenvalues of (I + rho Z'Z)^-1: w = rho f = rho / (1 + rho lam), in place
+    w = np.multiply(rho[:, None], lam[None, :])
+    w += 1
+    np.divide(rho[:, None], w, out=w)
+    P = weighted(w)  # (genes, p, p); in place below: with p ~ 60 each copy is large
+    np.subtract(XX[None], P, out=P)
+    P /= se[:, None, None]
+    rhs = (XY.T - (w * YZU) @ XZU.T) / se[:, None]
+    cov = _inverse_or_nan(P)
+    del P
+    cov += np.swapaxes(cov, 1, 2)
+    cov /= 2
+    coef = np.matmul(cov, rhs[:, :, None])[:, :, 0]
+    if not derivatives:
+        return coef, cov, None
+    f = 1 / (1 + rho[:, None] * lam[None, :])
     # dP/ds_b = -X'V^-1 Z Z' V^-1 X = -(XZU) diag(f^2 / s_e^2) (XZU)'
-    dPb = -np.einsum("pj,gj,rj->gpr", XZU, f**2, XZU) / se[:, None, None] ** 2
+    dPb = -weighted(f**2) / se[:, None, None] ** 2
     # dP/ds_e = -X'V^-2 X = -(X'X - X'Q diag(1 - f^2) Q'X) / s_e^2, Q = Z U lam^-1/2
     inv_lam = np.divide(1.0, lam, out=np.zeros_like(lam), where=lam > 0)
-    dPe = (
-        -(XX[None] - np.einsum("pj,gj,rj->gpr", XZU, (1 - f**2) * inv_lam[None, :], XZU))
-        / se[:, None, None] ** 2
-    )
+    dPe = -(XX[None] - weighted((1 - f**2) * inv_lam[None, :])) / se[:, None, None] ** 2
     dcov = -np.stack([cov @ dPb @ cov, cov @ dPe @ cov], axis=1)
     return coef, cov, dcov
+
+
+def _inverse_or_nan(P: np.ndarray) -> np.ndarray:
+    """Inverses of a stack of matrices; NaN for the numerically singular ones.
+
+    E.g. a gene whose residual variance is ~0 (``rho = s_b / s_e`` ~ 1e15): its ``X'V^-1X``
+    is singular to working precision, and one such gene must not fail the whole batch.
+    """
+    try:
+        return np.linalg.inv(P)
+    except np.linalg.LinAlgError:
+        pass
+    sv = np.linalg.svd(P, compute_uv=False)
+    good = np.isfinite(sv).all(axis=1) & (sv[:, -1] > sv[:, 0] * 1e3 * np.finfo(float).eps)
+    out = np.full_like(P, np.nan)
+    out[good] = np.linalg.pinv(P[good])
+    return out
+
+
+def contrast_variance(C: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """``c' cov_g c`` for every gene ``g`` and column ``c`` of ``C`` (genes, contrasts)."""
+    return np.einsum("gpc,pc->gc", cov @ C, C)
 
 
 def penalized_tau(
@@ -609,51 +657,50 @@ def mixture_moderate(
     t_hat = np.maximum(tau, 1e-5 * np.median(tau[ok]))[:, None]
     loglik = stats.chi2.logpdf(d * t_hat / grid, d) + np.log(d / grid)
     loglik = np.where(ok[:, None], loglik, 0.0)
+    # EM on the likelihoods scaled to a row maximum of 1: the posterior of gene g is
+    # lik_g * pi / (lik_g . pi), so an iteration is two matrix-vector products
+    lik = np.exp(loglik - loglik.max(axis=1, keepdims=True))
+    L = lik[ok]
     weights = np.full(m.size, 1.0 / m.size)
     for _ in range(max_iter):
-        logpost = loglik[ok] + np.log(np.maximum(weights, 1e-300))
-        logpost -= logpost.max(axis=1, keepdims=True)
-        post = np.exp(logpost)
-        post /= post.sum(axis=1, keepdims=True)
-        new = post.mean(axis=0)
+        pi = np.maximum(weights, 1e-300)
+        new = pi * (L.T @ (1.0 / (L @ pi))) / L.shape[0]
         if np.max(np.abs(new - weights)) < 1e-8:
             weights = new
             break
         weights = new
-    logpost = loglik + np.log(np.maximum(weights, 1e-300))
-    logpost -= logpost.max(axis=1, keepdims=True)
-    post = np.exp(logpost)
+    post = lik * np.maximum(weights, 1e-300)
     post /= post.sum(axis=1, keepdims=True)
     p = XX.shape[0]
     C = np.eye(p) if contrast is None else np.asarray(contrast, dtype=np.float64)
     if C.ndim == 1:
         C = C[:, None]
     s_e = theta[:, 1]
+    # genes with s_e = 0 (all variance between samples) have no GLS fit here: NaN, as ~ok
+    fit = ok & (s_e > 0)
     pval = np.zeros((tau.size, C.shape[1]))
     used = weights > 1e-6  # components without prior mass add nothing
+    eig = np.linalg.eigh((ZZ + ZZ.T) / 2)  # shared by every gls_at below
+    zyu = ZY[:, fit].T @ eig[1]
     for k in np.flatnonzero(used):
         sb = np.maximum(grid[:, k] - s_e / bar_lambda, 0.0)
-        coef = np.full((tau.size, p), np.nan)
-        cov = np.full((tau.size, p, p), np.nan)
         th = np.column_stack([sb, s_e])
-        coef[ok], cov[ok], _ = gls_at(XX, XY[:, ok], ZX, ZY[:, ok], ZZ, th[ok])
+        coef, cov = _gls_where(fit, XX, XY, ZX, ZZ, th, eig, zyu)
         if offset is not None:
             coef += offset
-        z = (coef @ C) / np.sqrt(np.einsum("pc,gpr,rc->gc", C, cov, C))
+        z = (coef @ C) / np.sqrt(contrast_variance(C, cov))
         pval += post[:, k : k + 1] * 2 * stats.t.sf(np.abs(z), n - p)
     pval /= post[:, used].sum(axis=1, keepdims=True)
     tau_post = np.sum(post * grid, axis=1)
     sb = np.maximum(tau_post - s_e / bar_lambda, 0.0)
-    coef = np.full((tau.size, p), np.nan)
-    cov = np.full((tau.size, p, p), np.nan)
     th = np.column_stack([sb, s_e])
-    coef[ok], cov[ok], _ = gls_at(XX, XY[:, ok], ZX, ZY[:, ok], ZZ, th[ok])
+    coef, cov = _gls_where(fit, XX, XY, ZX, ZZ, th, eig, zyu)
     if offset is not None:
         coef += offset
-    pval[~ok] = np.nan
+    pval[~fit] = np.nan
     return {
         "estimate": coef @ C,
-        "se": np.sqrt(np.einsum("pc,gpr,rc->gc", C, cov, C)),
+        "se": np.sqrt(contrast_variance(C, cov)),
         "p": pval,
         "tau": tau,
         "tau_post": tau_post,
@@ -661,3 +708,25 @@ def mixture_moderate(
         "multipliers": m,
         "d": d,
     }
+
+
+def _gls_where(
+    fit: np.ndarray,
+    XX: np.ndarray,
+    XY: np.ndarray,
+    ZX: np.ndarray,
+    ZZ: np.ndarray,
+    theta: np.ndarray,
+    eig: tuple[np.ndarray, np.ndarray],
+    zyu: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`gls_at` ``coef, cov`` for the genes ``fit`` (``zyu`` is theirs); NaN elsewhere."""
+    if fit.all():  # no copy into NaN-filled arrays (genes x p x p is large for p ~ 60)
+        return gls_at(XX, XY, ZX, None, ZZ, theta, derivatives=False, eig=eig, zyu=zyu)[:2]
+    p = XX.shape[0]
+    coef = np.full((fit.size, p), np.nan)
+    cov = np.full((fit.size, p, p), np.nan)
+    coef[fit], cov[fit], _ = gls_at(
+        XX, XY[:, fit], ZX, None, ZZ, theta[fit], derivatives=False, eig=eig, zyu=zyu
+    )
+    return coef, cov

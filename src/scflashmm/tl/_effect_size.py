@@ -39,7 +39,13 @@ from .._results import LOG2FC, varm_key
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["PRIOR_COUNT", "factor_patterns", "log2_fold_changes", "pattern_sums"]
+__all__ = [
+    "PRIOR_COUNT",
+    "factor_patterns",
+    "grouped_effect_size_tables",
+    "log2_fold_changes",
+    "pattern_sums",
+]
 
 #: Counts added to every pattern (scaled to its library size), as edgeR's ``prior.count``.
 PRIOR_COUNT = 0.5
@@ -267,6 +273,92 @@ def effect_size_table(
     return pd.DataFrame(out, index=pd.Index(var_names), columns=pd.Index(x_columns, dtype=object))
 
 
+def grouped_effect_size_tables(
+    groups: Sequence[tuple[np.ndarray, np.ndarray, Sequence[str]]],
+    Y: Any,
+    n_cells: int,
+    *,
+    var_names: pd.Index,
+    library_size: np.ndarray | None = None,
+    chunk_size: int | None = None,
+) -> list[pd.DataFrame]:
+    """:func:`effect_size_table` of every group, from one pass over ``Y`` for all groups.
+
+    ``groups`` holds each group's ``(cells, X, x_columns)``: the indices of its cells, its
+    design on those cells and the design's column names. The patterns of all groups are
+    numbered one after the other (cells in no group: one more pattern, unused), so one
+    streaming :func:`pattern_sums` gives every group's sums; each group's table is then that of
+    :func:`effect_size_table` on its cells.
+    """
+    codes = np.zeros(n_cells, dtype=np.int64)
+    parts = []
+    n_patterns = 0
+    for cells, X, _ in groups:
+        columns, group_codes, patterns, counts = factor_patterns(X)
+        codes[cells] = n_patterns + group_codes
+        parts.append((n_patterns, columns, group_codes, patterns, counts))
+        n_patterns += patterns.shape[0]
+    assigned = np.zeros(n_cells, dtype=bool)
+    for cells, _, _ in groups:
+        assigned[cells] = True
+    codes[~assigned] = n_patterns  # cells of no group: summed apart, not used
+    if (n_patterns + 1) * len(var_names) > _MAX_SUMS:
+        msg = (
+            f"Effect sizes need the sums of {len(var_names)} genes over {n_patterns} groups "
+            "of cells (one per group and combination of the design's factor levels), too many "
+            "to hold; pass effect_size=False."
+        )
+        raise ValueError(msg)
+    sums = None
+    if any(part[1].size for part in parts):
+        sums = pattern_sums(Y, codes, n_patterns + 1, chunk_size=chunk_size or 10_000)
+    tables = []
+    for (cells, _, x_columns), (lo, columns, group_codes, patterns, counts) in zip(
+        groups, parts, strict=True
+    ):
+        out = np.full((len(var_names), len(x_columns)), np.nan)
+        if columns.size and sums is not None:
+            part = sums[lo : lo + patterns.shape[0]]
+            if library_size is None:
+                library = part.sum(axis=1)
+            else:
+                library = np.bincount(
+                    group_codes,
+                    weights=np.asarray(library_size, np.float64)[cells],
+                    minlength=len(counts),
+                )
+            out[:, columns] = log2_fold_changes(part, library, patterns, counts)
+        index = pd.Index(var_names)
+        tables.append(pd.DataFrame(out, index=index, columns=pd.Index(x_columns, dtype=object)))
+    return tables
+
+
+def _effect_size_options(
+    adata: Any, *, effect_size: bool | None, is_counts: bool, library_size: str | None
+) -> tuple[bool, np.ndarray | None]:
+    """Check the options; return whether to estimate effect sizes and the library sizes."""
+    if effect_size is None:
+        effect_size = is_counts
+    if not isinstance(effect_size, bool | np.bool_):
+        msg = f"effect_size must be True, False or None, got {effect_size!r}."
+        raise TypeError(msg)
+    if library_size is not None and not effect_size:
+        msg = "library_size is only used with effect_size=True."
+        raise ValueError(msg)
+    if not effect_size:
+        return False, None
+    sizes = None
+    if library_size is not None:
+        if library_size not in adata.obs.columns:
+            msg = f"library_size={library_size!r} is not a column of adata.obs."
+            raise ValueError(msg)
+        sizes = pd.to_numeric(adata.obs[library_size], errors="coerce").to_numpy(np.float64)
+        if not np.isfinite(sizes).all() or (sizes <= 0).any():
+            msg = f"adata.obs[{library_size!r}] must hold positive finite library sizes."
+            raise ValueError(msg)
+    return True, sizes
+
+
 def fit_effect_sizes(
     adata: Any,
     Y: Any,
@@ -283,26 +375,40 @@ def fit_effect_sizes(
 
     ``effect_size=None`` means: when the fit is on counts (``is_counts=True``).
     """
-    if effect_size is None:
-        effect_size = is_counts
-    if not isinstance(effect_size, bool | np.bool_):
-        msg = f"effect_size must be True, False or None, got {effect_size!r}."
-        raise TypeError(msg)
-    if library_size is not None and not effect_size:
-        msg = "library_size is only used with effect_size=True."
-        raise ValueError(msg)
-    if not effect_size:
+    wanted, sizes = _effect_size_options(
+        adata, effect_size=effect_size, is_counts=is_counts, library_size=library_size
+    )
+    if not wanted:
         return {}
-    sizes = None
-    if library_size is not None:
-        if library_size not in adata.obs.columns:
-            msg = f"library_size={library_size!r} is not a column of adata.obs."
-            raise ValueError(msg)
-        sizes = pd.to_numeric(adata.obs[library_size], errors="coerce").to_numpy(np.float64)
-        if not np.isfinite(sizes).all() or (sizes <= 0).any():
-            msg = f"adata.obs[{library_size!r}] must hold positive finite library sizes."
-            raise ValueError(msg)
     table = effect_size_table(
         X, x_columns, Y, var_names=adata.var_names, library_size=sizes, chunk_size=chunk_size
     )
     return {varm_key(key, LOG2FC): table}
+
+
+def fit_grouped_effect_sizes(
+    adata: Any,
+    Y: Any,
+    groups: Sequence[tuple[np.ndarray, np.ndarray, Sequence[str]]],
+    keys: Sequence[str],
+    *,
+    effect_size: bool | None,
+    is_counts: bool,
+    library_size: str | None,
+    chunk_size: int | None,
+) -> list[dict[str, pd.DataFrame]]:
+    """Return :func:`fit_effect_sizes` of every group, from one pass over the cells.
+
+    ``groups`` holds each group's ``(cells, X, x_columns)`` and ``keys`` its key; without
+    effect sizes, a list of empty dicts.
+    """
+    wanted, sizes = _effect_size_options(
+        adata, effect_size=effect_size, is_counts=is_counts, library_size=library_size
+    )
+    if not wanted:
+        return [{} for _ in groups]
+    tables = grouped_effect_size_tables(
+        groups, Y, adata.n_obs, var_names=adata.var_names, library_size=sizes,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+    return [{varm_key(k, LOG2FC): t} for k, t in zip(keys, tables, strict=True)]

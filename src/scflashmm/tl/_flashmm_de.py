@@ -253,7 +253,8 @@ def flashmm_de(
         its design), all groups accumulated in the same single pass over the cells. Groups
         that cannot be fit (no cells, too few cells, a rank-deficient design, a random term
         with a single level) are skipped with a warning naming them; the others are fit.
-        (Effect sizes are not computed with groupby yet.)
+        Effect sizes, when asked for, are those of each group's design on its cells (one
+        more pass over the cells for all groups).
     effect_size
         Also estimate log2 fold changes of normalised means (docs/effect_sizes.md), in a
         second streaming pass over the cells; default: with ``is_counts=True``. With
@@ -344,6 +345,7 @@ def flashmm_de(
             progress=progress, nonnegative=nonnegative, moderate=moderate, n_jobs=n_jobs,
             criterion=criterion,
             store_stats=store_stats, store_cov=store_cov, effect_size=effect_size,
+            library_size=library_size,
         )  # fmt: skip
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
     max_iter = check_positive_int(max_iter, "max_iter")

@@ -14,12 +14,13 @@ absent from a group drops out of its design). Then one pass computes, for all gr
   whatever the number of groups).
 
 ``X_g'X_g``, ``Z_g'X_g`` and ``Z_g'Z_g`` come from the small designs directly. Each group's
-statistics are then fit by :func:`scflashmm._core.reml.lmm`, batched over its genes, and
+statistics are then fit by :func:`scflashmm._core.fit.lmm`, batched over its genes, and
 written as an ordinary fit under the key ``f"{key}:{group}"``.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from .._core.sources import CompressedBlock, is_dask_array, open_source, shape2
 from .._core.stats import SummaryStats
 from .._core.sumstats import NonFiniteError
 from .._design import _as_factor, _normalize_random, _parse_formula, check_no_missing, make_design
+from ._effect_size import fit_grouped_effect_sizes
 from ._flashmm_de import (
     DesignInfo,
     FitOptions,
@@ -107,16 +109,11 @@ def flashmm_de_groupby(
     store_cov: bool,
     effect_size: bool | None,
     criterion: str,
+    library_size: str | None = None,
 ) -> AnnData | None:
     """:func:`scflashmm.tl.flashmm_de` with ``groupby``: see its docstring."""
     Y, source = _check_input(adata, layer=layer, key_added=key_added, copy=copy)
     jobs = check_n_jobs(n_jobs)
-    if effect_size:
-        msg = (
-            "effect_size=True is not available with groupby yet (it needs a pass per group); "
-            "fit a group's subset with flashmm_de(adata[adata.obs[groupby] == level], ...)."
-        )
-        raise ValueError(msg)
     max_iter = check_positive_int(max_iter, "max_iter")
     epsilon = check_positive_float(epsilon, "epsilon")
     if chunk_size is not None:
@@ -161,9 +158,15 @@ def flashmm_de_groupby(
     )
 
     stats = _grouped_statistics(
-        adata, Y, source, groups, chunk_size=chunk_size, is_counts=is_counts, progress=progress
-    )
+        adata, Y, source, groups, chunk_size=chunk_size, is_counts=is_counts, progress=progress,
+        n_jobs=jobs,
+    )  # fmt: skip
     warn_if_raw_counts(Y, source, is_counts=is_counts)
+    effect_sizes = fit_grouped_effect_sizes(  # one more pass, for all groups
+        adata, Y, [(g.cells, g.design.X, g.design.x_columns) for g in groups],
+        [group_key(key_added, g.name) for g in groups], effect_size=effect_size,
+        is_counts=is_counts, library_size=library_size, chunk_size=chunk_size,
+    )  # fmt: skip
 
     params = data_params(
         fixed=fixed,
@@ -172,29 +175,28 @@ def flashmm_de_groupby(
         is_counts=is_counts,
         chunk_size=chunk_size,
         store_stats=store_stats,
-        effect_size=False,
-        library_size=None,
+        effect_size=any(effect_sizes),
+        library_size=library_size,
         store_cov=store_cov,
     ) | {"groupby": groupby}
     varm: dict[str, Any] = {}
     records: dict[str, dict[str, Any]] = {}
     fitted = []
-    for group, st in zip(groups, stats, strict=True):
-        sub = group_key(key_added, group.name)
-        try:
-            tables, record = _fit_group(
-                group, st, groupby, adata, opts, params, sub, jobs, store_stats
-            )
-        except np.linalg.LinAlgError as exc:  # the solver failed for this group only
-            skipped[group.name] = f"the fit failed ({exc})"
-            msg = f"{groupby} = {group.name!r} not fit: the solver failed ({exc})."
+    results = _fit_groups(
+        groups, stats, effect_sizes, groupby, adata, opts, params, key_added, jobs, store_stats
+    )
+    for group, result in zip(groups, results, strict=True):
+        if isinstance(result, np.linalg.LinAlgError):  # the solver failed for this group only
+            skipped[group.name] = f"the fit failed ({result})"
+            msg = f"{groupby} = {group.name!r} not fit: the solver failed ({result})."
             warnings.warn(msg, UserWarning, stacklevel=2)
             continue
+        tables, record = result
         fitted.append(group)
         record["n_cells"] = int(group.cells.size)
         record["group"] = group.name
         varm |= tables
-        records[sub] = record
+        records[group_key(key_added, group.name)] = record
     from .. import __version__
 
     top = {
@@ -366,12 +368,13 @@ def _grouped_statistics(
     chunk_size: int | None,
     is_counts: bool,
     progress: bool | None,
+    n_jobs: int | None = None,
 ) -> list[SummaryStats]:
     """One pass over the cells; the statistics of every group (errors as the ungrouped pass)."""
     bar = ProgressBar(progress, unit="genes" if is_csc(Y) else "cells")
     try:
         return grouped_summary_stats(
-            Y, groups, chunk_size=chunk_size, is_counts=is_counts, progress=bar
+            Y, groups, chunk_size=chunk_size, is_counts=is_counts, n_jobs=n_jobs, progress=bar
         )
     except NonFiniteError as exc:
         raise nonfinite_error(exc, Y, source, adata.obs_names, adata.var_names) from exc
@@ -399,8 +402,6 @@ def grouped_summary_stats(
     n = shape2(Y)[0] if src is None else src.shape[0]
     lay = _layout(groups, n)
     size = _check_chunk_size(chunk_size)
-    if chunk_size is None and src is not None and src.axis == 0:
-        size = _block_cells(src, lay.n_rows * src.shape[1], size)
     jobs = check_n_jobs(n_jobs)
     with single_threaded_blas():
         if src is None:
@@ -415,7 +416,7 @@ def grouped_summary_stats(
         out = []
         for i, g in enumerate(groups):
             X, Z = g.design.X, sp.csc_matrix(g.design.Z)
-            ZY = total[lay.z_rows[i]]
+            ZY = _rows(total, lay.z_rows[i])
             XY = np.stack(
                 [
                     total[lay.offsets[k] + i] if how == "slot" else k @ ZY  # sum over levels
@@ -436,25 +437,28 @@ def grouped_summary_stats(
     return out
 
 
-def _block_cells(source: Any, out_elements: int, size: int) -> int:
-    """Cells per block so that a block holds at least as many stored values as its result.
-
-    Each block's result (all groups' statistics) is zeroed and added to the total: with many
-    groups x random-effect levels it can be larger than a block of 10,000 cells.
-    """
-    n = source.shape[0]
-    indptr = getattr(source, "indptr", None)
-    per_cell = float(indptr[-1]) / max(n, 1) if indptr is not None else float(source.shape[1])
-    return int(min(max(size, out_elements / max(per_cell, 1.0)), max(n, 1)))
+def _rows(total: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``total[rows]``: a view when the rows are consecutive (a group's random effects)."""
+    if rows.size and np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):
+        return total[rows[0] : rows[0] + rows.size]
+    return total[rows]
 
 
 def group_block(
-    chunk: Any, lay: _Layout, rows: slice, *, is_counts: bool, axis: int = 0, start: int = 0
+    chunk: Any,
+    lay: _Layout,
+    rows: slice,
+    *,
+    is_counts: bool,
+    axis: int = 0,
+    start: int = 0,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return the slot sums and per-group norms of a block of ``Y``: ``(lay.n_rows, genes)``.
 
     ``rows`` selects the block's cells in ``lay`` (all cells for column blocks). Values are
-    checked and transformed (``ln(1 + y)`` for counts) as in the ungrouped pass.
+    checked and transformed (``ln(1 + y)`` for counts) as in the ungrouped pass. With ``out``
+    (``(lay.n_rows, genes)``) the sums are added to it (and it is returned).
     """
     R, Wt = lay.rows[rows], lay.weights[rows]
     if isinstance(chunk, CompressedBlock) or sp.issparse(chunk):
@@ -468,10 +472,15 @@ def group_block(
         chunk = CompressedBlock(dense.data, dense.indices, dense.indptr, dense.shape, "csr")
     data, indices, indptr = chunk.data, chunk.indices, chunk.indptr
     m = chunk.shape[1]
-    out = np.zeros((lay.n_rows, m))
+    if out is None:
+        out = np.zeros((lay.n_rows, m))
     parts = [out[lay.offsets[k] : lay.offsets[k + 1]] for k in range(len(lay.offsets) - 1)]
     norms = out[lay.offsets[-1] :]
     csc = chunk.format == "csc"
+    n_slots = len(parts)
+    # per block: slots where every cell has a row (no mask), and weights that are all 1
+    complete = np.asarray((R >= 0).all(axis=0))
+    unit = np.asarray(((Wt[:, :n_slots] == 1) | (R[:, :n_slots] < 0)).all(axis=0))
     for a, b in _pieces(indptr):
         lo, hi = int(indptr[a]), int(indptr[b])
         if hi == lo:
@@ -483,54 +492,79 @@ def group_block(
         )  # fmt: skip
         counts = np.diff(indptr[a : b + 1])
         idx = indices[lo:hi]
-        if csc:  # the piece is genes a..b of all cells
-            cells, genes = idx, np.repeat(np.arange(a, b, dtype=idx.dtype), counts)
-        else:
-            cells, genes = np.repeat(np.arange(a, b, dtype=idx.dtype), counts), idx
-        r_all, w_all = R[cells], Wt[cells]
-        grp = r_all[:, -1]
-        for k, part in enumerate(parts):
-            r = r_all[:, k]
-            keep = r >= 0
-            if keep.all():
-                scatter_add(part, r.astype(idx.dtype), genes, v * w_all[:, k])
-            elif keep.any():
-                scatter_add(part, r[keep].astype(idx.dtype), genes[keep], (v * w_all[:, k])[keep])
-        keep = grp >= 0
-        if keep.all():
-            scatter_add(norms, grp.astype(idx.dtype), genes, v * v)
-        else:
-            scatter_add(norms, grp[keep].astype(idx.dtype), genes[keep], (v * v)[keep])
+        genes = np.repeat(np.arange(a, b, dtype=idx.dtype), counts) if csc else idx
+        piece = (idx, None) if csc else (slice(a, b), counts)
+        for k in range(n_slots + 1):
+            part = parts[k] if k < n_slots else norms
+            r = _per_value(R[:, k], *piece).astype(idx.dtype, copy=False)
+            if k == n_slots:
+                w = v * v
+            else:
+                w = v if unit[k] else v * _per_value(Wt[:, k], *piece)
+            if complete[k]:
+                scatter_add(part, r, genes, w)
+            else:
+                keep = r >= 0
+                if keep.any():
+                    scatter_add(part, r[keep], genes[keep], w[keep])
     return out
+
+
+def _per_value(x: np.ndarray, cells: Any, counts: np.ndarray | None) -> np.ndarray:
+    """Per-cell ``x`` for each stored value of a piece.
+
+    A CSR piece (``cells`` a slice, ``counts`` values per cell) repeats each cell's entry; a
+    CSC piece (``cells`` the cell of each value) gathers.
+    """
+    return x[cells] if counts is None else np.repeat(x[cells], counts)
 
 
 def _local_grouped_pass(
     source: Any, lay: _Layout, *, is_counts: bool, size: int, n_jobs: int, progress: Any
 ) -> np.ndarray:
-    n, m = source.shape
-    total_units = n if source.axis == 0 else m
-    total = np.zeros((lay.n_rows, m))
+    """Pass over a local source; return the summed ``(lay.n_rows, genes)`` table.
+
+    Row blocks are added into one table per thread (each block touches every group's rows, so
+    a table per block would cost its zeroing and sum): memory is ``n_jobs`` tables, whatever
+    the block size. Column blocks fill their genes' columns of one table.
+    """
+    m = source.shape[1]
+    total_units = source.shape[source.axis]
     spans = list(source.spans(size))
+    jobs = 1 if len(spans) == 1 else n_jobs
+    local = threading.local()
+    tables: list[np.ndarray] = []
+    lock = threading.Lock()
 
     def read(span: tuple[int, int]) -> tuple[int, int, Any]:
         start, stop = span  # in the calling thread: one reader of a file
         return start, stop, source.read(start, stop)
 
-    def run(args: tuple[int, int, Any]) -> np.ndarray:
+    def run(args: tuple[int, int, Any]) -> np.ndarray | None:
         start, stop, chunk = args
-        rows = slice(start, stop) if source.axis == 0 else slice(None)
-        return group_block(chunk, lay, rows, is_counts=is_counts, axis=source.axis, start=start)
+        if source.axis == 1:
+            return group_block(chunk, lay, slice(None), is_counts=is_counts, axis=1, start=start)
+        table = getattr(local, "table", None)
+        if table is None:
+            table = local.table = np.zeros((lay.n_rows, m))
+            with lock:
+                tables.append(table)
+        group_block(chunk, lay, slice(start, stop), is_counts=is_counts, start=start, out=table)
+        return None
 
-    jobs = 1 if len(spans) == 1 else n_jobs
+    columns = np.zeros((lay.n_rows, m)) if source.axis == 1 else None
     done = 0
     for (start, stop), part in zip(spans, ordered_map(run, map(read, spans), jobs), strict=True):
-        if source.axis == 0:
-            total += part
-        else:
-            total[:, start:stop] = part
+        if columns is not None:
+            columns[:, start:stop] = part
         done += stop - start
         if progress is not None:
             progress(done, total_units)
+    if columns is not None:
+        return columns
+    total = tables.pop(0)
+    while tables:
+        total += tables.pop()
     return total
 
 
@@ -577,9 +611,10 @@ def _dask_grouped_pass(Y: Any, lay: _Layout, is_counts: bool, progress: Any) -> 
     return reduce_dask_blocks(blocks, rows, progress)
 
 
-def _fit_group(
-    group: _Group,
-    stats: SummaryStats,
+def _fit_groups(
+    groups: list[_Group],
+    stats: list[SummaryStats],
+    extra: list[dict[str, Any]],
     groupby: str,
     adata: AnnData,
     opts: FitOptions,
@@ -587,26 +622,52 @@ def _fit_group(
     key: str,
     n_jobs: int,
     store_stats: bool,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit one group (as :func:`flashmm_de` fits all cells); its warnings name the group."""
-    with warnings.catch_warnings(record=True) as caught:
+) -> list[tuple[dict[str, Any], dict[str, Any]] | np.linalg.LinAlgError]:
+    """Fit every group (as :func:`flashmm_de` fits all cells), ``n_jobs`` groups at a time.
+
+    Each group is one batched :func:`~scflashmm._core.fit.lmm` call over its genes (one
+    thread) and its moderation; BLAS is limited to one thread meanwhile. A group whose solver
+    fails gets its ``LinAlgError`` in place of its result. The warnings of a group are
+    re-issued, in the order of the groups, with its name.
+    """
+    local = threading.local()
+    caught: list[tuple[int, Warning | str, type[Warning]]] = []
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        caught.append((getattr(local, "group", -1), message, category))
+
+    def fit(i: int) -> tuple[dict[str, Any], dict[str, Any]] | np.linalg.LinAlgError:
+        local.group = i
+        group = groups[i]
+        try:
+            return fit_and_record(
+                adata,
+                stats[i],
+                DesignInfo.of(group.design),
+                opts,
+                params,
+                group.cmat,
+                group.expressions,
+                group_key(key, group.name),
+                store_stats=store_stats,
+                n_jobs=1,
+                extra_tables=extra[i],
+                progress=False,
+            )
+        except np.linalg.LinAlgError as exc:
+            return exc
+        finally:
+            local.group = -1
+
+    jobs = max(1, min(n_jobs, len(groups)))
+    with warnings.catch_warnings(), single_threaded_blas():
         warnings.simplefilter("always")
-        tables, record = fit_and_record(
-            adata,
-            stats,
-            DesignInfo.of(group.design),
-            opts,
-            params,
-            group.cmat,
-            group.expressions,
-            key,
-            store_stats=store_stats,
-            n_jobs=n_jobs,
-        )
-    for w in caught:
-        msg = f"{groupby} = {group.name!r}: {w.message}"
-        warnings.warn(msg, w.category, stacklevel=4)
-    return tables, record
+        warnings.showwarning = show  # called in the thread that warns: tagged with its group
+        results = list(ordered_map(fit, range(len(groups)), jobs, window=len(groups)))
+    for i, message, category in sorted(caught, key=lambda c: c[0]):
+        where = f"{groupby} = {groups[i].name!r}: " if i >= 0 else ""
+        warnings.warn(f"{where}{message}", category, stacklevel=4)
+    return results
 
 
 def _write_groups(
@@ -627,8 +688,9 @@ def _write_groups(
             target.varm.pop(str(old), None)
         for old in previous.get("group_keys", []):
             target.uns.pop(str(old), None)
+    mapping = target.varm  # once: each access of adata.varm re-validates every entry
     for name, value in varm.items():
-        target.varm[name] = value
+        mapping[name] = value
     for name, record in records.items():
         target.uns[name] = record
     target.uns[key] = top

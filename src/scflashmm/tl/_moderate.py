@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._core.moderation import between_sample_variance, gls_at, mixture_moderate
+from .._core.moderation import (
+    between_sample_variance,
+    contrast_variance,
+    gls_at,
+    mixture_moderate,
+)
 
 if TYPE_CHECKING:
     from .._core.sumstats import SummaryStats
@@ -100,12 +105,14 @@ def moderate_fit(
     zrz = stats.ZZ - stats.ZX @ np.linalg.solve(stats.XX, stats.ZX.T)
     _, d, bar_lambda = between_sample_variance(zrz, theta)
     tau_post = res["tau_post"]
-    ok = np.isfinite(tau_post) & np.isfinite(theta[:, 1])
+    ok = np.isfinite(tau_post) & (theta[:, 1] > 0)  # s_e = 0: no GLS fit (NaN)
     sb = np.maximum(tau_post - theta[:, 1] / bar_lambda, 0.0)
     cov = np.full((theta.shape[0], p, p), np.nan)
     th = np.column_stack([sb, theta[:, 1]])
-    _, cov[ok], _ = gls_at(stats.XX, stats.XY[:, ok], stats.ZX, stats.ZY[:, ok], stats.ZZ, th[ok])
-    se_all = np.sqrt(np.einsum("pc,gpr,rc->gc", C, cov, C))
+    _, cov[ok], _ = gls_at(
+        stats.XX, stats.XY[:, ok], stats.ZX, stats.ZY[:, ok], stats.ZZ, th[ok], derivatives=False
+    )
+    se_all = np.sqrt(contrast_variance(C, cov))
     est_all = np.asarray(coef, dtype=np.float64) @ C
     with np.errstate(invalid="ignore", divide="ignore"):
         t_all = est_all / se_all
