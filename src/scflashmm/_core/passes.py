@@ -374,24 +374,6 @@ def _hstack(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
 
-def reduce_dask_blocks(
-    blocks: Any, rows: tuple[int, ...], progress: Callable[[int, int], None] | None
-) -> np.ndarray:
-    """Sum the per-block partial statistics ``(blocks, k, genes)`` of a Dask pass.
-
-    ``blocks`` has one chunk of ``(1, k, genes)`` per block of ``rows[i]`` cells (a
-    ``blockwise`` over the blocks of cells). They are summed on the workers by the in-order
-    tree of :func:`dask_row_pass` (which also stacks small blocks: prefer it for a new pass).
-    With ``progress``, ``progress(done, total)`` counts the cells of the finished blocks.
-    """
-    keys = blocks.__dask_keys__()
-    leaves = [[keys[i][0][j] for i in range(len(rows))] for j in range(blocks.numblocks[2])]
-    leaf_cells = {key: int(rows[i]) for leaf in leaves for i, key in enumerate(leaf)}
-    layer: dict[Any, Any] = {}
-    total = _tree_total(blocks, layer, leaves, leaf_cells, progress)
-    return total[0]
-
-
 def _distributed_client() -> Any:
     """Return the active ``dask.distributed`` client, or None (also without distributed)."""
     try:

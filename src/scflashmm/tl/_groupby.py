@@ -41,7 +41,7 @@ from .._core._options import (
 from .._core._threads import check_n_jobs, ordered_map, single_threaded_blas
 from .._core.blocks import _pieces, _values
 from .._core.checks import _check_chunk_size
-from .._core.passes import reduce_dask_blocks
+from .._core.passes import dask_row_pass
 from .._core.sources import CompressedBlock, is_dask_array, open_source, shape2
 from .._core.stats import SummaryStats
 from .._core.sumstats import NonFiniteError
@@ -568,47 +568,24 @@ def _local_grouped_pass(
     return total
 
 
-def _dask_grouped_block(y, rows, weights, start, *, lay, is_counts):
+def _dask_grouped_block(y, rows, weights, *, start, lay, is_counts):
     sub = _Layout(rows, weights, lay.offsets, lay.G, lay.x_from, lay.z_rows)
     y = y if sp.issparse(y) or isinstance(y, np.ndarray) else np.asarray(y)
-    out = group_block(y, sub, slice(None), is_counts=is_counts, start=int(start[0]))
-    return out[None]
+    return group_block(y, sub, slice(None), is_counts=is_counts, start=int(start))
 
 
 def _dask_grouped_pass(Y: Any, lay: _Layout, is_counts: bool, progress: Any) -> np.ndarray:
-    import dask.array as da
-
-    dtype = getattr(Y, "dtype", None)
-    if dtype is not None and np.dtype(dtype).kind not in "biuf":
-        msg = f"Y must be numeric, got dtype {dtype}."
-        raise ValueError(msg)
-    rows = Y.chunks[0]
-    slots = lay.rows.shape[1]
-    R = da.from_array(lay.rows, chunks=(rows, slots))
-    Wt = da.from_array(lay.weights, chunks=(rows, slots))
-    starts = da.from_array(np.cumsum((0, *rows[:-1])), chunks=1)
+    """Run the grouped pass on Dask: blocks summed where they live (:func:`dask_row_pass`)."""
     meta = _Layout(lay.rows[:0], lay.weights[:0], lay.offsets, lay.G, lay.x_from, lay.z_rows)
-    blocks = da.blockwise(
-        _dask_grouped_block,
-        "ikj",
+    return dask_row_pass(
         Y,
-        "ij",
-        R,
-        "ia",
-        Wt,
-        "ia",
-        starts,
-        "i",
-        new_axes={"k": lay.n_rows},
-        adjust_chunks={"i": 1},
-        align_arrays=False,
-        concatenate=True,
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0), dtype=np.float64),
+        _dask_grouped_block,
+        (lay.rows, lay.weights),
+        rows=lay.n_rows,
+        progress=progress,
         lay=meta,
         is_counts=is_counts,
     )
-    return reduce_dask_blocks(blocks, rows, progress)
 
 
 def _fit_groups(
