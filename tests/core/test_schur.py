@@ -128,3 +128,18 @@ def test_schur_memory_guard(monkeypatch):
     monkeypatch.setattr(driver, "MEMORY_BUDGET", 20_000)
     with pytest.raises(MemoryError, match="20 of them besides its largest scalar term"):
         driver.schur_genes_per_block(structure, 3)
+
+
+def test_results_do_not_depend_on_n_jobs(monkeypatch):
+    """Blocks of genes are the same for any n_jobs, so the fits are equal to the last bit."""
+    from scflashmm._core.structured import driver
+
+    data = pd.read_csv(DATA / "crossed_wells" / "data.csv.gz")
+    genes = [c for c in data.columns if c.startswith("g")]
+    stats, structure = _stats(data, "(1 | well) + (1 | batch)", ["x", "treat"], genes)
+    monkeypatch.setattr(driver, "MEMORY_BUDGET", 2_000_000)  # a few genes per block
+    assert driver.schur_genes_per_block(structure, 3) < len(genes)
+    one = lmm(stats, structure=structure, df="satterthwaite", n_jobs=1)
+    two = lmm(stats, structure=structure, df="satterthwaite", n_jobs=2)
+    for name in ("coef", "se", "theta", "df_satterthwaite", "niter"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(two, name), err_msg=name)

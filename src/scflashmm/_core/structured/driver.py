@@ -261,7 +261,8 @@ def lmm_structured(
         q = structure.q
         per_gene = 8 * ((_DENSE_ARRAYS + k) * q * q + (k + 1) ** 2 * (p * p + 2 * q * p))
         size = max(1, min(size, MEMORY_BUDGET // (8 * per_gene)))
-    size = max(1, min(size, -(-genes.size // jobs)))  # at least one block per thread
+    # blocks that do not depend on n_jobs, so neither do the results (to the last bit)
+    size = max(1, size)
     blocks = [genes[lo : lo + size] for lo in range(0, genes.size, size)]
     tol = min(float(epsilon), 1e-9)
 
