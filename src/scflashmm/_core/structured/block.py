@@ -9,7 +9,7 @@ import numpy as np
 
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
-from .problem import _Problem
+from .problem import _Problem, score_from_traces
 
 #: Largest block of ``Z'Z`` (after grouping its columns into connected blocks) for which the
 #: block solver is used instead of dense q x q algebra.
@@ -261,8 +261,7 @@ class _BlockProblem(_Problem):
 
         ``uu``: ``u'E_j u``; ``tq``, ``fq``: ``tr(E_j Qb)``, ``tr(E_j Qb E_k Qb)``; ``JEJ``,
         ``tmid``: ``J'E_j J`` (g, k, p, p) and ``tr(phi J'E_j Qb E_k J)`` (g, k, k) for REML's
-        rank-p corrections (``phi = (X'V^-1X)^-1``). The residual variance's entries follow from
-        homogeneity (``sum_i theta_i P V_i P = P``).
+        rank-p corrections (``phi = (X'V^-1X)^-1``); then :func:`.problem.score_from_traces`.
         """
         if self.reml:
             phi = c["XHi"] * s0[:, None, None]
@@ -270,20 +269,7 @@ class _BlockProblem(_Problem):
             tq = tq - np.trace(PJ, axis1=-2, axis2=-1)
             PJt = np.swapaxes(PJ, -1, -2).reshape(*PJ.shape[:2], -1)
             fq = fq - 2 * tmid + PJ.reshape(PJt.shape) @ np.swapaxes(PJt, 1, 2)
-        quad = c["quad"]
-        g, k = gamma.shape
-        fim = np.empty((g, k + 1, k + 1))
-        fjk = fq / 2
-        fim[:, :k, :k] = (fjk + np.swapaxes(fjk, 1, 2)) / 2
-        dl = np.empty((g, k + 1))
-        dl[:, :k] = (uu - tq) / 2
-        yvvy = (quad / s0 - np.sum(gamma * uu, axis=1)) / s0
-        trp = (self.n_eff - np.sum(gamma * tq, axis=1)) / s0
-        dl[:, k] = (yvvy - trp) / 2
-        fs = (tq / 2 - np.einsum("gk,gjk->gj", gamma, fim[:, :k, :k])) / s0[:, None]
-        fim[:, :k, k] = fim[:, k, :k] = fs
-        fim[:, k, k] = (trp / 2 - np.sum(gamma * fs, axis=1)) / s0
-        return dl, fim
+        return score_from_traces(gamma, s0, self.n_eff, c["quad"], uu, tq, fq)
 
     def fixed_effects(
         self, stats: SummaryStats, gamma: np.ndarray, s0: np.ndarray

@@ -146,3 +146,33 @@ class _Problem:
 def _pair(W: np.ndarray, x: np.ndarray, y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``sum_{l,m} W[x_l, y_m] W[u_m, v_l]`` for every gene."""
     return np.einsum("glm,gml->g", W[:, x[:, None], y[None, :]], W[:, u[:, None], v[None, :]])
+
+
+def score_from_traces(
+    gamma: np.ndarray,
+    s0: np.ndarray,
+    n_eff: int,
+    quad: np.ndarray,
+    uu: np.ndarray,
+    tq: np.ndarray,
+    fq: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Score and expected information in ``(gamma, s0)`` from the parts in ``gamma``.
+
+    ``uu``: ``u'E_j u``; ``tq``, ``fq``: ``tr(E_j Q)``, ``tr(E_j Q E_k Q)`` (``Q = Z'PZ``, or
+    ``Z'V^-1Z`` for ML); ``quad``: ``y'P y`` times ``s0``. The residual variance's entries
+    follow from ``V`` being homogeneous of degree one (``sum_i theta_i P V_i P = P``).
+    """
+    g, k = gamma.shape
+    fim = np.empty((g, k + 1, k + 1))
+    fjk = fq / 2
+    fim[:, :k, :k] = (fjk + np.swapaxes(fjk, 1, 2)) / 2
+    dl = np.empty((g, k + 1))
+    dl[:, :k] = (uu - tq) / 2
+    yvvy = (quad / s0 - np.sum(gamma * uu, axis=1)) / s0
+    trp = (n_eff - np.sum(gamma * tq, axis=1)) / s0
+    dl[:, k] = (yvvy - trp) / 2
+    fs = (tq / 2 - np.einsum("gk,gjk->gj", gamma, fim[:, :k, :k])) / s0[:, None]
+    fim[:, :k, k] = fim[:, k, :k] = fs
+    fim[:, k, k] = (trp / 2 - np.sum(gamma * fs, axis=1)) / s0
+    return dl, fim

@@ -37,7 +37,7 @@ import numpy as np
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
 from .block import zz_blocks
-from .problem import _pair, _Problem
+from .problem import _pair, _Problem, score_from_traces
 
 #: ``q`` from which a structure with a large scalar term is fit by the Schur complement
 #: automatically (below it the dense or block algebra is as fast).
@@ -374,18 +374,7 @@ class _SchurProblem(_Problem):
                     + _pair(Mc, A, B2, A2, B)
                 )
                 fq[:, j, i] = fq[:, i, j] = f * f2 * tr
-        fim = np.empty((g, k + 1, k + 1))
-        fim[:, :k, :k] = fq / 2
-        dl = np.empty((g, k + 1))
-        dl[:, :k] = (uu - tq) / 2
-        # homogeneity: sum_i theta_i P V_i P = P gives the residual variance's entries
-        yvvy = (c["quad"] / s0 - np.sum(gamma * uu, axis=1)) / s0
-        trp = (self.n_eff - np.sum(gamma * tq, axis=1)) / s0
-        dl[:, k] = (yvvy - trp) / 2
-        fs = (tq / 2 - np.einsum("gk,gjk->gj", gamma, fim[:, :k, :k])) / s0[:, None]
-        fim[:, :k, k] = fim[:, k, :k] = fs
-        fim[:, k, k] = (trp / 2 - np.sum(gamma * fs, axis=1)) / s0
-        return dl, fim
+        return score_from_traces(gamma, s0, self.n_eff, c["quad"], uu, tq, fq)
 
     def fixed_effects(
         self, stats: SummaryStats, gamma: np.ndarray, s0: np.ndarray
