@@ -16,8 +16,9 @@ from ..satterthwaite import coefficient_df, inverse_information
 from ..stats import SummaryStats
 from ..structure import CovarianceStructure
 from .block import genes_per_block, zz_blocks
+from .problem import _Problem
 from .schur import SCHUR_MIN_Q, schur_candidate
-from .scoring import Algebra, StructuredFit, choose_algebra, fit_structured, make_problem
+from .scoring import StructuredFit, choose_algebra, fit_structured, make_problem
 
 #: ``q`` from which independent scalar terms nested in one factor (``Z'Z`` block-diagonal,
 #: e.g. ``(1 | donor) + (1 | donor:celltype)``) go to the block solver rather than the dense
@@ -268,10 +269,9 @@ def lmm_structured(
 
     def fit_block(rows: np.ndarray) -> dict[str, np.ndarray]:
         sub = _subset(stats, rows)
-        f = fit_structured(
-            sub, structure, method=method, max_iter=max_iter, tol=tol, algebra=algebra
-        )
-        extra = _theta_inference(sub, structure, method, f, df=df, algebra=algebra)
+        prob = make_problem(sub, structure, method, algebra)  # for the fit and the inference
+        f = fit_structured(sub, structure, method=method, max_iter=max_iter, tol=tol, problem=prob)
+        extra = _theta_inference(prob, sub, structure, f, df=df, labels=algebra.labels)
         return {
             "coef": f.coef,
             "se": f.se,
@@ -364,13 +364,13 @@ def lmm_structured(
 
 
 def _theta_inference(
+    prob: _Problem,
     stats: SummaryStats,
     structure: CovarianceStructure,
-    method: str,
     fit: StructuredFit,
     *,
     df: str = "residual",
-    algebra: Algebra | None = None,
+    labels: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Score, standard errors of ``(gamma, s0)`` and, optionally, Satterthwaite's or KR's df.
 
@@ -383,13 +383,12 @@ def _theta_inference(
     Z'`` (:func:`~scflashmm._core.kenward_roger.kenward_roger`, block by block with ``labels``,
     the blocks of ``Z'Z``), with the fit's covariance of beta and expected information.
     """
-    prob = make_problem(stats, structure, method, algebra)
     rows = np.arange(fit.coef.shape[0])
     dl, fim = prob.score_information(rows, fit.gamma, fit.sigma2)
     cov_t = np.linalg.pinv(fim, hermitian=True)
     out = {"dlogL": dl, "se_theta": np.sqrt(np.maximum(np.diagonal(cov_t, axis1=1, axis2=2), 0))}
     if df == "kenward-roger":
-        return out | _kenward_roger(stats, structure, fit, fim, algebra)
+        return out | _kenward_roger(stats, structure, fit, fim, labels)
     if df != "satterthwaite":
         return out
     par = np.column_stack([fit.gamma, fit.sigma2])
@@ -447,7 +446,7 @@ def _kenward_roger(
     structure: CovarianceStructure,
     fit: StructuredFit,
     fim: np.ndarray,
-    algebra: Algebra | None,
+    labels: np.ndarray | None,
 ) -> dict[str, np.ndarray]:
     """Kenward-Roger adjusted se, df and the parts for the df of contrasts, at the fit."""
     theta = np.column_stack([fit.gamma, fit.sigma2])
@@ -461,7 +460,7 @@ def _kenward_roger(
         eigen=False,
         cov=fit.cov,
         information=fim,
-        labels=None if algebra is None else algebra.labels,
+        labels=labels,
     )
     dfim = kr.dprec[:, :-1]
     return {

@@ -124,7 +124,7 @@ def fit_structured(
     method: str = "REML",
     max_iter: int = 200,
     tol: float = 1e-9,
-    algebra: Algebra | None = None,
+    problem: _Problem | None = None,
 ) -> StructuredFit:
     """Fit ``y = X beta + Z b + e`` with structured ``G`` for every gene.
 
@@ -141,15 +141,16 @@ def fit_structured(
     tol
         Convergence tolerance on the relative change of the parameters and of the
         log-likelihood in one pass.
-    algebra
-        The likelihood algebra (default: :func:`choose_algebra`'s for ``kernel="auto"``).
+    problem
+        The likelihood algebra of ``stats`` (default: :func:`make_problem`'s), built by the
+        caller when it also needs it after the fit.
 
     Returns
     -------
     The per-gene :class:`StructuredFit`.
     """
     method = check_method(method)
-    prob = make_problem(stats, structure, method, algebra)
+    prob = make_problem(stats, structure, method) if problem is None else problem
     st = structure
     m = prob.zry.shape[0]
     k = st.n_theta
