@@ -253,7 +253,6 @@ def effect_size_table(
     genes of ``Y``, taken per pattern from the same pass). Non-indicator columns are NaN.
     """
     columns, codes, patterns, counts = factor_patterns(X)
-    out = np.full((len(var_names), len(x_columns)), np.nan)
     if patterns.shape[0] * len(var_names) > _MAX_SUMS:
         msg = (
             f"Effect sizes need the sums of {len(var_names)} genes over {patterns.shape[0]} "
@@ -261,8 +260,29 @@ def effect_size_table(
             "to hold; pass effect_size=False."
         )
         raise ValueError(msg)
+    sums = None
     if columns.size:
         sums = pattern_sums(Y, codes, patterns.shape[0], chunk_size=chunk_size or 10_000)
+    return _table(sums, columns, codes, patterns, counts, library_size, var_names, x_columns)
+
+
+def _table(
+    sums: np.ndarray | None,
+    columns: np.ndarray,
+    codes: np.ndarray,
+    patterns: np.ndarray,
+    counts: np.ndarray,
+    library_size: np.ndarray | None,
+    var_names: pd.Index,
+    x_columns: Sequence[str],
+) -> pd.DataFrame:
+    """Return the effect-size table of one set of cells from its pattern ``sums`` (or None).
+
+    ``codes`` and ``library_size`` are those of its cells (library: default each pattern's
+    sum over the genes).
+    """
+    out = np.full((len(var_names), len(x_columns)), np.nan)
+    if columns.size and sums is not None:
         if library_size is None:
             library = sums.sum(axis=1)
         else:
@@ -312,25 +332,22 @@ def grouped_effect_size_tables(
     sums = None
     if any(part[1].size for part in parts):
         sums = pattern_sums(Y, codes, n_patterns + 1, chunk_size=chunk_size or 10_000)
-    tables = []
-    for (cells, _, x_columns), (lo, columns, group_codes, patterns, counts) in zip(
-        groups, parts, strict=True
-    ):
-        out = np.full((len(var_names), len(x_columns)), np.nan)
-        if columns.size and sums is not None:
-            part = sums[lo : lo + patterns.shape[0]]
-            if library_size is None:
-                library = part.sum(axis=1)
-            else:
-                library = np.bincount(
-                    group_codes,
-                    weights=np.asarray(library_size, np.float64)[cells],
-                    minlength=len(counts),
-                )
-            out[:, columns] = log2_fold_changes(part, library, patterns, counts)
-        index = pd.Index(var_names)
-        tables.append(pd.DataFrame(out, index=index, columns=pd.Index(x_columns, dtype=object)))
-    return tables
+    sizes = None if library_size is None else np.asarray(library_size, np.float64)
+    return [
+        _table(
+            None if sums is None else sums[lo : lo + patterns.shape[0]],
+            columns,
+            group_codes,
+            patterns,
+            counts,
+            None if sizes is None else sizes[cells],
+            var_names,
+            x_columns,
+        )
+        for (cells, _, x_columns), (lo, columns, group_codes, patterns, counts) in zip(
+            groups, parts, strict=True
+        )
+    ]
 
 
 def _effect_size_options(
